@@ -1,0 +1,148 @@
+"""The ``continual`` command. Each subcommand is a small function wired by argparse."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from continual import __version__
+from continual.config import ConfigError, Settings, config_path, load_settings
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as one line, no traceback."""
+
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def _store(settings: Settings, *, check: bool = True) -> Any:
+    from continual.store import Store
+
+    store = Store.from_settings(settings)
+    if check:
+        store.check_schema()
+    return store
+
+
+# -- check-config ---------------------------------------------------------------
+def cmd_check_config(args: argparse.Namespace) -> int:
+    path = args.path or args.config
+    settings = load_settings(path)
+    print(f"{config_path(path)}: OK")
+    if args.show:
+        print(json.dumps(settings.model_dump(mode="json"), indent=2))
+    return 0
+
+
+# -- db ---------------------------------------------------------------------------
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    store = _store(_settings(args), check=False)
+    before = store.revision()
+    store.upgrade(args.revision)
+    after = store.revision()
+    print(f"store schema: {before or 'empty'} -> {after}" if before != after else f"store schema already at {after}")
+    return 0
+
+
+def cmd_db_current(args: argparse.Namespace) -> int:
+    store = _store(_settings(args), check=False)
+    current, head = store.revision(), store.head()
+    print(f"current: {current or 'empty'}  head: {head}  {'(up to date)' if current == head else '(needs upgrade)'}")
+    return 0 if current == head else 1
+
+
+# -- status -----------------------------------------------------------------------
+def cmd_status(args: argparse.Namespace) -> int:
+    from continual.status import collect_status, format_status
+
+    settings = _settings(args)
+    status = collect_status(settings, _store(settings))
+    print(json.dumps(status, indent=2, default=str) if args.json else format_status(status))
+    return 0
+
+
+# -- serve ------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from continual.service import serve
+
+    return serve(_settings(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config", metavar="PATH", default=None, help="config file (default: $CONTINUAL_CONFIG, else ./config.toml)"
+    )
+    parser = argparse.ArgumentParser(prog="continual", description=__doc__, parents=[common])
+    parser.add_argument("--version", action="version", version=f"continual {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("check-config", parents=[common], help="validate a config file")
+    p.add_argument("path", nargs="?", default=None)
+    p.add_argument("--show", action="store_true", help="print the effective settings")
+    p.set_defaults(func=cmd_check_config)
+
+    db = sub.add_parser("db", parents=[common], help="store schema").add_subparsers(dest="db_command", metavar="ACTION")
+    p = db.add_parser("upgrade", parents=[common], help="apply migrations")
+    p.add_argument("revision", nargs="?", default="head")
+    p.set_defaults(func=cmd_db_upgrade)
+    db.add_parser("current", parents=[common], help="show the schema revision").set_defaults(func=cmd_db_current)
+
+    p = sub.add_parser("status", parents=[common], help="counts, champion, runs")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    sub.add_parser("serve", parents=[common], help="run the service in the foreground").set_defaults(func=cmd_serve)
+
+    for register in _EXTENSIONS:
+        register(sub, common)
+    return parser
+
+
+# Later parts register their subcommands here: f(subparsers, common_parent) -> None.
+_EXTENSIONS: list[Callable[[Any, argparse.ArgumentParser], None]] = []
+
+
+def _load_extensions() -> None:
+    import importlib
+
+    for name in ("continual.cli_ingest", "continual.cli_models", "continual.cli_train", "continual.cli_drift"):
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        _EXTENSIONS.append(module.register)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from continual.store import IdConflict, SchemaOutOfDate, StoreUnavailable
+
+    _load_extensions()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Handler | None = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    try:
+        return func(args)
+    except (ConfigError, UserError, SchemaOutOfDate, StoreUnavailable, IdConflict, FileNotFoundError) as e:
+        print(f"continual: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("continual: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,403 @@
+"""Typed settings loaded from ``config.toml`` with ``CONTINUAL_<SECTION>__<KEY>`` overrides.
+
+Every default lives here. Loading fails with one :class:`ConfigError` whose message
+names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "CONTINUAL_"
+DEFAULT_CONFIG = "config.toml"
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used."""
+
+
+def _check_device(v: str) -> str:
+    if v not in ("auto", "cpu") and not v.startswith("cuda"):
+        raise ValueError("must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    return v
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServiceSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    data_dir: Path = Path("data")
+    role: Literal["all", "api", "trainer"] = "all"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Seconds SIGTERM waits for in-flight requests and a cancelled run before exiting.
+    shutdown_timeout_seconds: float = Field(20.0, gt=0)
+
+
+class AuthSettings(_Section):
+    enabled: bool = True
+    ingest_tokens: tuple[str, ...] = ()
+    admin_tokens: tuple[str, ...] = ()
+    # One token per line; relative paths are looked up in $CREDENTIALS_DIRECTORY
+    # first (systemd LoadCredential=), then relative to the working directory.
+    ingest_tokens_file: str = ""
+    admin_tokens_file: str = ""
+
+
+class StoreSettings(_Section):
+    # Empty: SQLite file <data_dir>/continual.db. PostgreSQL: postgresql+psycopg://user@host/db
+    url: str = ""
+    # The database password, read from a file so it never sits in config.toml.
+    password_file: str = ""
+    holdout_fraction: float = Field(0.2, gt=0, lt=1)
+    max_payload_bytes: int = Field(1_048_576, ge=64)
+    busy_timeout_ms: int = Field(5_000, ge=0)
+    pool_size: int = Field(8, ge=1)
+
+
+class IngestSettings(_Section):
+    max_body_bytes: int = Field(32 * 1_048_576, ge=1024)
+    max_batch_samples: int = Field(1_000, ge=1)
+    # Decompression-bomb guard: images with more pixels than this are rejected.
+    max_image_pixels: int = Field(25_000_000, ge=1)
+
+
+class InputSettings(_Section):
+    kind: Literal["vector", "image"] = "image"
+    shape: tuple[int, ...] = (64,)
+    size: tuple[int, int] = (224, 224)
+    channels: Literal[1, 3] = 3
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    augment: bool = False
+
+    @field_validator("shape")
+    @classmethod
+    def _positive_shape(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(d <= 0 for d in v):
+            raise ValueError("must be a non-empty list of positive integers")
+        return v
+
+    @field_validator("size")
+    @classmethod
+    def _positive_size(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if any(d <= 0 for d in v):
+            raise ValueError("must be two positive integers [height, width]")
+        return v
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if any(s <= 0 for s in v):
+            raise ValueError("every std must be > 0")
+        return v
+
+    @model_validator(mode="after")
+    def _stats_match_channels(self) -> InputSettings:
+        if self.kind == "image" and (len(self.mean) != self.channels or len(self.std) != self.channels):
+            raise ValueError(
+                f"mean and std need one value per channel (channels = {self.channels}), "
+                f"got mean={list(self.mean)} std={list(self.std)}"
+            )
+        return self
+
+    @property
+    def vector_size(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class ModelSettings(_Section):
+    # torchvision names (resnet18, resnet50, mobilenet_v3_small, efficientnet_b0),
+    # efficientnet_lite0, mlp, or "package.module:function".
+    architecture: str = "efficientnet_lite0"
+    # "imagenet", "none", or a local file path.
+    weights: str = "imagenet"
+    classes: tuple[str, ...] = tuple(str(i) for i in range(10))
+    mode: Literal["feature_extraction", "fine_tune", "all"] = "feature_extraction"
+    unfreeze_last: int = Field(0, ge=0)
+    hidden: tuple[int, ...] = (128,)
+    input: InputSettings = InputSettings()
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if len(v) < 2:
+            raise ValueError("needs at least two class names")
+        if len(set(v)) != len(v):
+            dupes = sorted({c for c in v if v.count(c) > 1})
+            raise ValueError(f"class names must be unique; repeated: {dupes}")
+        if any(not c for c in v):
+            raise ValueError("class names must be non-empty")
+        return v
+
+
+class TriggerSettings(_Section):
+    check_interval_seconds: float = Field(60.0, gt=0)
+    min_new_samples: int = Field(500, ge=1)
+    max_new_samples: int = Field(5_000, ge=1)
+    max_interval_seconds: float = Field(86_400.0, gt=0)
+    cooldown_seconds: float = Field(300.0, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TriggerSettings:
+        if self.max_new_samples < self.min_new_samples:
+            raise ValueError(
+                f"max_new_samples ({self.max_new_samples}) must be >= min_new_samples ({self.min_new_samples})"
+            )
+        return self
+
+
+class DriftSettings(_Section):
+    detectors: tuple[Literal["mmd", "ks", "label", "prediction"], ...] = ("mmd", "ks", "label", "prediction")
+    alpha: float = Field(0.01, gt=0, lt=1)
+    # A p-value alone flags any difference once windows are large; drift is
+    # reported only when the effect size is at least this (see continual/drift/).
+    min_effect: float = Field(0.1, ge=0)
+    window: int = Field(1_000, ge=10)
+    permutations: int = Field(500, ge=10)
+    min_samples: int = Field(100, ge=2)
+    # Above this many samples per window MMD switches to random Fourier features.
+    exact_max_samples: int = Field(5_000, ge=10)
+    reservoir_size: int = Field(2_000, ge=10)
+
+
+class TrainingSettings(_Section):
+    strategy: Literal["naive", "replay", "ewc", "replay+ewc"] = "replay+ewc"
+    replay_ratio: float = Field(0.5, ge=0, lt=1)
+    replay_buffer: int = Field(2_000, ge=0)
+    ewc_lambda: float = Field(100.0, ge=0)
+    fisher_decay: float = Field(0.9, ge=0, le=1)
+    epochs: int = Field(3, ge=1)
+    warmup_epochs: int = Field(0, ge=0)
+    learning_rate: float = Field(1e-4, gt=0)
+    head_learning_rate: float = Field(1e-3, gt=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr_schedule: Literal["cosine", "step", "constant"] = "cosine"
+    weight_decay: float = Field(1e-4, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    batch_size: int = Field(32, ge=1)
+    validation_fraction: float = Field(0.1, ge=0, lt=1)
+    device: str = "auto"
+    cpu_threads: int = Field(0, ge=0)  # 0: all cores but one, so serving keeps a core
+    num_workers: int = Field(0, ge=0)
+    launcher: Literal["local", "torchrun"] = "local"
+    nproc_per_node: int = Field(1, ge=1)
+    nnodes: int = Field(1, ge=1)
+    rdzv_endpoint: str = ""
+    max_duration_seconds: float = Field(3_600.0, gt=0)
+    feature_cache_items: int = Field(100_000, ge=0)
+    seed: int = 0
+
+    _device = field_validator("device")(classmethod(lambda cls, v: _check_device(v)))
+
+
+class GateSettings(_Section):
+    min_holdout_samples: int = Field(30, ge=1)
+    min_new_improvement: float = Field(0.0, ge=-1, le=1)
+    max_old_forgetting: float = Field(0.02, ge=0, le=1)
+    min_accuracy: float = Field(0.5, ge=0, le=1)
+    # p-value threshold for the exact McNemar test on the new holdout; 0 disables it.
+    significance: float = Field(0.05, ge=0, lt=1)
+    shadow: bool = False
+
+
+class ServingSettings(_Section):
+    device: str = "auto"
+    poll_interval_seconds: float = Field(2.0, gt=0)
+    max_batch: int = Field(256, ge=1)
+    warmup: bool = True
+
+    _device = field_validator("device")(classmethod(lambda cls, v: _check_device(v)))
+
+
+class Settings(_Section):
+    service: ServiceSettings = ServiceSettings()
+    auth: AuthSettings = AuthSettings()
+    store: StoreSettings = StoreSettings()
+    ingest: IngestSettings = IngestSettings()
+    model: ModelSettings = ModelSettings()
+    triggers: TriggerSettings = TriggerSettings()
+    drift: DriftSettings = DriftSettings()
+    training: TrainingSettings = TrainingSettings()
+    gate: GateSettings = GateSettings()
+    serving: ServingSettings = ServingSettings()
+
+    @property
+    def store_url(self) -> str:
+        """The SQLAlchemy URL, with the SQLite default in the data dir and the password file applied."""
+        url = self.store.url or f"sqlite:///{(self.service.data_dir / 'continual.db').as_posix()}"
+        if self.store.password_file:
+            from sqlalchemy.engine import make_url
+
+            password = read_secret_file(self.store.password_file).strip()
+            url = make_url(url).set(password=password).render_as_string(hide_password=False)
+        return url
+
+    @property
+    def models_dir(self) -> Path:
+        return self.service.data_dir / "models"
+
+    def tokens(self, scope: Literal["ingest", "admin"]) -> frozenset[str]:
+        """Tokens of one scope from the settings and the token file (one per line, # comments)."""
+        inline = self.auth.ingest_tokens if scope == "ingest" else self.auth.admin_tokens
+        path = self.auth.ingest_tokens_file if scope == "ingest" else self.auth.admin_tokens_file
+        tokens = set(inline)
+        if path:
+            for line in read_secret_file(path).splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    tokens.add(line)
+        return frozenset(t for t in tokens if t)
+
+
+def read_secret_file(path: str) -> str:
+    """Read a secret, trying ``$CREDENTIALS_DIRECTORY/<path>`` first for relative paths."""
+    p = Path(path)
+    candidates = [p]
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if creds and not p.is_absolute():
+        candidates.insert(0, Path(creds) / p)
+    for c in candidates:
+        if c.is_file():
+            return c.read_text(encoding="utf-8")
+    raise ConfigError(f"secret file {path!r} does not exist (looked in: {', '.join(str(c) for c in candidates)})")
+
+
+def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """``--config`` if given, else ``$CONTINUAL_CONFIG``, else ``./config.toml``."""
+    return Path(explicit or os.environ.get(ENV_PREFIX + "CONFIG") or DEFAULT_CONFIG)
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    *,
+    require_file: bool = True,
+) -> Settings:
+    """Load settings from a TOML file, then apply ``CONTINUAL_<SECTION>__<KEY>`` overrides."""
+    file = config_path(path)
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    if file.is_file():
+        try:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{file}: not valid TOML: {e}") from None
+    elif require_file:
+        raise ConfigError(f"config file {str(file)!r} does not exist (pass --config PATH or set CONTINUAL_CONFIG)")
+    _apply_env(data, env)
+    return settings_from_dict(data, source=str(file))
+
+
+def settings_from_dict(data: Mapping[str, Any], source: str = "config") -> Settings:
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, data, source)) from None
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"environment variable {name}: [{part}] is not a section")
+        node[path[-1]] = _parse_env_value(raw, _field_is_sequence(path))
+
+
+def _field_is_sequence(path: list[str]) -> bool:
+    model: type[BaseModel] = Settings
+    for part in path:
+        field = model.model_fields.get(part)
+        if field is None:
+            return False
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+            continue
+        return getattr(ann, "__origin__", None) is tuple
+    return False
+
+
+def _parse_env_value(raw: str, sequence: bool) -> Any:
+    text = raw.strip()
+    if sequence:
+        if text.startswith("["):
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError:
+                pass
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return raw
+
+
+def _describe(error: ValidationError, data: Mapping[str, Any], source: str) -> str:
+    lines = []
+    for err in error.errors():
+        loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
+        key = loc[-1] if loc else "?"
+        where = f"[{'.'.join(loc[:-1])}] {key}" if len(loc) > 1 else f"[{key}]"
+        if err["type"] == "extra_forbidden":
+            known = _known_keys(loc[:-1])
+            hint = difflib.get_close_matches(key, known, n=1)
+            did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+            lines.append(f"{source}: unknown key {where}{did_you_mean}; allowed keys: {', '.join(sorted(known))}")
+            continue
+        value = _lookup(data, err["loc"])
+        shown = f" = {value!r}" if value is not _MISSING else ""
+        lines.append(f"{source}: {where}{shown}: {_allowed(err)}")
+    return "; ".join(lines)
+
+
+def _allowed(err: Any) -> str:
+    ctx = err.get("ctx") or {}
+    kind = err["type"]
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
+        bound = next(iter(ctx.values()))
+        return f"must be {op} {bound}"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')}"
+    msg = str(err["msg"])
+    return msg.removeprefix("Value error, ")
+
+
+_MISSING = object()
+
+
+def _lookup(data: Mapping[str, Any], loc: tuple[Any, ...]) -> Any:
+    node: Any = data
+    for part in loc:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return _MISSING
+    return node
+
+
+def _known_keys(section: list[str]) -> list[str]:
+    model: type[BaseModel] = Settings
+    for part in section:
+        field = model.model_fields.get(part)
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)

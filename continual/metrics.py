@@ -1,0 +1,109 @@
+"""Every Prometheus metric, defined once, against an injectable registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+PREFIX = "continual"
+STATES = ("starting", "idle", "checking", "training", "gating", "promoting", "stopping", "degraded")
+# Bounded reasons for rejected feedback; anything else is counted as "other".
+REJECT_REASONS = ("validation", "conflict", "too_large", "content_type", "malformed", "auth", "unavailable", "other")
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_TRAINING_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+
+__all__ = ["CONTENT_TYPE_LATEST", "STATES", "Metrics"]
+
+
+class Metrics:
+    """The service's metrics. Tests pass a fresh ``CollectorRegistry()``."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+
+        # ingest
+        self.feedback_samples = Counter(f"{PREFIX}_feedback_samples", "Feedback samples stored", registry=r)
+        self.feedback_duplicates = Counter(
+            f"{PREFIX}_feedback_duplicates", "Feedback samples skipped as duplicates of stored ids", registry=r
+        )
+        self.feedback_rejected = Counter(
+            f"{PREFIX}_feedback_rejected", "Feedback samples rejected", ["reason"], registry=r
+        )
+        self.http_request_duration = Histogram(
+            f"{PREFIX}_http_request_duration_seconds",
+            "HTTP request latency",
+            ["route", "method", "status"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.samples_pending = Gauge(
+            f"{PREFIX}_samples_pending", "Samples newer than the champion's data cutoff", registry=r
+        )
+
+        # drift
+        self.drift_score = Gauge(
+            f"{PREFIX}_drift_score", "Drift effect size of the last check", ["detector"], registry=r
+        )
+        self.drift_p_value = Gauge(
+            f"{PREFIX}_drift_p_value", "Drift p-value of the last check", ["detector"], registry=r
+        )
+        self.drift_detected = Gauge(
+            f"{PREFIX}_drift_detected", "1 if the last check reported drift", ["detector"], registry=r
+        )
+        self.drift_checks = Counter(f"{PREFIX}_drift_checks", "Drift checks run", registry=r)
+        self.last_drift_check = Gauge(
+            f"{PREFIX}_last_drift_check_timestamp_seconds", "When the last drift check ran", registry=r
+        )
+
+        # training and gate
+        self.training_runs = Counter(f"{PREFIX}_training_runs", "Training runs started", registry=r)
+        self.training_failures = Counter(f"{PREFIX}_training_failures", "Training runs that failed", registry=r)
+        self.training_duration = Histogram(
+            f"{PREFIX}_training_duration_seconds", "Training run duration", buckets=_TRAINING_BUCKETS, registry=r
+        )
+        self.last_training_success = Gauge(
+            f"{PREFIX}_last_training_success_timestamp_seconds", "When a training run last succeeded", registry=r
+        )
+        self.promotions = Counter(f"{PREFIX}_promotions", "Champion promotions", registry=r)
+        self.rejections = Counter(f"{PREFIX}_rejections", "Candidates rejected by the gate", registry=r)
+        self.rejections_in_a_row = Gauge(
+            f"{PREFIX}_rejections_consecutive", "Candidates rejected since the last promotion", registry=r
+        )
+        self.rollbacks = Counter(f"{PREFIX}_rollbacks", "Champion rollbacks", registry=r)
+        self.model_accuracy = Gauge(
+            f"{PREFIX}_model_accuracy_ratio", "Holdout accuracy", ["model", "holdout"], registry=r
+        )
+
+        # models and serving
+        self.model_info = Gauge(
+            f"{PREFIX}_model_info", "The serving model (value 1)", ["version", "architecture"], registry=r
+        )
+        self.model_load_failures = Counter(
+            f"{PREFIX}_model_load_failures", "Model versions refused at load (checksum or format)", registry=r
+        )
+        self.predictions = Counter(f"{PREFIX}_predictions", "Inputs predicted", registry=r)
+        self.predict_latency = Histogram(
+            f"{PREFIX}_predict_latency_seconds", "Predict latency per request", buckets=_LATENCY_BUCKETS, registry=r
+        )
+
+        # service
+        self.state = Gauge(f"{PREFIX}_state", "1 for the current state", ["state"], registry=r)
+        self.store_up = Gauge(f"{PREFIX}_store_up", "1 if the store answered the last health check", registry=r)
+        self.set_state("starting")
+
+    def set_state(self, state: str) -> None:
+        if state not in STATES:
+            raise ValueError(f"state must be one of {STATES}, got {state!r}")
+        for s in STATES:
+            self.state.labels(state=s).set(1 if s == state else 0)
+
+    def reject(self, reason: str, n: int = 1) -> None:
+        self.feedback_rejected.labels(reason=reason if reason in REJECT_REASONS else "other").inc(n)
+
+    def set_model(self, version: str, architecture: str) -> None:
+        self.model_info.clear()
+        self.model_info.labels(version=version, architecture=architecture).set(1)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,39 @@
+"""The composition root: builds the store, metrics and app, and runs them under uvicorn."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from continual.api import AppContext, create_app
+from continual.config import Settings
+from continual.metrics import Metrics
+from continual.store import Store
+
+log = logging.getLogger("continual")
+
+
+def build_context(settings: Settings) -> AppContext:
+    store = Store.from_settings(settings)
+    store.check_schema()
+    return AppContext(settings=settings, store=store, metrics=Metrics())
+
+
+def serve(settings: Settings) -> int:
+    logging.basicConfig(
+        level=settings.service.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    ctx = build_context(settings)
+    settings.service.data_dir.mkdir(parents=True, exist_ok=True)
+    app = create_app(ctx)
+    ctx.metrics.set_state("idle")
+    log.info(
+        "continual serving on http://%s:%d (store %s)",
+        settings.service.host,
+        settings.service.port,
+        ctx.store.engine.url.render_as_string(hide_password=True),
+    )
+    uvicorn.run(app, host=settings.service.host, port=settings.service.port, log_level=settings.service.log_level)
+    ctx.store.dispose()
+    return 0

@@ -1,0 +1,164 @@
+"""The store: samples, versions, runs, decisions, drift checks and events in one database."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Engine, insert, select, text
+
+from continual.config import Settings
+from continual.store import samples as _samples
+from continual.store.engine import StoreUnavailable, make_engine, read_tx, write_tx
+from continual.store.migrate import SchemaOutOfDate, check_schema, current_revision, head_revision, upgrade
+from continual.store.samples import (
+    IdConflict,
+    InsertResult,
+    NewSample,
+    PayloadTooLarge,
+    SampleRow,
+    split_of,
+    vector_from_payload,
+)
+from continual.store.schema import events
+
+__all__ = [
+    "IdConflict",
+    "InsertResult",
+    "NewSample",
+    "PayloadTooLarge",
+    "SampleRow",
+    "SchemaOutOfDate",
+    "Store",
+    "StoreUnavailable",
+    "split_of",
+    "vector_from_payload",
+]
+
+
+class Store:
+    """One database, bound to the settings that shape its rows."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        holdout_fraction: float = 0.2,
+        max_payload_bytes: int = 1_048_576,
+        busy_timeout_ms: int = 5_000,
+        pool_size: int = 8,
+    ) -> None:
+        if not 0 < holdout_fraction < 1:
+            raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
+        self.url = url
+        self.holdout_fraction = holdout_fraction
+        self.max_payload_bytes = max_payload_bytes
+        self.engine: Engine = make_engine(url, busy_timeout_ms=busy_timeout_ms, pool_size=pool_size)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Store:
+        s = settings.store
+        return cls(
+            settings.store_url,
+            holdout_fraction=s.holdout_fraction,
+            max_payload_bytes=s.max_payload_bytes,
+            busy_timeout_ms=s.busy_timeout_ms,
+            pool_size=s.pool_size,
+        )
+
+    # -- schema ---------------------------------------------------------------
+    def upgrade(self, revision: str = "head") -> None:
+        upgrade(self.engine, revision)
+
+    def check_schema(self) -> None:
+        check_schema(self.engine)
+
+    def revision(self) -> str | None:
+        return current_revision(self.engine)
+
+    @staticmethod
+    def head() -> str:
+        return head_revision()
+
+    def ping(self) -> bool:
+        try:
+            with read_tx(self.engine) as conn:
+                conn.execute(text("SELECT 1"))
+            return True
+        except StoreUnavailable:
+            return False
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # -- samples --------------------------------------------------------------
+    def insert(self, batch: Sequence[NewSample], now: datetime | None = None) -> InsertResult:
+        return _samples.insert_samples(
+            self.engine,
+            batch,
+            holdout_fraction=self.holdout_fraction,
+            max_payload_bytes=self.max_payload_bytes,
+            now=now,
+        )
+
+    def split_of(self, external_id: str) -> str:
+        return split_of(external_id, self.holdout_fraction)
+
+    def max_seq(self) -> int:
+        return _samples.max_seq(self.engine)
+
+    def count(
+        self, *, after: int | None = None, upto: int | None = None, split: str | None = None, label: str | None = None
+    ) -> int:
+        return _samples.count(self.engine, after=after, upto=upto, split=split, label=label)
+
+    def label_counts(
+        self, *, after: int | None = None, upto: int | None = None, split: str | None = None
+    ) -> dict[str, int]:
+        return _samples.label_counts(self.engine, after=after, upto=upto, split=split)
+
+    def split_label_counts(self) -> dict[tuple[str, str], int]:
+        return _samples.split_label_counts(self.engine)
+
+    def draw(
+        self,
+        k: int,
+        *,
+        after: int | None = None,
+        upto: int | None = None,
+        split: str | None = "train",
+        balanced: bool = False,
+        seed: int = 0,
+    ) -> np.ndarray:
+        return _samples.draw(self.engine, k, after=after, upto=upto, split=split, balanced=balanced, seed=seed)
+
+    def newest(self, n: int, *, after: int | None = None, split: str | None = None) -> np.ndarray:
+        return _samples.newest(self.engine, n, after=after, split=split)
+
+    def iter_samples(
+        self,
+        *,
+        seqs: Iterable[int] | None = None,
+        after: int | None = None,
+        upto: int | None = None,
+        split: str | None = None,
+        batch_size: int = 500,
+    ) -> Iterator[list[SampleRow]]:
+        return _samples.iter_samples(self.engine, seqs=seqs, after=after, upto=upto, split=split, batch_size=batch_size)
+
+    def get_samples(self, seqs: Iterable[int]) -> list[SampleRow]:
+        return _samples.get_samples(self.engine, seqs)
+
+    # -- audit log ------------------------------------------------------------
+    def record_event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        with write_tx(self.engine) as conn:
+            conn.execute(insert(events).values(created_at=datetime.now(UTC), kind=kind, message=message, data=data))
+
+    def recent_events(self, limit: int = 50, kind: str | None = None) -> list[dict[str, Any]]:
+        with read_tx(self.engine) as conn:
+            q = select(events).order_by(events.c.id.desc()).limit(limit)
+            if kind:
+                q = q.where(events.c.kind == kind)
+            return [dict(r._mapping) for r in conn.execute(q)]

@@ -1,0 +1,312 @@
+"""Samples: batched idempotent inserts, counts, random draws and streaming reads."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Engine, and_, func, insert, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.sql.elements import ColumnElement
+
+from continual.store.engine import read_tx, write_tx
+from continual.store.schema import samples
+
+SPLITS = ("train", "holdout")
+
+
+class IdConflict(ValueError):
+    """Sample ids already stored (or repeated in the batch) with a different label or payload."""
+
+    def __init__(self, ids: Sequence[str]) -> None:
+        self.ids = list(ids)
+        shown = ", ".join(repr(i) for i in self.ids[:10]) + (" ..." if len(self.ids) > 10 else "")
+        super().__init__(f"{len(self.ids)} sample id(s) already exist with a different label or input: {shown}")
+
+
+class PayloadTooLarge(ValueError):
+    def __init__(self, external_id: str, size: int, limit: int) -> None:
+        self.external_id, self.size, self.limit = external_id, size, limit
+        super().__init__(f"sample {external_id!r}: payload of {size} bytes exceeds store.max_payload_bytes = {limit}")
+
+
+@dataclass(frozen=True)
+class NewSample:
+    external_id: str
+    label: str
+    kind: str  # "vector" (float32 bytes) | "image" (encoded PNG/JPEG bytes)
+    payload: bytes
+    source: str = ""
+    meta: dict[str, Any] | None = None
+    sha256: str = field(default="")
+
+    def __post_init__(self) -> None:
+        if not self.sha256:
+            object.__setattr__(self, "sha256", hashlib.sha256(self.payload).hexdigest())
+
+
+@dataclass(frozen=True)
+class SampleRow:
+    seq: int
+    external_id: str
+    label: str
+    kind: str
+    sha256: str
+    payload: bytes
+    split: str
+    ingested_at: datetime
+    source: str
+    meta: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class InsertResult:
+    accepted: int
+    duplicates: int
+
+
+def split_of(external_id: str, holdout_fraction: float) -> str:
+    """Train or holdout, a pure function of the id: it never changes once stored."""
+    digest = hashlib.sha256(b"continual-split:" + external_id.encode("utf-8")).digest()
+    u = int.from_bytes(digest[:8], "big") / 2.0**64
+    return "holdout" if u < holdout_fraction else "train"
+
+
+def insert_samples(
+    engine: Engine,
+    batch: Sequence[NewSample],
+    *,
+    holdout_fraction: float,
+    max_payload_bytes: int,
+    now: datetime | None = None,
+) -> InsertResult:
+    """Store a batch in one transaction, all or nothing.
+
+    A sample whose id is stored already with the same label and payload is a
+    duplicate (skipped); with a different label or payload it is a conflict and
+    nothing in the batch is stored.
+    """
+    for s in batch:
+        if len(s.payload) > max_payload_bytes:
+            raise PayloadTooLarge(s.external_id, len(s.payload), max_payload_bytes)
+    unique, in_batch_dupes = _dedupe_batch(batch)
+    if not unique:
+        return InsertResult(0, in_batch_dupes)
+    now = now or datetime.now(UTC)
+    for attempt in range(2):
+        try:
+            with write_tx(engine) as conn:
+                existing = {
+                    r.external_id: (r.label, r.sha256)
+                    for r in conn.execute(
+                        select(samples.c.external_id, samples.c.label, samples.c.sha256).where(
+                            samples.c.external_id.in_([s.external_id for s in unique])
+                        )
+                    )
+                }
+                conflicts = [
+                    s.external_id
+                    for s in unique
+                    if s.external_id in existing and existing[s.external_id] != (s.label, s.sha256)
+                ]
+                if conflicts:
+                    raise IdConflict(conflicts)
+                fresh = [s for s in unique if s.external_id not in existing]
+                if fresh:
+                    conn.execute(insert(samples), [_row(s, holdout_fraction, now) for s in fresh])
+                return InsertResult(len(fresh), in_batch_dupes + len(unique) - len(fresh))
+        except IntegrityError:
+            # Another writer stored one of these ids between our read and write
+            # (PostgreSQL read committed); the second pass sees it.
+            if attempt:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _dedupe_batch(batch: Sequence[NewSample]) -> tuple[list[NewSample], int]:
+    seen: dict[str, NewSample] = {}
+    conflicts: list[str] = []
+    for s in batch:
+        prev = seen.get(s.external_id)
+        if prev is None:
+            seen[s.external_id] = s
+        elif (prev.label, prev.sha256) != (s.label, s.sha256):
+            conflicts.append(s.external_id)
+    if conflicts:
+        raise IdConflict(sorted(set(conflicts)))
+    return list(seen.values()), len(batch) - len(seen)
+
+
+def _row(s: NewSample, holdout_fraction: float, now: datetime) -> dict[str, Any]:
+    return {
+        "external_id": s.external_id,
+        "label": s.label,
+        "kind": s.kind,
+        "sha256": s.sha256,
+        "payload": s.payload,
+        "split": split_of(s.external_id, holdout_fraction),
+        "ingested_at": now,
+        "source": s.source,
+        "meta": s.meta,
+    }
+
+
+def _where(
+    after: int | None = None, upto: int | None = None, split: str | None = None, label: str | None = None
+) -> ColumnElement[bool]:
+    conds: list[ColumnElement[bool]] = []
+    if after is not None:
+        conds.append(samples.c.seq > after)
+    if upto is not None:
+        conds.append(samples.c.seq <= upto)
+    if split is not None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        conds.append(samples.c.split == split)
+    if label is not None:
+        conds.append(samples.c.label == label)
+    return and_(*conds) if conds else and_(True)
+
+
+def max_seq(engine: Engine) -> int:
+    """The newest sample's seq (0 for an empty store)."""
+    with read_tx(engine) as conn:
+        return int(conn.execute(select(func.coalesce(func.max(samples.c.seq), 0))).scalar_one())
+
+
+def count(
+    engine: Engine,
+    *,
+    after: int | None = None,
+    upto: int | None = None,
+    split: str | None = None,
+    label: str | None = None,
+) -> int:
+    with read_tx(engine) as conn:
+        q = select(func.count()).select_from(samples).where(_where(after, upto, split, label))
+        return int(conn.execute(q).scalar_one())
+
+
+def label_counts(
+    engine: Engine, *, after: int | None = None, upto: int | None = None, split: str | None = None
+) -> dict[str, int]:
+    with read_tx(engine) as conn:
+        q = (
+            select(samples.c.label, func.count())
+            .where(_where(after, upto, split))
+            .group_by(samples.c.label)
+            .order_by(samples.c.label)
+        )
+        return {label: int(n) for label, n in conn.execute(q)}
+
+
+def split_label_counts(engine: Engine) -> dict[tuple[str, str], int]:
+    with read_tx(engine) as conn:
+        q = select(samples.c.split, samples.c.label, func.count()).group_by(samples.c.split, samples.c.label)
+        return {(split, label): int(n) for split, label, n in conn.execute(q)}
+
+
+def draw(
+    engine: Engine,
+    k: int,
+    *,
+    after: int | None = None,
+    upto: int | None = None,
+    split: str | None = "train",
+    balanced: bool = False,
+    seed: int = 0,
+) -> np.ndarray:
+    """A seeded random draw of up to ``k`` seqs from a range, sorted ascending.
+
+    Only (seq, label) pairs are read — 16 bytes a row, never payloads. With
+    ``balanced`` every label gets an equal share (rare labels give all they have,
+    and their unused share goes to the others), so rare old classes survive replay.
+    """
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    with read_tx(engine) as conn:
+        rows = conn.execute(
+            select(samples.c.seq, samples.c.label).where(_where(after, upto, split)).order_by(samples.c.seq)
+        ).all()
+    if not rows or k == 0:
+        return np.empty(0, dtype=np.int64)
+    seqs = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+    rng = np.random.default_rng(seed)
+    if k >= len(seqs):
+        return seqs
+    if not balanced:
+        return np.sort(rng.choice(seqs, size=k, replace=False))
+    labels = np.array([r[1] for r in rows], dtype=object)
+    groups = [seqs[labels == lab] for lab in sorted(set(labels.tolist()))]
+    quotas = balanced_quotas([len(g) for g in groups], k)
+    picked = [rng.choice(g, size=q, replace=False) for g, q in zip(groups, quotas, strict=True) if q]
+    return np.sort(np.concatenate(picked))
+
+
+def balanced_quotas(available: Sequence[int], k: int) -> list[int]:
+    """Split ``k`` as evenly as possible over groups, capped by what each group has."""
+    # Max-min fair: visit groups from the smallest, each takes an equal share of
+    # what is left (or all it has); rounding leftovers go to groups with room.
+    quotas = [0] * len(available)
+    remaining = min(k, sum(available))
+    order = sorted(range(len(available)), key=lambda i: available[i])
+    for rank, i in enumerate(order):
+        quotas[i] = min(available[i], remaining // (len(order) - rank))
+        remaining -= quotas[i]
+    for i in reversed(order):
+        if remaining == 0:
+            break
+        if quotas[i] < available[i]:
+            quotas[i] += 1
+            remaining -= 1
+    return quotas
+
+
+def newest(engine: Engine, n: int, *, after: int | None = None, split: str | None = None) -> np.ndarray:
+    """The seqs of the newest ``n`` samples after ``after``, ascending."""
+    with read_tx(engine) as conn:
+        q = select(samples.c.seq).where(_where(after, None, split)).order_by(samples.c.seq.desc()).limit(n)
+        return np.sort(np.array(conn.execute(q).scalars().all(), dtype=np.int64))
+
+
+def iter_samples(
+    engine: Engine,
+    *,
+    seqs: Iterable[int] | None = None,
+    after: int | None = None,
+    upto: int | None = None,
+    split: str | None = None,
+    batch_size: int = 500,
+) -> Iterator[list[SampleRow]]:
+    """Stream samples in seq order, ``batch_size`` rows at a time (keyset pagination)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if seqs is not None:
+        wanted = sorted({int(s) for s in seqs})
+        for i in range(0, len(wanted), batch_size):
+            chunk = wanted[i : i + batch_size]
+            with read_tx(engine) as conn:
+                rows = conn.execute(select(samples).where(samples.c.seq.in_(chunk)).order_by(samples.c.seq))
+                yield [SampleRow(**r._mapping) for r in rows]
+        return
+    cursor = after
+    while True:
+        with read_tx(engine) as conn:
+            q = select(samples).where(_where(cursor, upto, split)).order_by(samples.c.seq).limit(batch_size)
+            batch = [SampleRow(**r._mapping) for r in conn.execute(q)]
+        if not batch:
+            return
+        yield batch
+        cursor = batch[-1].seq
+
+
+def get_samples(engine: Engine, seqs: Iterable[int]) -> list[SampleRow]:
+    return [row for batch in iter_samples(engine, seqs=seqs) for row in batch]
+
+
+def vector_from_payload(payload: bytes) -> np.ndarray:
+    return np.frombuffer(payload, dtype=np.float32)

@@ -1,0 +1,145 @@
+"""The store's tables. Changes go through an Alembic migration in ``migrations/versions``."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+# SQLite only autoincrements INTEGER PRIMARY KEY; PostgreSQL gets BIGINT.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# One row per labeled sample. ``seq`` is the monotonic ingest order: a version's
+# data cutoff is a seq, "old" is seq <= cutoff and "new" is seq > cutoff.
+samples = Table(
+    "samples",
+    metadata,
+    Column("seq", BigId, primary_key=True, autoincrement=True),
+    Column("external_id", String(255), nullable=False, unique=True),
+    Column("label", String(255), nullable=False),
+    Column("kind", String(16), nullable=False),  # "vector" | "image"
+    Column("sha256", String(64), nullable=False),
+    Column("payload", LargeBinary, nullable=False),
+    Column("split", String(16), nullable=False),  # "train" | "holdout"
+    Column("ingested_at", DateTime(timezone=True), nullable=False),
+    Column("source", String(255), nullable=False, default=""),
+    Column("meta", JSON, nullable=True),
+)
+Index("ix_samples_split_seq", samples.c.split, samples.c.seq)
+Index("ix_samples_label_seq", samples.c.label, samples.c.seq)
+
+model_versions = Table(
+    "model_versions",
+    metadata,
+    Column("version", String(64), primary_key=True),
+    Column("parent", String(64), nullable=True),
+    Column("architecture", String(255), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("data_cutoff", BigInteger, nullable=False, default=0),
+    Column("run_id", BigInteger, nullable=True),
+    Column("status", String(32), nullable=False, default="candidate"),
+    Column("metrics", JSON, nullable=True),
+    Column("manifest_sha256", String(64), nullable=True),
+)
+
+# Append-only: the champion is the version of the newest row.
+champion_history = Table(
+    "champion_history",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("version", String(64), ForeignKey("model_versions.version"), nullable=False),
+    Column("previous", String(64), nullable=True),
+    Column("promoted_at", DateTime(timezone=True), nullable=False),
+    Column("reason", String(32), nullable=False),  # gate | manual | rollback | import | bootstrap
+    Column("actor", String(255), nullable=False, default=""),
+    Column("details", JSON, nullable=True),
+)
+
+training_runs = Table(
+    "training_runs",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("trigger", String(255), nullable=False),
+    Column("status", String(32), nullable=False),  # pending running succeeded failed interrupted cancelled
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=True),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+    Column("parent_version", String(64), nullable=True),
+    Column("candidate_version", String(64), nullable=True),
+    Column("data_cutoff", BigInteger, nullable=True),
+    Column("spec", JSON, nullable=True),
+    Column("progress", JSON, nullable=True),
+    Column("metrics", JSON, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("pid", Integer, nullable=True),
+    Column("host", String(255), nullable=True),
+)
+
+gate_decisions = Table(
+    "gate_decisions",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("run_id", BigInteger, nullable=True),
+    Column("candidate", String(64), nullable=False),
+    Column("champion", String(64), nullable=True),
+    Column("outcome", String(16), nullable=False),  # promoted | rejected | deferred
+    Column("rule", String(64), nullable=False),
+    Column("reasons", JSON, nullable=True),
+    Column("metrics", JSON, nullable=True),
+    Column("shadow", Boolean, nullable=False, default=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+drift_checks = Table(
+    "drift_checks",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("champion", String(64), nullable=True),
+    Column("detected", Boolean, nullable=False),
+    Column("n_reference", Integer, nullable=False),
+    Column("n_current", Integer, nullable=False),
+    Column("duration_seconds", Float, nullable=False),
+    Column("results", JSON, nullable=True),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("kind", String(64), nullable=False),
+    Column("message", Text, nullable=False),
+    Column("data", JSON, nullable=True),
+)
+
+# One row per named lease (e.g. "trainer"); the holder renews before expires_at.
+leases = Table(
+    "leases",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("holder", String(255), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+)

@@ -1,0 +1,151 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from continual.store import IdConflict, NewSample, PayloadTooLarge, SchemaOutOfDate, Store, split_of
+from continual.store.samples import balanced_quotas
+
+CLASSES = [str(i) for i in range(10)]
+
+
+def vec_sample(i: int, label: str | None = None, value: float | None = None) -> NewSample:
+    x = np.full(64, i if value is None else value, dtype=np.float32)
+    return NewSample(external_id=f"s{i}", label=label or CLASSES[i % 10], kind="vector", payload=x.tobytes())
+
+
+def fill(store: Store, n: int, batch: int = 500) -> None:
+    for start in range(0, n, batch):
+        store.insert([vec_sample(i) for i in range(start, min(n, start + batch))])
+
+
+def test_insert_10k_counts_and_draws(store: Store) -> None:
+    fill(store, 10_000)
+    assert store.count() == 10_000
+    assert store.max_seq() >= 10_000
+    train, holdout = store.count(split="train"), store.count(split="holdout")
+    assert train + holdout == 10_000
+    assert 0.17 < holdout / 10_000 < 0.23  # holdout_fraction = 0.2
+    assert store.label_counts() == {c: 1_000 for c in CLASSES}
+    cutoff = store.max_seq() - 2_500
+    assert store.count(after=cutoff) == 2_500
+    assert store.count(upto=cutoff) == 7_500
+
+    drawn = store.draw(300, upto=cutoff, split="train", seed=1)
+    assert len(drawn) == 300 and len(set(drawn.tolist())) == 300
+    rows = store.get_samples(drawn)
+    assert all(r.seq <= cutoff and r.split == "train" for r in rows)
+    assert np.array_equal(drawn, store.draw(300, upto=cutoff, split="train", seed=1))
+    assert not np.array_equal(drawn, store.draw(300, upto=cutoff, split="train", seed=2))
+
+
+def test_balanced_draw_is_balanced_even_with_a_rare_class(store: Store) -> None:
+    # 9 common classes with 200 samples each, one rare class with 12.
+    batch = [vec_sample(i, label=CLASSES[i % 9]) for i in range(1_800)]
+    batch += [vec_sample(10_000 + i, label="9") for i in range(12)]
+    for start in range(0, len(batch), 400):
+        store.insert(batch[start : start + 400])
+    drawn = store.draw(300, split=None, balanced=True, seed=3)
+    labels = Counter(r.label for r in store.get_samples(drawn))
+    assert len(drawn) == 300
+    assert labels["9"] == 12  # the rare class gives all it has
+    common = [labels[c] for c in CLASSES[:9]]
+    assert max(common) - min(common) <= 1 and sum(common) == 288
+
+
+def test_balanced_quotas() -> None:
+    assert balanced_quotas([10, 10, 10], 9) == [3, 3, 3]
+    assert balanced_quotas([1, 100, 100], 11) == [1, 5, 5]
+    assert balanced_quotas([0, 3], 10) == [0, 3]
+    assert sum(balanced_quotas([7, 2, 9, 1], 15)) == 15
+
+
+def test_duplicates_are_idempotent_and_conflicts_rejected(store: Store) -> None:
+    first = store.insert([vec_sample(i) for i in range(10)])
+    assert (first.accepted, first.duplicates) == (10, 0)
+    again = store.insert([vec_sample(i) for i in range(5, 15)])
+    assert (again.accepted, again.duplicates) == (5, 5)
+    assert store.count() == 15
+    # Same id, other label: the whole batch is refused.
+    with pytest.raises(IdConflict) as exc:
+        store.insert([vec_sample(100), vec_sample(3, label="not-3")])
+    assert exc.value.ids == ["s3"]
+    # Same id, other payload.
+    with pytest.raises(IdConflict):
+        store.insert([vec_sample(4, value=42.0)])
+    assert store.count() == 15
+
+
+def test_duplicate_id_inside_one_batch(store: Store) -> None:
+    res = store.insert([vec_sample(1), vec_sample(1), vec_sample(2)])
+    assert (res.accepted, res.duplicates) == (2, 1)
+    with pytest.raises(IdConflict) as exc:
+        store.insert([vec_sample(7), vec_sample(7, label="other")])
+    assert exc.value.ids == ["s7"]
+    assert store.count() == 2
+
+
+def test_payload_cap(store: Store) -> None:
+    big = NewSample(external_id="big", label="0", kind="image", payload=b"\0" * (store.max_payload_bytes + 1))
+    with pytest.raises(PayloadTooLarge, match="max_payload_bytes"):
+        store.insert([vec_sample(1), big])
+    assert store.count() == 0
+
+
+def test_streaming_iteration_in_batches(store: Store) -> None:
+    fill(store, 1_234)
+    sizes, seqs = [], []
+    for batch in store.iter_samples(batch_size=500):
+        sizes.append(len(batch))
+        seqs.extend(r.seq for r in batch)
+    assert sizes == [500, 500, 234]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 1_234
+    holdout = [r for b in store.iter_samples(split="holdout", batch_size=100) for r in b]
+    assert all(r.split == "holdout" for r in holdout) and len(holdout) == store.count(split="holdout")
+    row = store.get_samples([seqs[7]])[0]
+    assert np.frombuffer(row.payload, dtype=np.float32)[0] == 7.0
+
+
+def test_split_is_a_stable_function_of_the_id(store: Store, store_url: str) -> None:
+    fill(store, 200)
+    stored = {r.external_id: r.split for b in store.iter_samples() for r in b}
+    assert all(split_of(i, 0.2) == s for i, s in stored.items())
+    # A fresh interpreter (another process) computes the same splits.
+    code = (
+        "import json,sys; from continual.store import split_of; "
+        "print(json.dumps({i: split_of(i, 0.2) for i in json.loads(sys.argv[1])}))"
+    )
+    import json
+
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(list(stored))], capture_output=True, text=True, check=True
+    ).stdout
+    assert json.loads(out) == stored
+
+
+def test_migration_from_empty_and_refusal_when_behind(store_url: str) -> None:
+    store = Store(store_url)
+    with pytest.raises(SchemaOutOfDate, match="continual db upgrade"):
+        store.check_schema()
+    store.upgrade()
+    assert store.revision() == store.head()
+    store.check_schema()
+    from continual.store.migrate import downgrade
+
+    downgrade(store.engine, "base")
+    assert store.revision() is None
+    with pytest.raises(SchemaOutOfDate, match="continual db upgrade"):
+        store.check_schema()
+    store.upgrade()
+    store.check_schema()
+    store.dispose()
+
+
+def test_events(store: Store) -> None:
+    store.record_event("test", "hello", {"n": 1})
+    [event] = store.recent_events()
+    assert event["kind"] == "test" and event["data"] == {"n": 1}
