@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from continual.config import Settings
+from continual.ingest import (
+    BatchTooLarge,
+    MalformedBody,
+    SampleTooLarge,
+    ValidationFailed,
+    feedback_samples,
+    parse_json,
+)
 from continual.metrics import CONTENT_TYPE_LATEST, Metrics
 from continual.status import collect_status
-from continual.store import Store, StoreUnavailable
+from continual.store import IdConflict, NewSample, PayloadTooLarge, Store, StoreUnavailable
 
 log = logging.getLogger("continual.api")
 
@@ -49,9 +63,133 @@ def error_response(err: ApiError) -> JSONResponse:
     return JSONResponse(body, status_code=err.status, headers=err.headers)
 
 
+# -- auth -------------------------------------------------------------------------
+AuthScope = Literal["ingest", "admin"]
+
+
+@dataclass(frozen=True)
+class Auth:
+    """Bearer tokens of both scopes, loaded once when the app is built."""
+
+    enabled: bool
+    ingest: tuple[bytes, ...] = ()
+    admin: tuple[bytes, ...] = ()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Auth:
+        return cls(
+            enabled=settings.auth.enabled,
+            ingest=tuple(t.encode() for t in sorted(settings.tokens("ingest"))),
+            admin=tuple(t.encode() for t in sorted(settings.tokens("admin"))),
+        )
+
+    def scopes(self, token: str) -> frozenset[str]:
+        """The scopes a token holds (admin implies ingest); empty for an unknown token."""
+        raw = token.encode()
+        admin, ingest = _matches_any(raw, self.admin), _matches_any(raw, self.ingest)
+        return frozenset({"admin", "ingest"}) if admin else frozenset({"ingest"}) if ingest else frozenset()
+
+    def check(self, authorization: str | None, scope: AuthScope) -> None:
+        """Raise 401 (no or unknown token) or 403 (token without ``scope``); pass when auth is disabled."""
+        if not self.enabled:
+            return
+        challenge = {"WWW-Authenticate": 'Bearer realm="continual"'}
+        kind, _, token = (authorization or "").partition(" ")
+        if kind.lower() != "bearer" or not token.strip():
+            raise ApiError(
+                401, "unauthorized", "missing bearer token (Authorization: Bearer <token>)", headers=challenge
+            )
+        held = self.scopes(token.strip())
+        if not held:
+            raise ApiError(401, "unauthorized", "unknown token", headers=challenge)
+        if scope not in held:
+            raise ApiError(403, "forbidden", f"this token lacks the {scope!r} scope")
+
+
+def _matches_any(token: bytes, candidates: tuple[bytes, ...]) -> bool:
+    # Compare with every candidate, without stopping early, in constant time each.
+    found = False
+    for c in candidates:
+        found |= hmac.compare_digest(token, c)
+    return found
+
+
+def require_scope(scope: AuthScope) -> Any:
+    """A route dependency: ``dependencies=[require_scope("admin")]`` or ``_=require_scope("ingest")``."""
+
+    def _check(request: Request) -> None:
+        request.app.state.auth.check(request.headers.get("authorization"), scope)
+
+    return Depends(_check)
+
+
+# -- request limits ---------------------------------------------------------------
+def require_json(request: Request) -> None:
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        shown = repr(media) if media else "none"
+        raise ApiError(415, "unsupported_media_type", f"Content-Type must be application/json, got {shown}")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 from Content-Length or, without one, while streaming past ``limit``."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ApiError(400, "bad_request", f"Content-Length is not a number: {declared!r}")
+        if int(declared) > limit:
+            raise ApiError(413, "body_too_large", f"body of {declared} bytes exceeds ingest.max_body_bytes = {limit}")
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise ApiError(413, "body_too_large", f"body exceeds ingest.max_body_bytes = {limit}")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# -- request latency --------------------------------------------------------------
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+class RequestMetrics:
+    """ASGI middleware: one latency observation per request, labelled by route template (bounded)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            # The router stores the matched route in the scope; raw paths would be unbounded labels.
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            method = scope["method"] if scope["method"] in _METHODS else "other"
+            self.metrics.http_request_duration.labels(route=route, method=method, status=str(status)).observe(
+                time.perf_counter() - start
+            )
+
+
 def create_app(ctx: AppContext) -> FastAPI:
-    app = FastAPI(title="continual", version="1", docs_url=None, redoc_url=None)
+    app = FastAPI(title="continual", version="1", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ctx = ctx
+    app.state.auth = Auth.from_settings(ctx.settings)
+    app.add_middleware(RequestMetrics, metrics=ctx.metrics)
+    _add_error_handlers(app)
+    _add_feedback_route(app, ctx)
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, err: ApiError) -> JSONResponse:
@@ -77,8 +215,111 @@ def create_app(ctx: AppContext) -> FastAPI:
     def metrics() -> Response:
         return Response(ctx.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/status")
+    @app.get("/v1/status", dependencies=[require_scope("ingest")])
     def status() -> dict[str, Any]:
         return collect_status(ctx.settings, ctx.store)
 
     return app
+
+
+# -- error mapping ----------------------------------------------------------------
+_STATUS_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    415: "unsupported_media_type",
+}
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, err: RequestValidationError) -> JSONResponse:
+        details = [
+            {"field": ".".join(str(p) for p in e.get("loc", ()) if p != "body"), "message": e.get("msg", "")}
+            for e in err.errors()
+        ]
+        return error_response(ApiError(422, "validation_failed", "request is not valid", details))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, err: StarletteHTTPException) -> JSONResponse:
+        code = _STATUS_CODES.get(err.status_code, "error")
+        return error_response(ApiError(err.status_code, code, str(err.detail), headers=dict(err.headers or {})))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, err: Exception) -> JSONResponse:
+        # A bug, never an input: logged with its traceback, answered in the error format.
+        log.exception("unhandled error: %s", err)
+        return error_response(ApiError(500, "internal", "internal error; see the service log"))
+
+
+# -- POST /v1/feedback ------------------------------------------------------------
+def _add_feedback_route(app: FastAPI, ctx: AppContext) -> None:
+    @app.post("/v1/feedback")
+    async def feedback(request: Request) -> dict[str, int]:
+        n = 1  # rejected requests count once until their samples are known
+        try:
+            app.state.auth.check(request.headers.get("authorization"), "ingest")
+            require_json(request)
+            body = await read_body(request, ctx.settings.ingest.max_body_bytes)
+            doc = await run_in_threadpool(_parse_body, body)
+            samples = doc.get("samples") if isinstance(doc, dict) else None
+            n = len(samples) if isinstance(samples, list) and samples else 1
+            result = await run_in_threadpool(_store_feedback, doc, ctx)
+        except ApiError as err:
+            ctx.metrics.reject(_REJECT_REASON.get(err.status, "other"), n)
+            raise
+        except StoreUnavailable:
+            ctx.metrics.reject("unavailable", n)
+            raise
+        ctx.metrics.feedback_samples.inc(result["accepted"])
+        ctx.metrics.feedback_duplicates.inc(result["duplicates"])
+        return result
+
+
+_REJECT_REASON = {
+    400: "malformed",
+    401: "auth",
+    403: "auth",
+    409: "conflict",
+    413: "too_large",
+    415: "content_type",
+    422: "validation",
+}
+
+
+def _parse_body(body: bytes) -> Any:
+    try:
+        return parse_json(body)
+    except MalformedBody as e:
+        raise ApiError(400, "malformed_json", str(e)) from None
+
+
+def _store_feedback(doc: Any, ctx: AppContext) -> dict[str, int]:
+    """Validate and store one batch (in a worker thread: image decoding and the commit block)."""
+    try:
+        batch = feedback_samples(doc, ctx.settings)
+    except ValidationFailed as e:
+        raise ApiError(422, "validation_failed", f"batch rejected, nothing stored: {e}", e.details) from None
+    except BatchTooLarge as e:
+        raise ApiError(413, "too_many_samples", str(e)) from None
+    except SampleTooLarge as e:
+        raise ApiError(413, "payload_too_large", f"batch rejected, nothing stored: {e}", e.details) from None
+    try:
+        result = ctx.store.insert(batch)
+    except IdConflict as e:
+        raise ApiError(
+            409, "id_conflict", f"batch rejected, nothing stored: {e}", _conflict_details(batch, e.ids)
+        ) from None
+    except PayloadTooLarge as e:
+        raise ApiError(413, "payload_too_large", str(e)) from None
+    return {"accepted": result.accepted, "duplicates": result.duplicates}
+
+
+def _conflict_details(batch: list[NewSample], ids: list[str]) -> list[dict[str, Any]]:
+    conflicting = set(ids)
+    return [
+        {"index": i, "field": "id", "id": s.external_id, "message": "id already stored with a different label or input"}
+        for i, s in enumerate(batch)
+        if s.external_id in conflicting
+    ]

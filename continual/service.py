@@ -26,6 +26,7 @@ def serve(settings: Settings) -> int:
     )
     ctx = build_context(settings)
     settings.service.data_dir.mkdir(parents=True, exist_ok=True)
+    _warn_about_auth(settings)
     app = create_app(ctx)
     ctx.metrics.set_state("idle")
     log.info(
@@ -37,3 +38,16 @@ def serve(settings: Settings) -> int:
     uvicorn.run(app, host=settings.service.host, port=settings.service.port, log_level=settings.service.log_level)
     ctx.store.dispose()
     return 0
+
+
+def _warn_about_auth(settings: Settings) -> None:
+    # Token files are read here too, so a missing secret stops the start with a clear message.
+    if not settings.auth.enabled:
+        log.warning(
+            "auth is DISABLED ([auth] enabled = false): anyone who can reach %s:%d can send feedback and "
+            "manage models; enable it outside local demos",
+            settings.service.host,
+            settings.service.port,
+        )
+    elif not settings.tokens("ingest") and not settings.tokens("admin"):
+        log.warning("auth is enabled but no tokens are configured: every /v1 request will get 401")

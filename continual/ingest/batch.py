@@ -1,0 +1,153 @@
+"""A feedback request body -> validated store rows, all or nothing.
+
+Pure: no I/O, so the route only wires bytes in and maps the named exceptions
+below to HTTP codes (see ``continual.api``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from continual.config import Settings
+from continual.ingest.decode import InputError, ValidationFailed, decode_input
+from continual.store import NewSample
+
+SAMPLE_KEYS = frozenset({"id", "label", "x", "image", "metadata"})
+MAX_ID_LENGTH = 255
+
+
+class MalformedBody(ValueError):
+    """The body is not JSON at all (400)."""
+
+
+class BatchTooLarge(ValueError):
+    """More samples in one request than ``ingest.max_batch_samples`` (413)."""
+
+    def __init__(self, n: int, limit: int) -> None:
+        self.n, self.limit = n, limit
+        super().__init__(f"{n} samples in one request exceeds ingest.max_batch_samples = {limit}; split the batch")
+
+
+class SampleTooLarge(ValueError):
+    """Samples whose payload exceeds ``store.max_payload_bytes`` (413); details as for ValidationFailed."""
+
+    def __init__(self, details: Sequence[dict[str, Any]]) -> None:
+        self.details = list(details)
+        super().__init__(f"{len(self.details)} sample(s) exceed store.max_payload_bytes: {self.details[0]['message']}")
+
+
+def parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise MalformedBody("body is nested too deeply") from None
+    except UnicodeDecodeError as e:
+        raise MalformedBody(f"body is not UTF-8 text: {e.reason} at byte {e.start}") from None
+    except ValueError as e:  # JSONDecodeError, and int-size limits of the decoder
+        raise MalformedBody(f"body is not valid JSON: {e}") from None
+
+
+def derived_id(label: str, kind: str, payload: bytes) -> str:
+    """The id of a sample sent without one: ``"sha256:" + hex(sha256(label NUL kind NUL payload))``.
+
+    Re-sending the same content therefore dedupes; the same input with another
+    label is another sample (two labellers may disagree).
+    """
+    h = hashlib.sha256()
+    h.update(label.encode("utf-8") + b"\0" + kind.encode("ascii") + b"\0")
+    h.update(payload)
+    return "sha256:" + h.hexdigest()
+
+
+def feedback_samples(doc: Any, settings: Settings, *, source: str = "api") -> list[NewSample]:
+    """Validate a parsed ``{"samples": [...]}`` document; every bad sample is named in one ValidationFailed."""
+    if not isinstance(doc, dict):
+        raise ValidationFailed([{"index": None, "field": "", "message": 'expected a JSON object {"samples": [...]}'}])
+    extra = sorted(set(doc) - {"samples"})
+    if "samples" not in doc or extra:
+        message = f"unknown key(s) {extra}; expected only 'samples'" if extra else "missing"
+        raise ValidationFailed([{"index": None, "field": "samples" if not extra else extra[0], "message": message}])
+    items = doc["samples"]
+    if not isinstance(items, list):
+        raise ValidationFailed([{"index": None, "field": "samples", "message": "expected a list of samples"}])
+    if len(items) > settings.ingest.max_batch_samples:
+        raise BatchTooLarge(len(items), settings.ingest.max_batch_samples)
+    out: list[NewSample] = []
+    details: list[dict[str, Any]] = []
+    too_large: list[dict[str, Any]] = []
+    for i, item in enumerate(items):
+        try:
+            sample = _sample(item, settings, source)
+        except InputError as e:
+            details.append({"index": i, "field": e.field, "message": e.message})
+            continue
+        except _FieldErrors as e:
+            details.extend({"index": i, "field": f, "message": m} for f, m in e.errors)
+            continue
+        if len(sample.payload) > settings.store.max_payload_bytes:
+            too_large.append(
+                {
+                    "index": i,
+                    "field": sample.kind if sample.kind == "image" else "x",
+                    "message": f"payload of {len(sample.payload)} bytes exceeds store.max_payload_bytes = "
+                    f"{settings.store.max_payload_bytes}",
+                }
+            )
+        out.append(sample)
+    if details:
+        raise ValidationFailed(details)
+    if too_large:
+        raise SampleTooLarge(too_large)
+    return out
+
+
+class _FieldErrors(Exception):
+    def __init__(self, errors: list[tuple[str, str]]) -> None:
+        self.errors = errors
+
+
+def _sample(item: Any, settings: Settings, source: str) -> NewSample:
+    if not isinstance(item, dict):
+        raise InputError("", "expected a sample object {id, label, x|image, metadata}")
+    # Every field is checked so one response lists all that is wrong with the sample.
+    errors: list[tuple[str, str]] = []
+    unknown = sorted(str(k) for k in set(item) - SAMPLE_KEYS)
+    for key in unknown:
+        errors.append((key, f"unknown field; a sample has {sorted(SAMPLE_KEYS)}"))
+    sample_id = item.get("id")
+    if sample_id is not None and (
+        not isinstance(sample_id, str) or not sample_id.strip() or len(sample_id) > MAX_ID_LENGTH
+    ):
+        errors.append(("id", f"must be a non-empty string of at most {MAX_ID_LENGTH} characters"))
+    label = item.get("label")
+    classes = settings.model.classes
+    if label is None:
+        errors.append(("label", "missing"))
+    elif not isinstance(label, str) or label not in classes:
+        shown = ", ".join(repr(c) for c in classes[:20]) + (" ..." if len(classes) > 20 else "")
+        errors.append(("label", f"{label!r} is not one of the configured classes ({shown})"))
+    meta = item.get("metadata")
+    if meta is not None and not isinstance(meta, dict):
+        errors.append(("metadata", "must be a JSON object"))
+    other = "image" if settings.model.input.kind == "vector" else "x"
+    if other in item:
+        errors.append((other, f"this service takes {settings.model.input.kind} inputs, not {other!r}"))
+    decoded = None
+    try:
+        decoded = decode_input(item, settings.model.input, max_image_pixels=settings.ingest.max_image_pixels)
+    except InputError as e:
+        errors.append((e.field, e.message))
+    if errors or decoded is None:
+        raise _FieldErrors(errors)
+    label = str(label)
+    return NewSample(
+        external_id=sample_id if sample_id is not None else derived_id(label, decoded.kind, decoded.payload),
+        label=label,
+        kind=decoded.kind,
+        payload=decoded.payload,
+        source=source,
+        meta=meta,
+    )

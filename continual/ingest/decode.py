@@ -1,0 +1,208 @@
+"""Wire formats of one input: ``{"x": numbers}`` or ``{"image": "<base64 PNG or JPEG>"}``.
+
+The one place that knows them. Feedback and predict both decode through
+:func:`decode_input`; training and drift read stored bytes back with
+:func:`decode_payload`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+
+from continual.config import InputSettings
+
+# Magic bytes of the two accepted encodings; anything else is refused before PIL sees it.
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+@dataclass(frozen=True)
+class Decoded:
+    kind: Literal["vector", "image"]
+    # Exactly what the store keeps: float32 little-endian bytes (vectors) or the
+    # encoded PNG/JPEG bytes as received (images).
+    payload: bytes
+    image: Image.Image | None = field(default=None, compare=False)  # mode "L" or "RGB", for kind image
+
+    def vector(self) -> np.ndarray:
+        """The vector as float32 (flat); only for kind vector."""
+        if self.kind != "vector":
+            raise ValueError(f"not a vector input (kind {self.kind!r})")
+        return np.frombuffer(self.payload, dtype="<f4")
+
+
+class InputError(ValueError):
+    """One bad field of one input."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
+class ValidationFailed(ValueError):
+    """Several inputs are bad; ``details`` holds ``{"index", "field", "message"}`` for every one."""
+
+    def __init__(self, details: Sequence[dict[str, Any]]) -> None:
+        self.details = list(details)
+        first = self.details[0] if self.details else {"index": "?", "field": "?", "message": "?"}
+        more = f" (and {len(self.details) - 1} more)" if len(self.details) > 1 else ""
+        super().__init__(f"input {first['index']} field {first['field']!r}: {first['message']}{more}")
+
+
+def decode_input(obj: Any, spec: InputSettings, *, max_image_pixels: int) -> Decoded:
+    """Decode one input object per ``spec.kind``; raises :class:`InputError` naming the field."""
+    if not isinstance(obj, dict):
+        raise InputError("", f"expected a JSON object, got {_json_type(obj)}")
+    if spec.kind == "vector":
+        if "x" not in obj:
+            hint = " (this service takes vector inputs, not images)" if "image" in obj else ""
+            raise InputError("x", f"missing{hint}")
+        return Decoded("vector", decode_vector(obj["x"], spec.shape))
+    if "image" not in obj:
+        hint = " (this service takes images, not vectors)" if "x" in obj else ""
+        raise InputError("image", f"missing{hint}")
+    payload, image = decode_image(obj["image"], max_image_pixels=max_image_pixels)
+    return Decoded("image", payload, image)
+
+
+def decode_inputs(objs: Sequence[Any], spec: InputSettings, *, max_image_pixels: int) -> list[Decoded]:
+    """Decode every input; raises :class:`ValidationFailed` naming each bad one (index and field)."""
+    out: list[Decoded] = []
+    details: list[dict[str, Any]] = []
+    for i, obj in enumerate(objs):
+        try:
+            out.append(decode_input(obj, spec, max_image_pixels=max_image_pixels))
+        except InputError as e:
+            details.append({"index": i, "field": e.field, "message": e.message})
+    if details:
+        raise ValidationFailed(details)
+    return out
+
+
+def decode_payload(kind: str, payload: bytes) -> Decoded:
+    """Rebuild a :class:`Decoded` from stored bytes (no size limit: the store's bytes passed one already)."""
+    if kind == "vector":
+        if len(payload) % 4:
+            raise ValueError(f"vector payload of {len(payload)} bytes is not a whole number of float32")
+        return Decoded("vector", payload)
+    if kind == "image":
+        return Decoded("image", payload, _open_image(payload, max_pixels=None))
+    raise ValueError(f"unknown payload kind {kind!r}; expected 'vector' or 'image'")
+
+
+# -- vectors ----------------------------------------------------------------------
+def decode_vector(x: Any, shape: Sequence[int]) -> bytes:
+    """Numbers as a flat list or nested lists matching ``shape`` -> float32 little-endian bytes."""
+    size = math.prod(shape)
+    if not isinstance(x, list):
+        raise InputError("x", f"expected a list of {size} numbers, got {_json_type(x)}")
+    flat: list[float | int]
+    if len(shape) > 1 and x and isinstance(x[0], list):
+        flat = []
+        _flatten(x, tuple(shape), 0, flat, "x")
+    else:
+        if len(x) != size:
+            nested = f" (or nested lists of shape {list(shape)})" if len(shape) > 1 else ""
+            raise InputError("x", f"expected {size} numbers{nested}, got {len(x)}")
+        flat = x
+    for i, v in enumerate(flat):
+        # type() and not isinstance(): bool is an int subclass and must be refused.
+        if type(v) is not float and type(v) is not int:
+            raise InputError(f"x[{i}]" if len(shape) == 1 else "x", f"expected a number, got {_json_type(v)}")
+    try:
+        arr = np.asarray(flat, dtype=np.float64)
+    except OverflowError:
+        raise InputError("x", "a number is too large to be a float32") from None
+    bad = ~np.isfinite(arr) | (np.abs(arr) > _FLOAT32_MAX)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        where = f"x[{i}]" if len(shape) == 1 else "x"
+        raise InputError(
+            where, f"every number must be finite and within float32 range, got {flat[i]!r} at flat index {i}"
+        )
+    return arr.astype("<f4").tobytes()
+
+
+def _flatten(node: Any, shape: tuple[int, ...], depth: int, out: list[Any], path: str) -> None:
+    # Depth is bounded by the configured shape, so hostile nesting cannot recurse deeply.
+    if not isinstance(node, list):
+        raise InputError(path, f"expected a list of length {shape[depth]}, got {_json_type(node)}")
+    if len(node) != shape[depth]:
+        raise InputError(path, f"expected length {shape[depth]} (shape {list(shape)}), got {len(node)}")
+    if depth == len(shape) - 1:
+        out.extend(node)
+        return
+    for i, child in enumerate(node):
+        _flatten(child, shape, depth + 1, out, f"{path}[{i}]")
+
+
+# -- images -----------------------------------------------------------------------
+def decode_image(value: Any, *, max_image_pixels: int) -> tuple[bytes, Image.Image]:
+    """Base64 PNG/JPEG -> (the encoded bytes as received, the decoded image in mode L or RGB)."""
+    if not isinstance(value, str):
+        raise InputError("image", f"expected a base64 string, got {_json_type(value)}")
+    text = value.strip()
+    if text.startswith("data:"):
+        # Accept data URLs (data:image/png;base64,...), which browsers produce.
+        _, _, text = text.partition(",")
+    try:
+        payload = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError("image", "not valid base64") from None
+    if not payload:
+        raise InputError("image", "empty image")
+    return payload, _open_image(payload, max_pixels=max_image_pixels)
+
+
+def _open_image(payload: bytes, *, max_pixels: int | None) -> Image.Image:
+    if not (payload.startswith(_PNG_MAGIC) or payload.startswith(_JPEG_MAGIC)):
+        raise InputError("image", "unsupported image format: expected PNG or JPEG bytes")
+    try:
+        with warnings.catch_warnings():
+            # Our own pixel limit applies; PIL's global bomb warning would only add noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(payload), formats=("PNG", "JPEG"))
+            w, h = img.size
+            if w <= 0 or h <= 0:
+                raise InputError("image", f"image has no pixels ({w}x{h})")
+            # Checked from the header, before any pixel is decoded (decompression bombs).
+            if max_pixels is not None and w * h > max_pixels:
+                raise InputError("image", f"{w}x{h} = {w * h} pixels exceeds ingest.max_image_pixels = {max_pixels}")
+            img.load()
+    except InputError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise InputError("image", f"image too large: {e}") from None
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error ... on corrupt data
+        raise InputError("image", f"corrupt or unreadable image: {type(e).__name__}: {e}") from None
+    if img.mode == "L" or img.mode == "RGB":
+        return img
+    # Grayscale variants (1-bit, 16-bit, LA) stay one channel; everything else becomes RGB.
+    return img.convert("L" if img.mode in ("1", "I", "I;16", "I;16B", "I;16L", "F", "LA") else "RGB")
+
+
+def _json_type(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, (int, float)):
+        return "a number"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, list):
+        return "a list"
+    if isinstance(v, dict):
+        return "an object"
+    return type(v).__name__
