@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 
-import uvicorn
-
+from continual import lifecycle
 from continual.api import AppContext, create_app
-from continual.config import Settings
+from continual.config import ConfigError, Settings
 from continual.metrics import Metrics
+from continual.sdnotify import Notifier, NotifySocketError
 from continual.store import Store
 
 log = logging.getLogger("continual")
@@ -24,6 +24,12 @@ def serve(settings: Settings) -> int:
     logging.basicConfig(
         level=settings.service.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    try:
+        # Unset so training workers never inherit the main process's notify socket.
+        notifier = Notifier.from_env(unset=True)
+    except NotifySocketError as e:
+        raise ConfigError(f"systemd environment: {e}") from None
+    notifier.status("starting: opening the store and loading the champion")
     ctx = build_context(settings)
     settings.service.data_dir.mkdir(parents=True, exist_ok=True)
     _warn_about_auth(settings)
@@ -35,9 +41,12 @@ def serve(settings: Settings) -> int:
         settings.service.port,
         ctx.store.engine.url.render_as_string(hide_password=True),
     )
-    uvicorn.run(app, host=settings.service.host, port=settings.service.port, log_level=settings.service.log_level)
-    ctx.store.dispose()
-    return 0
+    # READY=1 after the port is bound; WATCHDOG=1 while healthy; SIGTERM → STOPPING=1, drain, exit 0.
+    try:
+        return lifecycle.run(app, ctx, notifier)
+    finally:
+        ctx.store.dispose()
+        notifier.close()
 
 
 def _warn_about_auth(settings: Settings) -> None:
