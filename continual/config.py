@@ -129,6 +129,11 @@ class ModelSettings(_Section):
     mode: Literal["feature_extraction", "fine_tune", "all"] = "feature_extraction"
     unfreeze_last: int = Field(0, ge=0)
     hidden: tuple[int, ...] = (128,)
+    # "imagenet" for a torchvision model fetches its checkpoint into TORCH_HOME when missing;
+    # false: fail at once with the file to place there (offline machines).
+    download_weights: bool = True
+    # Registry retention: the newest N versions plus every version that was ever champion.
+    keep_versions: int = Field(10, ge=1)
     input: InputSettings = InputSettings()
 
     @field_validator("classes")
@@ -200,6 +205,13 @@ class TrainingSettings(_Section):
     max_duration_seconds: float = Field(3_600.0, gt=0)
     feature_cache_items: int = Field(100_000, ge=0)
     seed: int = 0
+    # Samples of the run's training data used to estimate the EWC Fisher diagonal.
+    fisher_samples: int = Field(1_000, ge=1)
+    # Epochs without a better validation accuracy before training stops early.
+    early_stopping_patience: int = Field(2, ge=1)
+    # lr_schedule = "step": multiply the LRs by lr_gamma every lr_step_epochs epochs.
+    lr_step_epochs: int = Field(1, ge=1)
+    lr_gamma: float = Field(0.5, gt=0, le=1)
 
     _device = field_validator("device")(classmethod(lambda cls, v: _check_device(v)))
 

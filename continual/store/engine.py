@@ -31,6 +31,9 @@ def _sqlite_engine(url: str, busy_timeout_ms: int) -> Engine:
         url,
         connect_args={"check_same_thread": False, "timeout": busy_timeout_ms / 1000},
         pool_pre_ping=False,
+        # Connections are in driver autocommit mode between our explicit BEGIN/COMMIT,
+        # so there is nothing to roll back when one returns to the pool.
+        pool_reset_on_return=None,
     )
 
     @event.listens_for(engine, "connect")
@@ -60,7 +63,7 @@ def _sqlite_engine(url: str, busy_timeout_ms: int) -> Engine:
 @contextmanager
 def write_tx(engine: Engine) -> Iterator[Connection]:
     """A transaction for writing; commits on success, rolls back on error."""
-    with translate_errors(), engine.connect().execution_options(write=True) as conn, conn.begin():
+    with translate_errors(), engine.execution_options(write=True).begin() as conn:
         yield conn
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, and_, func, insert, select
+from sqlalchemy import Connection, Dialect, Engine, and_, bindparam, func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -97,6 +98,16 @@ def insert_samples(
     if not unique:
         return InsertResult(0, in_batch_dupes)
     now = now or datetime.now(UTC)
+    rows = [_row(s, holdout_fraction, now) for s in unique]
+    # Fast path: a batch of new ids is one INSERT. If any id is stored already
+    # the unique index refuses it, the transaction rolls back, and the slow path
+    # below sorts duplicates from conflicts.
+    try:
+        with write_tx(engine) as conn:
+            _insert_rows(conn, rows)
+        return InsertResult(len(unique), in_batch_dupes)
+    except IntegrityError:
+        pass
     for attempt in range(2):
         try:
             with write_tx(engine) as conn:
@@ -115,9 +126,9 @@ def insert_samples(
                 ]
                 if conflicts:
                     raise IdConflict(conflicts)
-                fresh = [s for s in unique if s.external_id not in existing]
+                fresh = [r for r in rows if r["external_id"] not in existing]
                 if fresh:
-                    conn.execute(insert(samples), [_row(s, holdout_fraction, now) for s in fresh])
+                    _insert_rows(conn, fresh)
                 return InsertResult(len(fresh), in_batch_dupes + len(unique) - len(fresh))
         except IntegrityError:
             # Another writer stored one of these ids between our read and write
@@ -153,6 +164,37 @@ def _row(s: NewSample, holdout_fraction: float, now: datetime) -> dict[str, Any]
         "source": s.source,
         "meta": s.meta,
     }
+
+
+_INSERT_COLUMNS = [c for c in samples.c if c.name != "seq"]
+
+
+@lru_cache(maxsize=8)
+def _compiled_insert(dialect: Dialect) -> tuple[str, tuple[str, ...], tuple[Any, ...], bool]:
+    stmt = insert(samples).inline().values({c.name: bindparam(c.name) for c in _INSERT_COLUMNS})
+    compiled = stmt.compile(dialect=dialect)
+    names = tuple(compiled.positiontup or ()) if compiled.positional else tuple(c.name for c in _INSERT_COLUMNS)
+    processors = tuple(samples.c[n].type.dialect_impl(dialect).bind_processor(dialect) for n in names)
+    return str(compiled), names, processors, bool(compiled.positional)
+
+
+def _insert_rows(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """executemany straight to the driver: SQLAlchemy's per-row parameter building
+    costs more than SQLite's insert itself. Column types still convert values."""
+    sql, names, processors, positional = _compiled_insert(conn.dialect)
+    to_convert = [(i, f) for i, f in enumerate(processors) if f is not None]
+    converted: dict[int, Any] = {}  # by id(): a batch shares one timestamp, convert it once
+    params: list[Any] = []
+    for row in rows:
+        values = [row[n] for n in names]
+        for i, process in to_convert:
+            value = values[i]
+            if value is not None:  # None stays SQL NULL, not JSON 'null'
+                if id(value) not in converted:
+                    converted[id(value)] = process(value)
+                values[i] = converted[id(value)]
+        params.append(tuple(values) if positional else dict(zip(names, values, strict=True)))
+    conn.exec_driver_sql(sql, params)
 
 
 def _where(

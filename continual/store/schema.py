@@ -47,8 +47,8 @@ samples = Table(
     Column("source", String(255), nullable=False, default=""),
     Column("meta", JSON, nullable=True),
 )
-Index("ix_samples_split_seq", samples.c.split, samples.c.seq)
-Index("ix_samples_label_seq", samples.c.label, samples.c.seq)
+# Covers counts and (seq, label) reads for draws within a split.
+Index("ix_samples_split_seq", samples.c.split, samples.c.seq, samples.c.label)
 
 model_versions = Table(
     "model_versions",

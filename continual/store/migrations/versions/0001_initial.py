@@ -89,8 +89,7 @@ def upgrade() -> None:
         sa.UniqueConstraint("external_id", name=op.f("uq_samples_external_id")),
     )
     with op.batch_alter_table("samples", schema=None) as batch_op:
-        batch_op.create_index("ix_samples_label_seq", ["label", "seq"], unique=False)
-        batch_op.create_index("ix_samples_split_seq", ["split", "seq"], unique=False)
+        batch_op.create_index("ix_samples_split_seq", ["split", "seq", "label"], unique=False)
 
     op.create_table(
         "training_runs",
@@ -134,7 +133,6 @@ def downgrade() -> None:
     op.drop_table("training_runs")
     with op.batch_alter_table("samples", schema=None) as batch_op:
         batch_op.drop_index("ix_samples_split_seq")
-        batch_op.drop_index("ix_samples_label_seq")
 
     op.drop_table("samples")
     op.drop_table("model_versions")
