@@ -24,7 +24,9 @@ from continual.store import NewSample, Store, split_of
 def make_batches(n: int, batch: int, seed: int = 0) -> list[list[NewSample]]:
     rng = np.random.default_rng(seed)
     xs = rng.standard_normal((n, 64), dtype=np.float32)
-    samples = [NewSample(external_id=f"bench-{i}", label=str(i % 10), kind="vector", payload=xs[i].tobytes()) for i in range(n)]
+    samples = [
+        NewSample(external_id=f"bench-{i}", label=str(i % 10), kind="vector", payload=xs[i].tobytes()) for i in range(n)
+    ]
     return [samples[i : i + batch] for i in range(0, n, batch)]
 
 
@@ -88,7 +90,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=100)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-                raw, store = run(Path(tmp), make_batches(args.samples, args.batch))
+        raw, store = run(Path(tmp), make_batches(args.samples, args.batch))
     print(f"raw sqlite3.executemany: {raw:,.0f} samples/s")
     print(f"store layer:             {store:,.0f} samples/s")
     print(f"ratio store/raw: {store / raw:.2f} (target >= 0.50) {'OK' if store / raw >= 0.5 else 'BELOW TARGET'}")
