@@ -102,32 +102,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("serve", parents=[common], help="run the service in the foreground").set_defaults(func=cmd_serve)
 
-    for register in _EXTENSIONS:
+    for register in _extensions():
         register(sub, common)
     return parser
 
 
-# Later parts register their subcommands here: f(subparsers, common_parent) -> None.
-_EXTENSIONS: list[Callable[[Any, argparse.ArgumentParser], None]] = []
+# Each area's subcommands live beside it: f(subparsers, common_parent) -> None.
+_EXTENSION_MODULES = ("continual.cli_ingest", "continual.cli_models", "continual.cli_train", "continual.cli_drift")
 
 
-def _load_extensions() -> None:
+def _extensions() -> list[Callable[[Any, argparse.ArgumentParser], None]]:
     import importlib
 
-    for name in ("continual.cli_ingest", "continual.cli_models", "continual.cli_train", "continual.cli_drift"):
+    found = []
+    for name in _EXTENSION_MODULES:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:
             if e.name != name:
                 raise
             continue
-        _EXTENSIONS.append(module.register)
+        found.append(module.register)
+    return found
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from continual.store import IdConflict, SchemaOutOfDate, StoreUnavailable
 
-    _load_extensions()
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Handler | None = getattr(args, "func", None)
