@@ -1,0 +1,271 @@
+"""Training data from the store: the run's data plan, a Dataset over seqs, and DataLoaders.
+
+Nothing here loads the whole store: the plan reads (seq, id, label) triples, and
+the dataset fetches a batch's payloads in one query when the DataLoader asks.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from sqlalchemy import select
+from torch.utils.data import DataLoader, Dataset
+
+from continual.config import InputSettings, Settings
+from continual.learn.replay import draw_replay, in_validation, uses_replay
+from continual.store import SampleRow, Store
+from continual.store.engine import read_tx
+from continual.store.schema import samples
+
+
+class NothingToTrain(RuntimeError):
+    def __init__(self, parent_cutoff: int, data_cutoff: int) -> None:
+        self.parent_cutoff, self.data_cutoff = parent_cutoff, data_cutoff
+        super().__init__(
+            f"no new train-split samples with a known label between seq {parent_cutoff} (exclusive) "
+            f"and {data_cutoff}: nothing to train on"
+        )
+
+
+class BadSample(ValueError):
+    """A stored sample that cannot be decoded or transformed; the run fails naming it."""
+
+    def __init__(self, seq: int, external_id: str, reason: str) -> None:
+        self.seq, self.external_id, self.reason = seq, external_id, reason
+        super().__init__(f"sample seq={seq} id={external_id!r} cannot be used for training: {reason}")
+
+
+@dataclass(frozen=True)
+class RunData:
+    """The samples of one run, fixed at its start: seqs and class indices, all from the train split."""
+
+    parent_cutoff: int
+    data_cutoff: int
+    new: np.ndarray
+    new_labels: np.ndarray
+    replay: np.ndarray
+    replay_labels: np.ndarray
+    validation: np.ndarray
+    validation_labels: np.ndarray
+    skipped_unknown_labels: int
+
+    @property
+    def train(self) -> np.ndarray:
+        return np.concatenate([self.new, self.replay])
+
+    @property
+    def train_labels(self) -> np.ndarray:
+        return np.concatenate([self.new_labels, self.replay_labels])
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "parent_cutoff": int(self.parent_cutoff),
+            "data_cutoff": int(self.data_cutoff),
+            "new_samples": len(self.new),
+            "replay_samples": len(self.replay),
+            "validation_samples": len(self.validation),
+            "skipped_unknown_labels": int(self.skipped_unknown_labels),
+        }
+
+
+def _index_rows(
+    store: Store, *, seqs: Sequence[int] | None = None, after: int | None = None, upto: int | None = None
+) -> list[tuple[int, str, str]]:
+    """(seq, external_id, label) of train-split rows: a few dozen bytes a row, never payloads."""
+    cols = select(samples.c.seq, samples.c.external_id, samples.c.label).where(samples.c.split == "train")
+    out: list[tuple[int, str, str]] = []
+    with read_tx(store.engine) as conn:
+        if seqs is not None:
+            wanted = sorted(int(s) for s in seqs)
+            for i in range(0, len(wanted), 500):
+                q = cols.where(samples.c.seq.in_(wanted[i : i + 500])).order_by(samples.c.seq)
+                out.extend((int(r[0]), r[1], r[2]) for r in conn.execute(q))
+            return out
+        q = cols
+        if after is not None:
+            q = q.where(samples.c.seq > after)
+        if upto is not None:
+            q = q.where(samples.c.seq <= upto)
+        out.extend((int(r[0]), r[1], r[2]) for r in conn.execute(q.order_by(samples.c.seq)))
+    return out
+
+
+def plan_run_data(store: Store, settings: Settings, *, parent_cutoff: int, data_cutoff: int, seed: int) -> RunData:
+    """New train samples in (parent_cutoff, data_cutoff], a replay draw at or before parent_cutoff.
+
+    Only the train split is read, so holdout samples never reach training. The
+    validation slice (for early stopping) is carved from both by id hash.
+    """
+    t = settings.training
+    class_index = {c: i for i, c in enumerate(settings.model.classes)}
+    new_rows = _index_rows(store, after=parent_cutoff, upto=data_cutoff)
+    replay_rows: list[tuple[int, str, str]] = []
+    if uses_replay(t.strategy) and parent_cutoff > 0:
+        # Seeded by the cutoff too, so successive runs replay different old samples.
+        drawn = draw_replay(store, t.replay_buffer, cutoff=parent_cutoff, seed=seed + parent_cutoff)
+        replay_rows = _index_rows(store, seqs=drawn.tolist())
+    skipped = 0
+    parts: dict[str, tuple[list[int], list[int]]] = {"new": ([], []), "replay": ([], []), "validation": ([], [])}
+    for name, rows in (("new", new_rows), ("replay", replay_rows)):
+        for seq, external_id, label in rows:
+            idx = class_index.get(label)
+            if idx is None:
+                skipped += 1
+                continue
+            part = "validation" if in_validation(external_id, t.validation_fraction) else name
+            parts[part][0].append(seq)
+            parts[part][1].append(idx)
+    if not parts["new"][0]:
+        raise NothingToTrain(parent_cutoff, data_cutoff)
+
+    def arr(name: str, i: int) -> np.ndarray:
+        return np.asarray(parts[name][i], dtype=np.int64)
+
+    return RunData(
+        parent_cutoff=parent_cutoff,
+        data_cutoff=data_cutoff,
+        new=arr("new", 0),
+        new_labels=arr("new", 1),
+        replay=arr("replay", 0),
+        replay_labels=arr("replay", 1),
+        validation=arr("validation", 0),
+        validation_labels=arr("validation", 1),
+        skipped_unknown_labels=skipped,
+    )
+
+
+Transform = Callable[[Any], torch.Tensor]
+
+
+def load_transform(spec: InputSettings, *, train: bool) -> Transform:
+    from continual.models import make_transform
+
+    return make_transform(spec, train=train)
+
+
+def decode_row(row: SampleRow, transform: Transform) -> torch.Tensor:
+    from continual.ingest.decode import decode_payload
+
+    try:
+        return transform(decode_payload(row.kind, row.payload))
+    except Exception as e:  # a corrupt payload must name the sample, whatever the decoder raised
+        raise BadSample(row.seq, row.external_id, f"{type(e).__name__}: {e}") from e
+
+
+class SampleDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Samples by seq, fetched from the store a batch at a time (``__getitems__``: one query per batch).
+
+    Picklable for DataLoader worker processes: each process opens its own
+    connection. Decoded vectors are kept in a bounded cache (``cache_items``),
+    because re-decoding a few hundred bytes costs more than the training step;
+    images and augmented inputs are decoded afresh every time.
+    """
+
+    def __init__(
+        self,
+        store_url: str,
+        seqs: np.ndarray,
+        labels: np.ndarray,
+        spec: InputSettings,
+        *,
+        train: bool,
+        cache_items: int = 0,
+        store: Store | None = None,
+    ) -> None:
+        if len(seqs) != len(labels):
+            raise ValueError(f"seqs ({len(seqs)}) and labels ({len(labels)}) differ in length")
+        self.store_url = store_url
+        self.seqs = np.asarray(seqs, dtype=np.int64)
+        self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+        self.spec, self.train = spec, train
+        self.cache_items = cache_items if spec.kind == "vector" and not (train and spec.augment) else 0
+        self._store, self._pid = store, os.getpid()
+        self._transform: Transform | None = None
+        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_store"], state["_transform"], state["_cache"] = None, None, OrderedDict()
+        return state
+
+    def _get_store(self) -> Store:
+        if self._store is None or self._pid != os.getpid():
+            self._store, self._pid = Store(self.store_url), os.getpid()
+        return self._store
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.__getitems__([i])
+        return x[0], y[0]
+
+    def __getitems__(self, idxs: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idxs = list(idxs)
+        xs: list[torch.Tensor | None] = [self._cache.get(int(self.seqs[i])) for i in idxs]
+        missing = [j for j, x in enumerate(xs) if x is None]
+        if missing:
+            if self._transform is None:
+                self._transform = load_transform(self.spec, train=self.train)
+            wanted = [int(self.seqs[idxs[j]]) for j in missing]
+            rows = {r.seq: r for r in self._get_store().get_samples(wanted)}
+            for j, seq in zip(missing, wanted, strict=True):
+                row = rows.get(seq)
+                if row is None:
+                    raise BadSample(seq, "?", "no longer in the store")
+                x = decode_row(row, self._transform)
+                xs[j] = x
+                if self.cache_items:
+                    self._cache[seq] = x
+                    if len(self._cache) > self.cache_items:
+                        self._cache.popitem(last=False)
+        return torch.stack(xs), self.labels[idxs]  # type: ignore[arg-type]
+
+
+class TensorBatches(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Inputs already in memory (cached frozen-base features): a batch is one index operation."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if len(x) != len(y):
+            raise ValueError(f"x ({len(x)}) and y ({len(y)}) differ in length")
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i], self.y[i]
+
+    def __getitems__(self, idxs: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.as_tensor(idxs)
+        return self.x[t], self.y[t]
+
+
+def _as_batch(batch: Any) -> Any:
+    # __getitems__ returns a collated batch already.
+    return batch
+
+
+def sequential_batches(n: int, batch_size: int) -> list[list[int]]:
+    return [list(range(i, min(n, i + batch_size))) for i in range(0, n, batch_size)]
+
+
+def make_loader(
+    dataset: Dataset[Any], batch_sampler: Iterable[list[int]], *, num_workers: int = 0, pin_memory: bool = False
+) -> DataLoader[Any]:
+    """Decoding and transforms run in ``num_workers`` processes, a few batches ahead of the step."""
+    return DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,  # type: ignore[arg-type]
+        collate_fn=_as_batch,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )

@@ -1,0 +1,190 @@
+"""The training loop, written out in one function: mix, forward, loss + penalty, backward, clip, step, validate, keep the best."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from continual.config import Settings
+from continual.learn.ewc import EwcTerm
+from continual.learn.schedule import apply_phase, make_optimizer, make_scheduler, set_train_mode
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite: the run fails at once instead of writing garbage weights."""
+
+    def __init__(self, epoch: int, step: int, value: float) -> None:
+        self.epoch, self.step, self.value = epoch, step, value
+        super().__init__(
+            f"loss is {value} at epoch {epoch + 1}, step {step}: training diverged "
+            "(lower training.learning_rate / head_learning_rate or ewc_lambda, or check the inputs)"
+        )
+
+
+class Cancelled(Exception):
+    """SIGTERM or an explicit cancel: stop now, write nothing."""
+
+
+class TimeBudgetExceeded(RuntimeError):
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        super().__init__(f"time budget exceeded: training.max_duration_seconds = {seconds:g}")
+
+
+@dataclass
+class TrainResult:
+    epochs_run: int
+    steps: int
+    best_epoch: int
+    validation_accuracy: float | None
+    validation_n: int
+    final_loss: float
+    samples_seen: int
+    train_seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples_seen / self.train_seconds if self.train_seconds > 0 else 0.0
+
+
+@torch.inference_mode()
+def accuracy_on(net: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device) -> tuple[float, int]:
+    was_training = net.training
+    net.eval()
+    correct = n = 0
+    for x, y in batches:
+        with _autocast(device):
+            pred = net(x.to(device, non_blocking=True)).argmax(dim=-1)
+        correct += int((pred.cpu() == y).sum())
+        n += len(y)
+    net.train(was_training)
+    return (correct / n if n else 0.0), n
+
+
+def _autocast(device: torch.device) -> Any:
+    # bf16 on CUDA: the speed of half precision without fp16's loss scaling.
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def train(
+    model: nn.Module,
+    settings: Settings,
+    train_batches: Callable[[int], Iterable[tuple[Tensor, Tensor]]],
+    *,
+    steps_per_epoch: int,
+    device: torch.device,
+    net: nn.Module | None = None,
+    val_batches: Callable[[], Iterable[tuple[Tensor, Tensor]]] | None = None,
+    ewc: EwcTerm | None = None,
+    wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
+    on_progress: Callable[[dict[str, Any]], None] = lambda p: None,
+    should_stop: Callable[[], None] = lambda: None,
+) -> TrainResult:
+    """Train ``model`` in place and leave it holding the best weights seen on the validation slice.
+
+    ``net`` is what a batch goes through: the model itself, or ``model.head``
+    when the batches are cached features of a frozen base. ``train_batches(epoch)``
+    yields the epoch's mixed (new + replay) batches. ``wrap`` turns the net into
+    what runs the step (DistributedDataParallel under torchrun); it is re-applied
+    whenever the set of trainable parameters changes. ``should_stop`` raises
+    :class:`Cancelled` or :class:`TimeBudgetExceeded`.
+    """
+    t = settings.training
+    net = model if net is None else net
+    lam = t.ewc_lambda if ewc is not None and len(ewc) else 0.0
+    optimizer = make_optimizer(model, t)
+    total_steps = t.epochs * steps_per_epoch
+    scheduler = make_scheduler(optimizer, t, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+
+    best_acc: float | None = None
+    best_state: dict[str, Tensor] | None = None
+    best_epoch, bad_epochs, step, seen = -1, 0, 0, 0
+    loss_value, val_n, train_seconds = float("nan"), 0, 0.0
+    history: list[dict[str, Any]] = []
+    phase: tuple[str, int] | None = None
+    runner = net
+
+    for epoch in range(t.epochs):
+        # The head trains alone during the warm-up; the last blocks join afterwards.
+        new_phase = apply_phase(model, settings.model, epoch, t.warmup_epochs)
+        if new_phase != phase:
+            phase, runner = new_phase, wrap(net)
+        set_train_mode(model)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        epoch_start, epoch_loss, epoch_steps = time.perf_counter(), 0.0, 0
+
+        for x, y in train_batches(epoch):
+            should_stop()
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with _autocast(device):
+                logits = runner(x)
+            loss = F.cross_entropy(logits.float(), y)
+            # Pull the weights that mattered for old data back towards the parent's.
+            penalty = ewc() if lam else None
+            total = loss + lam * penalty if penalty is not None else loss
+            loss_value = float(total.detach())
+            if not math.isfinite(loss_value):
+                raise NonFiniteLoss(epoch, step, loss_value)
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, t.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step, epoch_steps, seen = step + 1, epoch_steps + 1, seen + len(y)
+            epoch_loss += loss_value
+            elapsed = train_seconds + time.perf_counter() - epoch_start
+            on_progress(
+                {
+                    "phase": "training",
+                    "epoch": epoch + 1,
+                    "epochs": t.epochs,
+                    "step": step,
+                    "steps": total_steps,
+                    "loss": round(loss_value, 6),
+                    "samples_per_s": round(seen / elapsed, 1) if elapsed > 0 else 0.0,
+                }
+            )
+        train_seconds += time.perf_counter() - epoch_start
+
+        # Validate, keep the best weights, stop when validation stops improving.
+        record: dict[str, Any] = {"epoch": epoch + 1, "loss": epoch_loss / max(1, epoch_steps), "mode": phase[0]}
+        if val_batches is not None:
+            on_progress({"phase": "validating", "epoch": epoch + 1, "epochs": t.epochs, "step": step})
+            acc, val_n = accuracy_on(net, val_batches(), device)
+            record["validation_accuracy"] = acc
+            if best_acc is None or acc > best_acc:
+                best_acc, best_epoch, bad_epochs = acc, epoch, 0
+                best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+            else:
+                bad_epochs += 1
+        history.append(record)
+        if val_batches is not None and bad_epochs >= t.early_stopping_patience:
+            break
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    else:
+        best_epoch = len(history) - 1
+    model.eval()
+    return TrainResult(
+        epochs_run=len(history),
+        steps=step,
+        best_epoch=best_epoch + 1,
+        validation_accuracy=best_acc,
+        validation_n=val_n,
+        final_loss=loss_value,
+        samples_seen=seen,
+        train_seconds=train_seconds,
+        history=history,
+    )

@@ -1,0 +1,158 @@
+"""Rows of ``training_runs``: create, start, progress, finish, and restart recovery.
+
+Status moves ``pending -> running -> succeeded | failed | cancelled``; a run the
+service lost track of (restart, killed worker) becomes ``interrupted``. A finished
+run is never moved again, so whichever side records first (the worker or its
+parent) wins and the other's write is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import insert, select, update
+
+from continual.config import Settings
+from continual.store import Store
+from continual.store.engine import read_tx, write_tx
+from continual.store.schema import training_runs
+
+STATUSES = ("pending", "running", "succeeded", "failed", "interrupted", "cancelled")
+ACTIVE = ("pending", "running")
+FINISHED = ("succeeded", "failed", "interrupted", "cancelled")
+# Sections of the settings copied into the run spec; auth and store hold secrets
+# and the worker reads them from its own config.
+SPEC_SECTIONS = ("service", "model", "training", "ingest")
+
+
+class RunNotFound(KeyError):
+    def __init__(self, run_id: int) -> None:
+        self.run_id = run_id
+        super().__init__(f"training run {run_id} does not exist")
+
+
+class RunNotPending(RuntimeError):
+    def __init__(self, run_id: int, status: str) -> None:
+        self.run_id, self.status = run_id, status
+        super().__init__(f"training run {run_id} is {status!r}, not 'pending'; a run starts once")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def make_spec(settings: Settings, *, trigger: str, seed: int | None = None) -> dict[str, Any]:
+    """The run spec: a settings snapshot (without secrets), the seed and the trigger."""
+    dumped = settings.model_dump(mode="json")
+    if seed is None:
+        seed = settings.training.seed
+    return {"settings": {k: dumped[k] for k in SPEC_SECTIONS}, "seed": int(seed), "trigger": trigger}
+
+
+def create_run(
+    store: Store, settings: Settings, *, trigger: str, seed: int | None = None, parent: str | None = None
+) -> int:
+    """Insert a pending run with its spec; returns its id."""
+    spec = make_spec(settings, trigger=trigger, seed=seed)
+    with write_tx(store.engine) as conn:
+        result = conn.execute(
+            insert(training_runs).values(
+                trigger=trigger, status="pending", created_at=_now(), spec=spec, parent_version=parent
+            )
+        )
+        return int(result.inserted_primary_key[0])
+
+
+def get_run(store: Store, run_id: int) -> dict[str, Any]:
+    with read_tx(store.engine) as conn:
+        row = conn.execute(select(training_runs).where(training_runs.c.id == run_id)).first()
+    if row is None:
+        raise RunNotFound(run_id)
+    return dict(row._mapping)
+
+
+def list_runs(store: Store, *, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    q = select(training_runs).order_by(training_runs.c.id.desc()).limit(limit)
+    if status is not None:
+        q = q.where(training_runs.c.status == status)
+    with read_tx(store.engine) as conn:
+        return [dict(r._mapping) for r in conn.execute(q)]
+
+
+def start_run(store: Store, run_id: int, *, parent: str | None, data_cutoff: int) -> None:
+    """pending -> running, recording what fixes the data set: parent version and data cutoff."""
+    with write_tx(store.engine) as conn:
+        row = conn.execute(select(training_runs.c.status).where(training_runs.c.id == run_id)).first()
+        if row is None:
+            raise RunNotFound(run_id)
+        if row.status != "pending":
+            raise RunNotPending(run_id, row.status)
+        conn.execute(
+            update(training_runs)
+            .where(training_runs.c.id == run_id)
+            .values(
+                status="running",
+                started_at=_now(),
+                parent_version=parent,
+                data_cutoff=int(data_cutoff),
+                pid=os.getpid(),
+                host=socket.gethostname(),
+                progress={"phase": "starting"},
+            )
+        )
+
+
+def set_progress(store: Store, run_id: int, progress: dict[str, Any]) -> None:
+    with write_tx(store.engine) as conn:
+        conn.execute(
+            update(training_runs)
+            .where(training_runs.c.id == run_id, training_runs.c.status == "running")
+            .values(progress=progress)
+        )
+
+
+def finish_run(
+    store: Store,
+    run_id: int,
+    status: str,
+    *,
+    candidate: str | None = None,
+    metrics: dict[str, Any] | None = None,
+    error: str | None = None,
+) -> bool:
+    """Record the outcome of an active run; False (and no change) if it had finished already."""
+    if status not in FINISHED:
+        raise ValueError(f"status must be one of {FINISHED}, got {status!r}")
+    values: dict[str, Any] = {"status": status, "finished_at": _now()}
+    if candidate is not None:
+        values["candidate_version"] = candidate
+    if metrics is not None:
+        values["metrics"] = metrics
+    if error is not None:
+        values["error"] = error[:4000]
+    with write_tx(store.engine) as conn:
+        result = conn.execute(
+            update(training_runs)
+            .where(training_runs.c.id == run_id, training_runs.c.status.in_(ACTIVE))
+            .values(**values)
+        )
+        return bool(result.rowcount)
+
+
+def mark_interrupted_runs(store: Store, *, reason: str = "the service restarted while the run was active") -> list[int]:
+    """Restart recovery: every pending or running run becomes interrupted. Returns their ids."""
+    with write_tx(store.engine) as conn:
+        ids = [
+            int(r.id)
+            for r in conn.execute(select(training_runs.c.id).where(training_runs.c.status.in_(ACTIVE)))
+        ]
+        if ids:
+            conn.execute(
+                update(training_runs)
+                .where(training_runs.c.id.in_(ids), training_runs.c.status.in_(ACTIVE))
+                .values(status="interrupted", finished_at=_now(), error=reason)
+            )
+    return ids
