@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from continual.config import GateSettings
+from continual.gate import Scores, decide, mcnemar_exact
+
+
+def correct(n: int, k: int, seed: int = 0) -> np.ndarray:
+    """n results of which exactly k are correct, in a seeded order."""
+    out = np.zeros(n, dtype=bool)
+    out[np.random.default_rng(seed).choice(n, size=k, replace=False)] = True
+    return out
+
+
+GATE = GateSettings(min_holdout_samples=20, min_new_improvement=0.0, max_old_forgetting=0.02, significance=0.0)
+
+
+def test_mcnemar_against_a_hand_computed_example() -> None:
+    # b = 10, c = 2: P(X >= 10 | n = 12, p = 1/2) = (66 + 12 + 1) / 4096
+    assert mcnemar_exact(10, 2) == pytest.approx(79 / 4096)
+    # The reverse direction: P(X >= 2 | n = 12) = 1 - (1 + 12) / 4096.
+    assert mcnemar_exact(2, 10) == pytest.approx(1 - 13 / 4096)
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(5, 0) == pytest.approx(1 / 32)
+    with pytest.raises(ValueError, match="b and c"):
+        mcnemar_exact(-1, 0)
+
+
+def test_promotes_when_every_rule_passes() -> None:
+    champ = Scores(correct(100, 90), correct(100, 50))
+    cand = Scores(champ.old_correct, correct(100, 80, seed=1))
+    d = decide(cand, champ, GATE)
+    assert d.outcome == "promoted" and d.rule == "all_rules_passed"
+    assert d.metrics["candidate_new_accuracy"] == 0.8 and d.metrics["champion_new_accuracy"] == 0.5
+
+
+def test_min_new_improvement_rule_and_its_direction() -> None:
+    gate = GATE.model_copy(update={"min_new_improvement": 0.05})
+    old = correct(100, 90)
+    champ = Scores(old, correct(100, 60))
+    # 0.64 < 0.60 + 0.05: rejected by the new-improvement rule.
+    d = decide(Scores(old, correct(100, 64, seed=2)), champ, gate)
+    assert (d.outcome, d.rule) == ("rejected", "min_new_improvement")
+    # Exactly at the threshold passes, and every higher accuracy passes too.
+    for k in range(65, 101):
+        assert decide(Scores(old, correct(100, k, seed=k)), champ, gate).outcome == "promoted", k
+
+
+def test_max_old_forgetting_rule_and_its_direction() -> None:
+    champ = Scores(correct(100, 90), correct(100, 50))
+    new = correct(100, 80)
+    d = decide(Scores(correct(100, 87, seed=3), new), champ, GATE)
+    assert (d.outcome, d.rule) == ("rejected", "max_old_forgetting")
+    assert "0.8700 < champion's 0.9000" in d.reasons[-1]
+    for k in range(88, 101):  # 0.88 = 0.90 - 0.02 passes; higher never fails
+        assert decide(Scores(correct(100, k, seed=k), new), champ, GATE).outcome == "promoted", k
+
+
+def test_significance_rule() -> None:
+    gate = GATE.model_copy(update={"significance": 0.05})
+    old = correct(100, 90)
+    champ_new = np.zeros(100, dtype=bool)
+    champ_new[:50] = True
+    champ = Scores(old, champ_new)
+    # Candidate fixes 3 samples and breaks 1: not significant.
+    small = champ_new.copy()
+    small[50:53] = True
+    small[0] = False
+    d = decide(Scores(old, small), champ, gate)
+    assert (d.outcome, d.rule) == ("rejected", "significance")
+    assert d.metrics["mcnemar_b"] == 3 and d.metrics["mcnemar_c"] == 1
+    # Fixes 20, breaks 2: significant.
+    big = champ_new.copy()
+    big[50:70] = True
+    big[:2] = False
+    d = decide(Scores(old, big), champ, gate)
+    assert d.outcome == "promoted" and d.metrics["mcnemar_p_value"] < 0.05
+
+
+def test_too_few_holdout_samples_defers() -> None:
+    champ = Scores(correct(100, 90), correct(10, 5))
+    d = decide(Scores(champ.old_correct, correct(10, 10)), champ, GATE)
+    assert (d.outcome, d.rule) == ("deferred", "min_holdout_samples")
+
+
+def test_bootstrap_floor() -> None:
+    gate = GATE.model_copy(update={"min_accuracy": 0.7})
+    d = decide(Scores(np.array([], bool), correct(50, 34)), None, gate)
+    assert (d.outcome, d.rule) == ("rejected", "min_accuracy")
+    d = decide(Scores(np.array([], bool), correct(50, 35)), None, gate)
+    assert (d.outcome, d.rule) == ("promoted", "bootstrap")
+    d = decide(Scores(np.array([], bool), correct(10, 10)), None, gate)
+    assert (d.outcome, d.rule) == ("deferred", "min_holdout_samples")
+
+
+def test_shadow_records_but_never_promotes() -> None:
+    gate = GATE.model_copy(update={"shadow": True})
+    champ = Scores(correct(100, 90), correct(100, 50))
+    d = decide(Scores(champ.old_correct, correct(100, 95)), champ, gate)
+    assert d.outcome == "rejected" and d.rule == "shadow" and d.shadow and not d.promote
+    assert any("would" in r or "shadow" in r for r in d.reasons)
+    bad = decide(Scores(champ.old_correct, correct(100, 10)), champ, gate)
+    assert bad.rule == "min_new_improvement" and bad.shadow
+
+
+def test_mismatched_holdouts_are_refused() -> None:
+    with pytest.raises(ValueError, match="same holdout samples"):
+        decide(Scores(correct(10, 5), correct(10, 5)), Scores(correct(11, 5), correct(10, 5)), GATE)
