@@ -83,7 +83,9 @@ class Client:
         backoff: float = 0.5,
         max_backoff: float = 10.0,
         batch_size: int = 500,
+        http: httpx.Client | None = None,
     ) -> None:
+        """``http``: an httpx.Client to send through instead (e.g. FastAPI's TestClient); its base URL is used."""
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
         if batch_size < 1:
@@ -91,7 +93,11 @@ class Client:
         self.url = url.rstrip("/")
         self.retries, self.backoff, self.max_backoff, self.batch_size = retries, backoff, max_backoff, batch_size
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        if http is not None:
+            http.headers.update(headers)
+            self._http = http
+        else:
+            self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
     def __enter__(self) -> Client:
         return self
