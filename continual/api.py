@@ -39,6 +39,8 @@ class AppContext:
     store: Store
     metrics: Metrics
     extras: dict[str, Any] = field(default_factory=dict)
+    registry: Any = None  # continual.registry.Registry
+    serving: Any = None  # continual.serving.Serving (None in a trainer-only process)
 
 
 class ApiError(Exception):
@@ -190,6 +192,7 @@ def create_app(ctx: AppContext) -> FastAPI:
     app.add_middleware(RequestMetrics, metrics=ctx.metrics)
     _add_error_handlers(app)
     _add_feedback_route(app, ctx)
+    _model_routes(app, ctx)
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, err: ApiError) -> JSONResponse:
@@ -323,3 +326,102 @@ def _conflict_details(batch: list[NewSample], ids: list[str]) -> list[dict[str, 
         for i, s in enumerate(batch)
         if s.external_id in conflicting
     ]
+
+
+# -- models: POST /v1/predict, GET /v1/models, promote, rollback (owner: models) ---
+def _model_routes(app: FastAPI, ctx: AppContext) -> None:
+    from continual.ingest import decode_inputs
+    from continual.registry import ChecksumMismatch, NoPreviousChampion, VersionNotFound
+
+    def predict_sync(doc: Any) -> dict[str, Any]:
+        start = time.perf_counter()
+        live = ctx.serving.live if ctx.serving is not None else None
+        if live is None:
+            raise ApiError(503, "no_model", "no champion model is loaded yet", headers={"Retry-After": "5"})
+        inputs = doc.get("inputs") if isinstance(doc, dict) else None
+        if not isinstance(inputs, list) or not inputs:
+            raise ApiError(
+                422,
+                "validation_failed",
+                'request rejected: expected {"inputs": [input, ...]} with at least one input',
+                [{"field": "inputs", "message": "expected a non-empty list"}],
+            )
+        limit = ctx.settings.serving.max_batch
+        if len(inputs) > limit:
+            raise ApiError(413, "too_many_inputs", f"{len(inputs)} inputs exceed serving.max_batch = {limit}")
+        try:
+            decoded = decode_inputs(inputs, live.input, max_image_pixels=ctx.settings.ingest.max_image_pixels)
+        except ValidationFailed as e:
+            raise ApiError(422, "validation_failed", f"request rejected: {e}", e.details) from None
+        version, preds = ctx.serving.predict(decoded, live=live)
+        ctx.metrics.predictions.inc(len(preds))
+        ctx.metrics.predict_latency.observe(time.perf_counter() - start)
+        return {
+            "model_version": version,
+            "predictions": [{"label": p.label, "confidence": p.confidence, "scores": p.scores} for p in preds],
+        }
+
+    @app.post("/v1/predict")
+    async def predict(request: Request) -> dict[str, Any]:
+        app.state.auth.check(request.headers.get("authorization"), "ingest")
+        require_json(request)
+        body = await read_body(request, ctx.settings.ingest.max_body_bytes)
+        doc = await run_in_threadpool(_parse_body, body)
+        return await run_in_threadpool(predict_sync, doc)
+
+    def registry() -> Any:
+        if ctx.registry is None:
+            raise ApiError(503, "no_registry", "this process has no model registry")
+        return ctx.registry
+
+    @app.get("/v1/models", dependencies=[require_scope("ingest")])
+    def models() -> dict[str, Any]:
+        reg = registry()
+        champion = reg.champion()
+        return {
+            "champion": champion,
+            "serving": ctx.serving.version() if ctx.serving is not None else None,
+            "versions": [{**v, "champion": v["version"] == champion} for v in reversed(reg.versions())],
+            "history": reg.history()[:50],
+        }
+
+    def sync_now() -> None:
+        # This process swaps at once; other processes follow within serving.poll_interval_seconds.
+        if ctx.serving is not None:
+            ctx.serving.sync(ctx.registry)
+
+    @app.post("/v1/models/rollback", dependencies=[require_scope("admin")])
+    def rollback(request: Request) -> dict[str, Any]:
+        reg = registry()
+        before = reg.champion()
+        try:
+            target = reg.rollback(actor=_actor(request))
+        except NoPreviousChampion as e:
+            raise ApiError(409, "no_previous_champion", str(e)) from None
+        except ChecksumMismatch as e:
+            raise ApiError(409, "checksum_mismatch", str(e)) from None
+        sync_now()
+        return {"champion": target, "previous": before}
+
+    @app.post("/v1/models/{version}/promote", dependencies=[require_scope("admin")])
+    def promote(version: str, request: Request) -> dict[str, Any]:
+        reg = registry()
+        before = reg.champion()
+        try:
+            reg.promote(version, reason="manual", actor=_actor(request))
+        except VersionNotFound as e:
+            raise ApiError(404, "version_not_found", str(e)) from None
+        except ChecksumMismatch as e:
+            raise ApiError(409, "checksum_mismatch", str(e)) from None
+        sync_now()
+        return {"champion": version, "previous": before}
+
+
+def _actor(request: Request) -> str:
+    """Who acted, for the audit trail: a token fingerprint, never the token itself."""
+    import hashlib
+
+    kind, _, token = (request.headers.get("authorization") or "").partition(" ")
+    if kind.lower() != "bearer" or not token.strip():
+        return "anonymous"
+    return "token:" + hashlib.sha256(token.strip().encode()).hexdigest()[:12]

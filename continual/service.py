@@ -17,7 +17,30 @@ log = logging.getLogger("continual")
 def build_context(settings: Settings) -> AppContext:
     store = Store.from_settings(settings)
     store.check_schema()
-    return AppContext(settings=settings, store=store, metrics=Metrics())
+    ctx = AppContext(settings=settings, store=store, metrics=Metrics())
+    _attach_models(ctx)
+    return ctx
+
+
+def _attach_models(ctx: AppContext) -> None:
+    """The registry, and (except in a trainer-only process) the live model loaded from the champion pointer."""
+    from continual.registry import Registry
+    from continual.serving import Serving
+
+    ctx.registry = Registry(ctx.settings.models_dir, ctx.store, ctx.metrics)
+    ctx.registry.discard_unfinished()
+    if ctx.settings.service.role == "trainer":
+        return
+    ctx.serving = Serving(ctx.settings, ctx.metrics)
+    ctx.serving.sync(ctx.registry)
+    ctx.extras["model_loaded"] = ctx.serving.loaded
+
+
+def _follow_champion(ctx: AppContext) -> None:
+    if ctx.serving is None:
+        return
+    ctx.serving.start_polling(ctx.registry)
+    lifecycle.hooks_of(ctx).on_stop.append(ctx.serving.stop)
 
 
 def serve(settings: Settings) -> int:
@@ -31,6 +54,7 @@ def serve(settings: Settings) -> int:
         raise ConfigError(f"systemd environment: {e}") from None
     notifier.status("starting: opening the store and loading the champion")
     ctx = build_context(settings)
+    _follow_champion(ctx)
     settings.service.data_dir.mkdir(parents=True, exist_ok=True)
     _warn_about_auth(settings)
     app = create_app(ctx)
