@@ -41,8 +41,9 @@ def socket_address(value: str) -> str | bytes:
     if value.startswith("/"):
         return value
     raise NotifySocketError(
-        "NOTIFY_SOCKET", value, "must be an absolute socket path or '@name' (abstract namespace); other kinds "
-        "(vsock) are not supported"
+        "NOTIFY_SOCKET",
+        value,
+        "must be an absolute socket path or '@name' (abstract namespace); other kinds (vsock) are not supported",
     )
 
 

@@ -1,0 +1,282 @@
+"""sd_notify: the client on real sockets, the supervisor, and a real ``continual serve`` under a notify socket."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from serverutil import ServerProcess, free_port
+
+from continual import lifecycle
+from continual.api import AppContext
+from continual.config import settings_from_dict
+from continual.metrics import Metrics
+from continual.sdnotify import Notifier, NotifySocketError, socket_address, watchdog_interval
+from continual.store import Store
+
+
+class Listener:
+    """A notify socket like systemd's: one datagram per notification, split into assignments."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(socket_address(address))
+        self.items: list[str] = []
+
+    def wait_for(self, item: str, timeout: float) -> list[str]:
+        """Receive until ``item`` arrives; returns everything received so far. Fails on timeout."""
+        return self.wait_until(lambda items: item in items, timeout, f"{item!r}")
+
+    def wait_until(self, done: Callable[[list[str]], bool], timeout: float, what: str) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while not done(self.items):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{what} did not arrive within {timeout}s; got {self.items}")
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            self.items.extend(data.decode().split("\n"))
+        return self.items
+
+    def drain(self, seconds: float) -> list[str]:
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(left)
+            try:
+                self.items.extend(self.sock.recv(4096).decode().split("\n"))
+            except TimeoutError:
+                break
+        return self.items
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def listener() -> Iterator[Listener]:
+    # Abstract namespace: no path-length limit, nothing left on disk, and it exercises "@".
+    lis = Listener(f"@continual-test-{uuid.uuid4().hex}")
+    yield lis
+    lis.close()
+
+
+# -- the client ------------------------------------------------------------------------
+def test_no_socket_is_a_no_op() -> None:
+    n = Notifier.from_env({})
+    assert not n.enabled
+    assert n.ready("x") is False and n.watchdog() is False and n.stopping() is False
+
+
+def test_path_socket_receives_assignments(tmp_path: Path) -> None:
+    path = str(tmp_path / "notify.sock")
+    lis = Listener(path)
+    try:
+        n = Notifier(path)
+        assert n.ready("idle,\nline two") and n.watchdog() and n.stopping("bye")
+        items = lis.drain(0.5)
+    finally:
+        lis.close()
+    # A newline in the status must not smuggle in a second assignment.
+    assert items == ["READY=1", "STATUS=idle, line two", "WATCHDOG=1", "STOPPING=1", "STATUS=bye"]
+
+
+def test_no_watchdog_after_stopping(listener: Listener) -> None:
+    n = Notifier(listener.address)
+    n.watchdog()
+    n.stopping()
+    assert n.watchdog() is False
+    assert listener.drain(0.3) == ["WATCHDOG=1", "STOPPING=1"]
+
+
+def test_from_env_unsets_for_children() -> None:
+    env = {"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "4000000", "WATCHDOG_PID": str(os.getpid()), "OTHER": "1"}
+    n = Notifier.from_env(env, unset=True)
+    assert n.enabled and n.watchdog_seconds == 2.0
+    assert env == {"OTHER": "1"}
+
+
+def test_missing_listener_does_not_raise(tmp_path: Path) -> None:
+    assert Notifier(str(tmp_path / "nobody-listens.sock")).ready() is False
+
+
+@pytest.mark.parametrize("value", ["relative/path", "vsock:2:1234", "@"])
+def test_bad_notify_socket_names_the_variable(value: str) -> None:
+    with pytest.raises(NotifySocketError, match="NOTIFY_SOCKET"):
+        Notifier(value)
+
+
+def test_watchdog_interval() -> None:
+    assert watchdog_interval({}) is None
+    assert watchdog_interval({"WATCHDOG_USEC": "1000000"}, pid=7) == 0.5
+    assert watchdog_interval({"WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "8"}, pid=7) is None
+    for bad in ("soon", "0", "-5"):
+        with pytest.raises(NotifySocketError, match="WATCHDOG_USEC"):
+            watchdog_interval({"WATCHDOG_USEC": bad})
+
+
+# -- the supervisor ----------------------------------------------------------------------
+def test_failed_health_check_withholds_watchdog(listener: Listener) -> None:
+    problem: list[str | None] = [None]
+    metrics = Metrics()
+    sup = lifecycle.Supervisor(
+        notifier=Notifier(listener.address),
+        metrics=metrics,
+        ping=lambda: True,
+        checks=[lambda: problem[0]],
+        status=lambda store_ok, problems: lifecycle.status_line("idle", "http://x:1", problems=problems),
+        interval=1.0,
+        initial_status=lifecycle.status_line("idle", "http://x:1"),
+    )
+    assert sup.tick() is True
+    problem[0] = "scheduler thread died"
+    assert sup.tick() is False
+    problem[0] = None
+    assert sup.tick() is True
+    assert listener.drain(0.3) == [
+        "WATCHDOG=1",
+        "STATUS=idle, serving on http://x:1, no champion yet, unhealthy: scheduler thread died",
+        "WATCHDOG=1",
+        "STATUS=idle, serving on http://x:1, no champion yet",
+    ]
+    assert metrics.registry.get_sample_value("continual_store_up") == 1
+
+
+def test_store_down_is_reported_but_keeps_the_watchdog(listener: Listener) -> None:
+    # With the store down the service answers 503 and keeps predicting; a restart would not help.
+    metrics = Metrics()
+    sup = lifecycle.Supervisor(
+        notifier=Notifier(listener.address),
+        metrics=metrics,
+        ping=lambda: False,
+        checks=[],
+        status=lambda store_ok, problems: lifecycle.status_line("idle", "http://x:1", store_ok=store_ok),
+        interval=1.0,
+    )
+    assert sup.tick() is True
+    assert listener.drain(0.3) == [
+        "WATCHDOG=1",
+        "STATUS=idle, serving on http://x:1, no champion yet, store unreachable",
+    ]
+    assert metrics.registry.get_sample_value("continual_store_up") == 0
+
+
+def test_run_in_process_uses_the_hooks(tmp_path: Path, listener: Listener) -> None:
+    """lifecycle.run on the main thread: READY after bind, hooks gate the watchdog, SIGTERM runs on_stop, returns 0."""
+    settings = settings_from_dict(
+        {"service": {"port": free_port(), "data_dir": str(tmp_path), "shutdown_timeout_seconds": 5}}
+    )
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    store.upgrade()
+    ctx = AppContext(settings=settings, store=store, metrics=Metrics())
+    hooks = lifecycle.hooks_of(ctx)
+    assert lifecycle.hooks_of(ctx) is hooks
+    stopped: list[str] = []
+    hooks.on_stop.append(lambda: stopped.append("cancelled training"))
+    hooks.state = lambda: "training"
+    sick = threading.Event()
+    hooks.health_checks.append(lambda: "scheduler stuck" if sick.is_set() else None)
+    app = FastAPI()
+
+    @app.get("/ping")
+    def ping() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    seen: dict[str, object] = {}
+
+    def drive() -> None:
+        try:
+            listener.wait_for("READY=1", 30)
+            seen["ping"] = httpx.get(f"http://127.0.0.1:{settings.service.port}/ping", timeout=5).json()
+            listener.wait_for("WATCHDOG=1", 10)
+            sick.set()
+            items = listener.wait_until(lambda items: any("unhealthy" in i for i in items), 15, "unhealthy STATUS=")
+            seen["sick"] = next(i for i in items if "unhealthy" in i)
+        finally:
+            # Only while run() has its handler installed: the default action would kill pytest.
+            if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    t = threading.Thread(target=drive)
+    t.start()
+    try:
+        code = lifecycle.run(app, ctx, Notifier(listener.address, watchdog_seconds=0.2))
+    finally:
+        t.join(30)
+        store.dispose()
+    assert code == 0
+    assert seen["ping"] == {"ok": "yes"}
+    assert str(seen["sick"]).startswith("STATUS=training, serving on http://127.0.0.1:")
+    assert "unhealthy: scheduler stuck" in str(seen["sick"])
+    assert stopped == ["cancelled training"]
+    items = listener.wait_for("STOPPING=1", 10)
+    sick_at = items.index(seen["sick"])
+    # No keep-alive while the check failed, nor after STOPPING=1.
+    assert "WATCHDOG=1" not in items[sick_at:]
+    assert ctx.metrics.registry.get_sample_value("continual_state", {"state": "stopping"}) == 1
+
+
+# -- a real `continual serve` --------------------------------------------------------
+@pytest.mark.slow
+def test_serve_notifies_ready_status_watchdog_stopping(tmp_path: Path, listener: Listener) -> None:
+    server = ServerProcess(workdir=tmp_path, env={"NOTIFY_SOCKET": listener.address, "WATCHDOG_USEC": "1000000"})
+    server.cli("db", "upgrade")
+    # Started by hand, not with server.start(): nothing may poll the port before READY=1 does.
+    with server.log_path.open("ab") as log:
+        server.proc = subprocess.Popen(
+            [sys.executable, "-m", "continual.cli", "serve"],
+            env=server.env,
+            cwd=server.workdir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        items = listener.wait_for("READY=1", 90)
+        # READY=1 comes after the port is bound: the server answers at once.
+        assert httpx.get(server.url + "/healthz", timeout=5).status_code == 200
+        items = listener.wait_for("WATCHDOG=1", 10)
+        ready = items.index("READY=1")
+        status = next(i for i, item in enumerate(items) if item.startswith("STATUS=") and i > ready)
+        watchdog = items.index("WATCHDOG=1")
+        assert ready < status < watchdog, items
+        assert items[status].startswith("STATUS=idle, serving on http://127.0.0.1:"), items[status]
+        assert items[0].startswith("STATUS=starting"), items
+
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGTERM)
+        items = listener.wait_for("STOPPING=1", 10)
+        assert server.proc.wait(timeout=15) == 0, server.log_tail()
+        assert "WATCHDOG=1" not in items[items.index("STOPPING=1") :]
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_serve_without_its_port_exits_1_and_never_says_ready(tmp_path: Path, listener: Listener) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = ServerProcess(
+            workdir=tmp_path, env={"NOTIFY_SOCKET": listener.address, "CONTINUAL_SERVICE__PORT": str(port)}
+        )
+        server.cli("db", "upgrade")
+        with pytest.raises(RuntimeError, match="exited with 1"):
+            server.start(timeout=90)
+    assert "READY=1" not in listener.drain(0.3)
+    assert "could not start the HTTP server" in server.log_tail()
