@@ -146,4 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Through the importable module: under `python -m continual.cli` this file is also
+    # `__main__`, and extensions raising continual.cli.UserError must match what main() catches.
+    from continual.cli import main as _main
+
+    sys.exit(_main())

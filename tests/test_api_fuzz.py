@@ -1,0 +1,57 @@
+"""Property: whatever JSON reaches /v1/feedback, never a 5xx, and the store changes only on 200."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.ingestutil import CLASSES, b64, image_bytes, make_client, vector_settings
+
+scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
+any_json = st.recursive(
+    scalars,
+    lambda kids: st.lists(kids, max_size=5) | st.dictionaries(st.text(max_size=8), kids, max_size=5),
+    max_leaves=25,
+)
+numbers = st.integers(-(10**40), 10**40) | st.floats()
+xs = st.lists(numbers, min_size=3, max_size=5) | st.lists(st.lists(numbers, max_size=4), max_size=4) | any_json
+sample = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": st.sampled_from(["a", "b", "c", "", "x" * 300]) | any_json,
+        "label": st.sampled_from([*CLASSES, "cow"]) | any_json,
+        "x": xs,
+        "image": st.sampled_from([b64(image_bytes()), "!!", b64(b"GIF89a")]) | any_json,
+        "metadata": st.dictionaries(st.text(max_size=5), scalars, max_size=3) | any_json,
+        "extra": any_json,
+    },
+)
+# Mostly plausible documents, so some batches pass and ids collide across examples.
+docs = st.fixed_dictionaries({"samples": st.lists(sample, max_size=6)}) | any_json
+bodies = docs.map(lambda d: json.dumps(d, allow_nan=True).encode()) | st.binary(max_size=200)
+
+
+def test_random_bodies_never_5xx_and_only_200_changes_the_store(tmp_path: Path) -> None:
+    s = vector_settings(tmp_path, ingest={"max_batch_samples": 5, "max_body_bytes": 4096})
+    client, store, _ = make_client(s, f"sqlite:///{tmp_path / 'store.db'}")
+    seen = {"200": 0}
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(body=bodies)
+    def check(body: bytes) -> None:
+        before = store.count()
+        r = client.post("/v1/feedback", content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code < 500, r.text
+        after = store.count()
+        if r.status_code == 200:
+            seen["200"] += 1
+            assert after - before == r.json()["accepted"]
+        else:
+            assert after == before, (r.status_code, r.text)
+            assert set(r.json()) == {"error"}
+
+    check()
+    assert seen["200"] > 0  # the strategy does reach the success path
