@@ -7,8 +7,9 @@ contract systemd relies on (``Type=notify``):
 2. the HTTP server binds its port (in a thread, so uvicorn does not install its own
    signal handlers, which would re-raise SIGTERM and exit by signal instead of 0);
 3. ``READY=1`` with a ``STATUS=`` line;
-4. a supervisor thread runs health checks every ``WATCHDOG_USEC / 2`` (or every
-   5 s without a watchdog) and sends ``WATCHDOG=1`` only when all pass;
+4. a supervisor thread runs health checks every ``WATCHDOG_USEC / 2`` (at most
+   every 5 s) and sends ``WATCHDOG=1`` only when all pass, ``STATUS=`` when the
+   state line changes, and sets ``continual_store_up``;
 5. SIGTERM/SIGINT: ``STOPPING=1``, stop accepting connections, run the stop hooks
    (the daemon cancels a training run there) while in-flight requests finish,
    then exit 0 within ``[service] shutdown_timeout_seconds``. A second signal
@@ -306,7 +307,8 @@ def run(app: Any, ctx: Any, notifier: Notifier) -> int:
             return 1
 
         address = server.address
-        tick = notifier.watchdog_seconds or DEFAULT_TICK_SECONDS
+        # At most 5 s even with a long WatchdogSec, so STATUS= follows state changes closely.
+        tick = min(notifier.watchdog_seconds or DEFAULT_TICK_SECONDS, DEFAULT_TICK_SECONDS)
         state_of = hooks.state or (lambda: metrics_state(metrics))
 
         def status(store_ok: bool, problems: list[str]) -> str:
