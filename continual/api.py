@@ -220,9 +220,28 @@ def create_app(ctx: AppContext) -> FastAPI:
 
     @app.get("/v1/status", dependencies=[require_scope("ingest")])
     def status() -> dict[str, Any]:
-        return collect_status(ctx.settings, ctx.store)
+        from continual.lifecycle import metrics_state
 
+        serving = ctx.serving.version() if ctx.serving is not None else None
+        return collect_status(ctx.settings, ctx.store, {"state": metrics_state(ctx.metrics), "serving_version": serving})
+
+    _add_train_route(app, ctx)
     return app
+
+
+def _add_train_route(app: FastAPI, ctx: AppContext) -> None:
+    @app.post("/v1/train", dependencies=[require_scope("admin")], status_code=202)
+    def train(request: Request) -> dict[str, Any]:
+        """Ask for a run now: a pending run the trainer picks up at its next check (still gated)."""
+        from continual.daemon import request_run
+        from continual.learn.runs import ACTIVE, list_runs
+
+        active = [r for r in list_runs(ctx.store, limit=20) if r["status"] in ACTIVE]
+        if active:
+            raise ApiError(409, "run_active", f"training run {active[0]['id']} is already {active[0]['status']}",
+                           [{"run_id": active[0]["id"], "status": active[0]["status"]}])
+        run_id = request_run(ctx.store, ctx.settings, actor=_actor(request))
+        return {"run_id": run_id, "status": "pending"}
 
 
 # -- error mapping ----------------------------------------------------------------

@@ -73,7 +73,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from continual.service import serve
 
-    return serve(_settings(args))
+    path = config_path(args.config)
+    return serve(_settings(args), str(path.resolve()) if path.is_file() else None)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,14 +36,26 @@ def _attach_models(ctx: AppContext) -> None:
     ctx.extras["model_loaded"] = ctx.serving.loaded
 
 
-def _follow_champion(ctx: AppContext) -> None:
-    if ctx.serving is None:
-        return
-    ctx.serving.start_polling(ctx.registry)
-    lifecycle.hooks_of(ctx).on_stop.append(ctx.serving.stop)
+def _start_loop(ctx: AppContext, config_path: str | None) -> None:
+    """Restart recovery, then the scheduler: check/train/gate (unless role = "api") and champion sync."""
+    from continual import daemon
+
+    loop = daemon.Loop(
+        settings=ctx.settings, store=ctx.store, registry=ctx.registry, metrics=ctx.metrics, serving=ctx.serving,
+        config_path=config_path,
+    )
+    if ctx.settings.service.role != "api":
+        recovered = daemon.recover(loop)
+        if recovered["interrupted"] or recovered["discarded"] or recovered["fallback"]:
+            log.warning("restart recovery: %s", recovered)
+    scheduler = daemon.start(loop)
+    ctx.extras["loop"] = loop
+    hooks = lifecycle.hooks_of(ctx)
+    hooks.on_stop.append(lambda: daemon.stop(loop, scheduler))
+    hooks.health_checks.append(lambda: None if scheduler.running else "the scheduler is not running")
 
 
-def serve(settings: Settings) -> int:
+def serve(settings: Settings, config_path: str | None = None) -> int:
     logging.basicConfig(
         level=settings.service.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -54,7 +66,7 @@ def serve(settings: Settings) -> int:
         raise ConfigError(f"systemd environment: {e}") from None
     notifier.status("starting: opening the store and loading the champion")
     ctx = build_context(settings)
-    _follow_champion(ctx)
+    _start_loop(ctx, config_path)
     settings.service.data_dir.mkdir(parents=True, exist_ok=True)
     _warn_about_auth(settings)
     app = create_app(ctx)
