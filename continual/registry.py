@@ -331,8 +331,9 @@ class Registry:
         from continual.models import build_model, load_weights
 
         m = self.verify(version)
-        model = build_model(model_settings_for(m, settings), weights="none")
-        load_weights(model, self._load_file(m, WEIGHTS), head_key=None, source=f"model version {version}")
+        state = self._load_file(m, WEIGHTS)
+        model = build_model(model_settings_for(m, settings, state), weights="none")
+        load_weights(model, state, head_key=None, source=f"model version {version}")
         return model.eval()
 
     # -- champion ---------------------------------------------------------------
@@ -471,15 +472,21 @@ class Registry:
         return deleted
 
 
-def model_settings_for(m: Manifest, settings: Settings) -> Any:
-    """The configured model settings with the version's own architecture, classes and input spec."""
-    from continual.config import InputSettings
+def model_settings_for(m: Manifest, settings: Settings, state: Mapping[str, torch.Tensor] | None = None) -> Any:
+    """The configured model settings with the version's own architecture, classes and input spec.
 
-    return settings.model.model_copy(
-        update={
-            "architecture": m.architecture,
-            "classes": tuple(m.classes),
-            "input": InputSettings.model_validate(m.input),
-            "weights": "none",
-        }
-    )
+    With ``state``, an ``mlp``'s hidden sizes come from its weights, so a version
+    still loads after ``[model] hidden`` changed.
+    """
+    from continual.config import InputSettings
+    from continual.models.zoo import mlp_hidden_of
+
+    update: dict[str, Any] = {
+        "architecture": m.architecture,
+        "classes": tuple(m.classes),
+        "input": InputSettings.model_validate(m.input),
+        "weights": "none",
+    }
+    if state is not None and m.architecture == "mlp":
+        update["hidden"] = mlp_hidden_of(dict(state))
+    return settings.model.model_copy(update=update)

@@ -88,11 +88,7 @@ def load_weights(clf: Classifier, state: dict[str, torch.Tensor], *, head_key: s
         if k in state and state[k].shape != v.shape
     ]
     problems = []
-    if (
-        "head.weight" in state
-        and "head.weight" in expected
-        and state["head.weight"].shape != expected["head.weight"].shape
-    ):
+    if "head.weight" in state and state["head.weight"].shape[0] != len(clf.classes):
         problems.append(
             f"the file's head has {state['head.weight'].shape[0]} classes, [model] classes has {len(clf.classes)}"
         )
@@ -105,6 +101,16 @@ def load_weights(clf: Classifier, state: dict[str, torch.Tensor], *, head_key: s
     if problems:
         raise WeightsFileError(source, f"does not fit architecture {clf.architecture}: " + "; ".join(problems))
     clf.load_state_dict(state)
+
+
+def mlp_hidden_of(state: dict[str, torch.Tensor]) -> tuple[int, ...]:
+    """The hidden sizes of an ``mlp`` classifier, read from its state dict (manifests need not repeat them)."""
+    sizes = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if len(parts) == 4 and parts[0] == "backbone" and parts[2] == "0" and parts[3] == "weight":
+            sizes[int(parts[1])] = int(value.shape[0])
+    return tuple(sizes[i] for i in sorted(sizes))
 
 
 def _map_plain_key(key: str, head_key: str | None) -> str:
