@@ -68,12 +68,16 @@ class KSDetector:
         ref, cur = check_windows(reference, current, min_samples=1)
         ref, cur = _numpy(ref), _numpy(cur)
         n, m = ref.shape[0], cur.shape[0]
-        projected = self.max_features is not None and ref.shape[1] > self.max_features
-        if projected:
-            basis = self._basis(ref, cur)
+        k = self.max_features
+        projected = k is not None and ref.shape[1] > k
+        if k is not None and projected:
+            basis = self._basis(ref, cur, k)
             ref, cur = ref @ basis, cur @ basis
         d = ks_statistics(ref, cur)
-        p = stats.kstwo.sf(d, round(n * m / (n + m)))
+        # D lives on a lattice of multiples of 1/lcm(n, m), so features share few distinct
+        # values; scipy's kstwo evaluates each in a Python loop, hence the unique.
+        distinct, where = np.unique(d, return_inverse=True)
+        p = stats.kstwo.sf(distinct, round(n * m / (n + m)))[where]
         adjusted = benjamini_hochberg(p)
         p_value = float(adjusted.min())
         effect = float(d.max())
@@ -96,9 +100,7 @@ class KSDetector:
             },
         )
 
-    def _basis(self, ref: np.ndarray, cur: np.ndarray) -> np.ndarray:
-        k = self.max_features
-        assert k is not None  # narrowing for the type checker; checked by the caller
+    def _basis(self, ref: np.ndarray, cur: np.ndarray, k: int) -> np.ndarray:
         if self.projection == "random":
             # Data-independent, so it cannot bias the test; QR makes the axes orthonormal.
             rng = np.random.default_rng(self.seed)
@@ -106,27 +108,32 @@ class KSDetector:
             return q
         pooled = np.concatenate([ref, cur])
         pooled -= pooled.mean(0)
-        _, _, vt = np.linalg.svd(pooled, full_matrices=False)
-        return vt[:k].T
+        # Eigenvectors of the d x d covariance: far cheaper than an SVD of the N x d data.
+        _, vectors = np.linalg.eigh(pooled.T @ pooled)
+        return vectors[:, ::-1][:, :k]
 
 
 def ks_statistics(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """KS distance D for every column of ``x`` (n x d) against the same column of ``y`` (m x d)."""
     n, m = x.shape[0], y.shape[0]
     size = n + m
+    # |walk| <= n*m, so int32 suffices unless both windows are huge; it halves the memory traffic.
+    step_dtype = np.int32 if n * m < 2**31 else np.int64
+    steps = np.where(np.arange(size) < n, m, -n).astype(step_dtype)
     out = np.empty(x.shape[1])
-    step = max(1, _CHUNK_ELEMENTS // size)
-    for start in range(0, x.shape[1], step):
-        cols = slice(start, start + step)
-        z = np.concatenate([x[:, cols], y[:, cols]])
-        order = np.argsort(z, axis=0, kind="stable")
-        # Integer steps keep the CDF difference exact: +m per reference value, -n per current one.
-        walk = np.cumsum(np.where(order < n, m, -n), axis=0)
-        z_sorted = np.take_along_axis(z, order, axis=0)
+    chunk = max(1, _CHUNK_ELEMENTS // size)
+    for start in range(0, x.shape[1], chunk):
+        cols = slice(start, start + chunk)
+        # One row per feature: sorting along contiguous rows is ~3x faster than down columns.
+        z = np.concatenate([x[:, cols], y[:, cols]]).T.copy()
+        # Tie order does not matter (only run ends are read), so the fast unstable sort is fine.
+        order = np.argsort(z, axis=1)
+        walk = np.cumsum(steps[order], axis=1, dtype=step_dtype)
+        z_sorted = np.take_along_axis(z, order, axis=1)
         # Inside a run of ties the walk is mid-step; only its value after the last tie counts.
-        run_end = np.ones_like(walk, dtype=bool)
-        run_end[:-1] = z_sorted[1:] != z_sorted[:-1]
-        out[cols] = np.abs(np.where(run_end, walk, 0)).max(axis=0) / (n * m)
+        run_end = np.ones(walk.shape, dtype=bool)
+        run_end[:, :-1] = z_sorted[:, 1:] != z_sorted[:, :-1]
+        out[cols] = np.abs(walk, where=run_end, out=np.zeros_like(walk)).max(axis=1) / (n * m)
     return out
 
 

@@ -90,12 +90,20 @@ class MMDDetector:
         if self.standardize:
             # Pooled statistics are a symmetric function of the pooled sample, so the
             # permutation test stays exact (reference-only statistics would not be).
-            mean = z.mean(0, dtype=torch.float64).float()
+            mean = z.mean(0)
             std = z.std(0).nan_to_num_(0.0)
             z = (z - mean) / torch.where(std > 0, std, torch.ones_like(std))
-        h = self.bandwidth or _median_distance(z, rng, self.bandwidth_sample)
         exact = size <= self.exact_max_n
-        sums = _KernelSums(z, h) if exact else _FeatureSums(z, h, self.rff_features, rng)
+        sub = rng.choice(size, size=min(self.bandwidth_sample, size), replace=False)
+        if exact:
+            # One distance matrix serves both the bandwidth and the kernel.
+            dist = _sq_dists(z, z)
+            h = self.bandwidth or _median_distance(dist[sub][:, sub])
+            sums: _KernelSums | _FeatureSums = _KernelSums(dist, h)
+        else:
+            sub_z = z[torch.as_tensor(sub, device=device)]
+            h = self.bandwidth or _median_distance(_sq_dists(sub_z, sub_z))
+            sums = _FeatureSums(z, h, self.rff_features, rng)
         del z
 
         # Column 0 is the observed split; the rest are uniform random relabellings.
@@ -150,34 +158,39 @@ def _sq_dists(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return d.clamp_(min=0.0)
 
 
-def _median_distance(z: torch.Tensor, rng: np.random.Generator, cap: int) -> float:
-    # The subsample ignores the labels, so the bandwidth keeps the test exact.
-    sub = z[torch.as_tensor(rng.choice(z.shape[0], size=min(cap, z.shape[0]), replace=False), device=z.device)]
-    d = _sq_dists(sub, sub)
-    pairs = d[torch.triu_indices(len(sub), len(sub), 1, device=z.device).unbind()].sqrt()
-    med = float(pairs.median()) if pairs.numel() else 0.0
+def _median_distance(sq_dists: torch.Tensor) -> float:
+    # The subsample ignores the labels, so a bandwidth taken from it keeps the test exact.
+    k = sq_dists.shape[0]
+    # Every off-diagonal entry (each pair twice, which leaves the median unchanged): dropping
+    # the first element and viewing the rest as (k-1) x (k+1) puts the diagonal in the last column.
+    pairs = sq_dists.flatten()[1:].view(k - 1, k + 1)[:, :-1]
+    med = float(pairs.median().sqrt()) if pairs.numel() else 0.0
     # Mostly-identical points give a zero median; fall back so the kernel is not a delta.
     if med <= 0.0:
-        med = float(pairs.max()) if pairs.numel() and float(pairs.max()) > 0 else 1.0
+        med = float(pairs.max().sqrt()) if pairs.numel() and float(pairs.max()) > 0 else 1.0
     return med
 
 
 class _KernelSums:
     """Exact kernel, O(N²) memory. Centred by its mean: MMD² is unchanged by a constant
-    shift of the kernel, and entries near zero keep float32 sums accurate."""
+    shift of the kernel, and entries near zero keep float32 sums accurate. (Reductions
+    stay in float32: torch's dtype-converting reductions are many times slower, and the
+    rounding left is orders of magnitude below the permutation spread of MMD².)"""
 
-    def __init__(self, z: torch.Tensor, h: float) -> None:
-        k = _sq_dists(z, z).mul_(-0.5 / h**2).exp_()
+    def __init__(self, sq_dists: torch.Tensor, h: float) -> None:
+        k = sq_dists.mul_(-0.5 / h**2).exp_()  # in place: the distances are not needed again
         k.fill_diagonal_(1.0)
-        k -= k.mean(dtype=torch.float64).float()
+        rows = k.sum(1).double()
+        shift = float(rows.sum()) / k.shape[0] ** 2
+        k -= shift
         self.k = k
         self.diag = k.diagonal().double()
-        self.rows = k.sum(1, dtype=torch.float64)
+        self.rows = rows - shift * k.shape[0]
         self.total = float(self.rows.sum())
         self.trace = float(self.diag.sum())
 
     def quadratic(self, a: torch.Tensor) -> torch.Tensor:
-        return (a * (self.k @ a)).sum(0, dtype=torch.float64)
+        return (a * (self.k @ a)).sum(0).double()
 
 
 class _FeatureSums:
@@ -193,17 +206,17 @@ class _FeatureSums:
             phi[start : start + 4096, :half] = proj.cos()
             phi[start : start + 4096, half:] = proj.sin()
         phi *= 1.0 / math.sqrt(half)
-        phi -= phi.mean(0, dtype=torch.float64).float()  # same centring argument as the exact kernel
+        phi -= phi.mean(0)  # same centring argument as the exact kernel
         self.phi = phi
-        self.diag = (phi * phi).sum(1, dtype=torch.float64)
-        self.colsum = phi.sum(0, dtype=torch.float64)
+        self.diag = torch.linalg.vector_norm(phi, dim=1).double().square()
+        self.colsum = phi.sum(0).double()
         self.rows = (phi @ self.colsum.float()).double()
         self.total = float(self.colsum @ self.colsum)
         self.trace = float(self.diag.sum())
 
     def quadratic(self, a: torch.Tensor) -> torch.Tensor:
         s = a.T @ self.phi
-        return (s * s).sum(1, dtype=torch.float64)
+        return (s * s).sum(1).double()
 
 
 def _mmd2(

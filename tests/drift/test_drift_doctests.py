@@ -1,0 +1,15 @@
+from __future__ import annotations
+
+import doctest
+from types import ModuleType
+
+import pytest
+
+from continual.drift import categorical, ks, mmd
+
+
+@pytest.mark.parametrize("module", [mmd, ks, categorical], ids=lambda m: m.__name__)
+def test_docstring_examples_run(module: ModuleType) -> None:
+    results = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert results.attempted > 0
+    assert results.failed == 0
