@@ -55,3 +55,36 @@ def test_random_bodies_never_5xx_and_only_200_changes_the_store(tmp_path: Path) 
 
     check()
     assert seen["200"] > 0  # the strategy does reach the success path
+
+
+def _mangle(data: bytes, cuts: list[tuple[int, int]]) -> bytes:
+    out = bytearray(data)
+    for pos, byte in cuts:
+        out[pos % len(out)] = byte
+    return bytes(out)
+
+
+# Valid PNG/JPEG files with bytes flipped or cut short: the decoder must refuse them cleanly.
+mangled = st.builds(
+    lambda data, cuts, keep: _mangle(data, cuts)[:keep],
+    st.sampled_from([image_bytes(), image_bytes(fmt="JPEG"), image_bytes(mode="L", w=40, h=30)]),
+    st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=4),
+    st.integers(1, 2000),
+)
+
+
+def test_mangled_images_never_5xx(tmp_path: Path) -> None:
+    from tests.ingestutil import image_settings
+
+    client, store, _ = make_client(image_settings(tmp_path), f"sqlite:///{tmp_path / 'store.db'}")
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(data=mangled)
+    def check(data: bytes) -> None:
+        before = store.count()
+        body = json.dumps({"samples": [{"label": "cat", "image": b64(data)}]}).encode()
+        r = client.post("/v1/feedback", content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code in (200, 422), r.text
+        assert store.count() - before == (r.json()["accepted"] if r.status_code == 200 else 0)
+
+    check()
