@@ -139,9 +139,7 @@ def _loop_grads(model: nn.Module, params: dict[str, Tensor], x: Tensor, y: Tenso
     return {n: torch.stack(v) for n, v in out.items()}
 
 
-def combine_fisher(
-    old: Mapping[str, Tensor] | None, new: Mapping[str, Tensor], decay: float
-) -> dict[str, Tensor]:
+def combine_fisher(old: Mapping[str, Tensor] | None, new: Mapping[str, Tensor], decay: float) -> dict[str, Tensor]:
     """Online EWC: ``decay * F_old + F_new``, per parameter.
 
     A parameter without an old Fisher (newly trainable) or whose shape changed

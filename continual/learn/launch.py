@@ -7,6 +7,7 @@ so a cancel reaches its DataLoader workers and torchrun's ranks too.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -23,10 +24,11 @@ WORKER_MODULE = "continual.learn.worker"
 
 def worker_command(settings: Settings, run_id: int, config_path: str | os.PathLike[str] | None) -> list[str]:
     """The argv of the worker: ``python -m continual.learn.worker`` or the same under torchrun."""
-    tail = ["-m", WORKER_MODULE, "--run", str(run_id)]
+    t = settings.training
+    # torchrun's parser takes "--run" for an ambiguous abbreviation of its --run-path: say --run-id there.
+    tail = ["-m", WORKER_MODULE, "--run" if t.launcher == "local" else "--run-id", str(run_id)]
     if config_path is not None:
         tail += ["--config", str(config_path)]
-    t = settings.training
     if t.launcher == "local":
         return [sys.executable, *tail]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={t.nproc_per_node}"]
@@ -93,10 +95,8 @@ class RunHandle:
         return code
 
     def _signal(self, sig: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
     def _record(self, code: int) -> None:
         if self._recorded:

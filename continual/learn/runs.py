@@ -145,10 +145,7 @@ def finish_run(
 def mark_interrupted_runs(store: Store, *, reason: str = "the service restarted while the run was active") -> list[int]:
     """Restart recovery: every pending or running run becomes interrupted. Returns their ids."""
     with write_tx(store.engine) as conn:
-        ids = [
-            int(r.id)
-            for r in conn.execute(select(training_runs.c.id).where(training_runs.c.status.in_(ACTIVE)))
-        ]
+        ids = [int(r.id) for r in conn.execute(select(training_runs.c.id).where(training_runs.c.status.in_(ACTIVE)))]
         if ids:
             conn.execute(
                 update(training_runs)

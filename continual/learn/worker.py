@@ -206,9 +206,7 @@ def execute_run(
         )  # fmt: skip
         if dist.is_main:
             outcome["metrics"]["duration_seconds"] = round(time.monotonic() - started, 3)
-            runs.finish_run(
-                store, run_id, "succeeded", candidate=outcome["version"], metrics=outcome["metrics"]
-            )
+            runs.finish_run(store, run_id, "succeeded", candidate=outcome["version"], metrics=outcome["metrics"])
     except BaseException as e:
         # A DataLoader worker killed by the same SIGTERM surfaces as some other error.
         cancelled = isinstance(e, (Cancelled, KeyboardInterrupt)) or stop.is_set()
@@ -311,9 +309,9 @@ def _train_candidate(
         fisher = combine_fisher(parent_fisher, fisher_new, t.fisher_decay)
 
     metrics = _metrics(result, data, settings, seed=seed, fisher_n=fisher_n, cache_info=cache_info)
+    should_stop()  # a SIGTERM before the write: nothing is written (every rank asks: it is a collective)
     if not dist.is_main:
         return {"version": None, "metrics": metrics}
-    should_stop()  # a SIGTERM before the write: nothing is written
     progress({"phase": "writing"})
     manifest = registry.write_version(
         {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -354,7 +352,9 @@ def _datasets(
     frozen_base = m.mode == "feature_extraction" and not spec.augment
     if frozen_base and 0 < n_all <= t.feature_cache_items:
         model.eval()
-        cache = FeatureCache(backbone_hash(model), t.feature_cache_items, settings.service.data_dir / "cache" / "features")
+        cache = FeatureCache(
+            backbone_hash(model), t.feature_cache_items, settings.service.data_dir / "cache" / "features"
+        )
         hits0 = cache.hits
         feats = embed_samples(
             model, np.concatenate([data.train, data.validation]), spec=spec, store=store, cache=cache, device=device
@@ -374,7 +374,9 @@ def _datasets(
         url, data.train, data.train_labels, spec, train=True, cache_items=t.feature_cache_items, store=store
     )
     val_ds = (
-        SampleDataset(url, data.validation, data.validation_labels, spec, train=False, cache_items=t.feature_cache_items)
+        SampleDataset(
+            url, data.validation, data.validation_labels, spec, train=False, cache_items=t.feature_cache_items
+        )
         if len(data.validation)
         else None
     )
@@ -443,7 +445,8 @@ def _metrics(
 # -- the process ---------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m continual.learn.worker", description=__doc__)
-    parser.add_argument("--run", type=int, required=True, metavar="RUN_ID")
+    # --run-id: the same; torchrun's own parser refuses "--run" as an ambiguous abbreviation of --run-path.
+    parser.add_argument("--run", "--run-id", dest="run", type=int, required=True, metavar="RUN_ID")
     parser.add_argument("--config", default=None, metavar="PATH")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,143 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from continual.learn.ewc import EwcTerm, anchor_of, combine_fisher, ewc_penalty, fisher_diagonal
+
+
+class Tiny(nn.Module):
+    """Classifier-shaped: a backbone, then a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(5, 4), nn.ReLU())
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def _model(seed: int = 0) -> Tiny:
+    torch.manual_seed(seed)
+    return Tiny()
+
+
+def _ones_fisher(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: torch.ones_like(p) for n, p in model.named_parameters()}
+
+
+def test_penalty_is_zero_at_the_anchor_and_grows_quadratically() -> None:
+    model = _model()
+    anchor = anchor_of(model)
+    fisher = {n: torch.rand_like(p) + 0.1 for n, p in model.named_parameters()}
+    assert float(ewc_penalty(model, anchor, fisher)) == 0.0
+    direction = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    values = []
+    for scale in (1.0, 2.0, 3.0):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(anchor[n] + scale * 0.01 * direction[n])
+        values.append(float(ewc_penalty(model, anchor, fisher)))
+    assert values[0] > 0
+    assert values[1] == pytest.approx(4 * values[0], rel=1e-4)
+    assert values[2] == pytest.approx(9 * values[0], rel=1e-4)
+    # The exact value: 1/2 * sum F * d^2.
+    expected = 0.5 * sum(float((fisher[n] * (0.03 * direction[n]) ** 2).sum()) for n in fisher)
+    assert values[2] == pytest.approx(expected, rel=1e-4)
+
+
+def test_penalty_respects_frozen_parameters() -> None:
+    model = _model()
+    anchor = anchor_of(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    fisher = _ones_fisher(model)
+    full = float(ewc_penalty(model, anchor, fisher))
+    for p in model.backbone.parameters():
+        p.requires_grad_(False)
+    head_only = float(ewc_penalty(model, anchor, fisher))
+    n_head = sum(p.numel() for p in model.head.parameters())
+    assert head_only == pytest.approx(0.5 * n_head * 0.01, rel=1e-4)
+    assert head_only < full
+    term = EwcTerm(model, anchor, fisher)
+    loss = term()
+    assert float(loss) == pytest.approx(head_only, rel=1e-5)
+    loss.backward()
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert all(p.grad is not None for p in model.head.parameters())
+
+
+def test_penalty_skips_params_without_fisher_or_with_another_shape() -> None:
+    model = _model()
+    anchor = anchor_of(model)
+    with torch.no_grad():
+        model.head.weight.add_(1.0)
+    fisher = {"head.weight": torch.ones(7, 7)}  # a head of another size (classes changed)
+    assert float(ewc_penalty(model, anchor, fisher)) == 0.0
+    assert len(EwcTerm(model, anchor, fisher)) == 0
+
+
+def test_fisher_has_the_trainable_shapes_and_matches_the_per_sample_formula() -> None:
+    torch.manual_seed(0)
+    head = nn.Linear(4, 3)
+    x, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
+    fisher, n = fisher_diagonal(head, [(x[:8], y[:8]), (x[8:], y[8:])], max_samples=100)
+    assert n == 20
+    assert set(fisher) == {"weight", "bias"}
+    assert fisher["weight"].shape == head.weight.shape and fisher["bias"].shape == head.bias.shape
+    # Per-sample empirical Fisher of softmax regression: grad log p(y|x) = (onehot(y) - p) x^T.
+    with torch.no_grad():
+        p = torch.softmax(head(x), dim=-1)
+        g = torch.nn.functional.one_hot(y, 3).float() - p
+        expected_w = torch.einsum("nk,nd->nkd", g, x).pow(2).mean(0)
+        expected_b = g.pow(2).mean(0)
+    torch.testing.assert_close(fisher["weight"], expected_w, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(fisher["bias"], expected_b, rtol=1e-4, atol=1e-6)
+
+
+def test_fisher_covers_only_trainable_params_and_caps_samples() -> None:
+    model = _model()
+    for p in model.backbone.parameters():
+        p.requires_grad_(False)
+    x, y = torch.randn(50, 5), torch.randint(0, 3, (50,))
+    fisher, n = fisher_diagonal(model, [(x[:25], y[:25]), (x[25:], y[25:])], max_samples=30, prefix="")
+    assert n == 30
+    assert set(fisher) == {"head.weight", "head.bias"}
+    assert all((f >= 0).all() for f in fisher.values())
+
+
+def test_online_combination_decays_the_old_fisher() -> None:
+    old = {"w": torch.full((2, 2), 4.0), "frozen_now": torch.ones(3)}
+    new = {"w": torch.ones(2, 2), "b": torch.full((2,), 2.0)}
+    out = combine_fisher(old, new, 0.5)
+    torch.testing.assert_close(out["w"], torch.full((2, 2), 3.0))
+    torch.testing.assert_close(out["b"], torch.full((2,), 2.0))
+    torch.testing.assert_close(out["frozen_now"], torch.full((3,), 0.5))
+    assert combine_fisher(None, new, 0.9).keys() == new.keys()
+    reshaped = combine_fisher({"w": torch.ones(5)}, new, 0.9)
+    torch.testing.assert_close(reshaped["w"], new["w"])
+    with pytest.raises(ValueError, match="fisher_decay"):
+        combine_fisher(old, new, 1.5)
+
+
+def test_ewc_pulls_a_trained_parameter_back() -> None:
+    # Train one weight towards 5 from an anchor at 0; with a strong penalty it stays close to 0.
+    def fit(lam: float) -> float:
+        w = nn.Parameter(torch.zeros(1))
+        model = nn.Module()
+        model.w = w  # type: ignore[assignment]
+        anchor, fisher = {"w": torch.zeros(1)}, {"w": torch.ones(1)}
+        opt = torch.optim.SGD([w], lr=0.05)
+        for _ in range(500):
+            loss = (w - 5).pow(2).sum() + lam * ewc_penalty(model, anchor, fisher)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return float(w)
+
+    assert fit(0.0) == pytest.approx(5.0, abs=1e-3)
+    # Optimum of (w-5)^2 + lam/2 w^2 is 10 / (2 + lam).
+    assert fit(18.0) == pytest.approx(0.5, abs=1e-3)

@@ -1,0 +1,169 @@
+"""The worker as a real child process: exit statuses, SIGTERM, SIGKILL, torchrun, ``continual train --now``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from learnutil import digits, fill, settings_dict, write_config
+
+from continual.config import load_settings
+from continual.learn import runs
+from continual.learn.evaluate import evaluate
+from continual.learn.launch import describe_exit, launch_run, wait_for_progress, worker_command
+from continual.registry import Registry
+from continual.store import Store
+
+
+def _setup(tmp_path: Path, n: int = 600, **training: object) -> tuple[Path, Store]:
+    data_dir = tmp_path / "data"
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    cfg = write_config(tmp_path / "config.toml", settings_dict(data_dir, url, **training))
+    store = Store(url)
+    store.upgrade()
+    x, y = digits()
+    fill(store, x[:n], y[:n], "s")
+    return cfg, store
+
+
+def _versions(data_dir: Path) -> list[str]:
+    root = data_dir / "models"
+    return sorted(p.name for p in root.iterdir()) if root.exists() else []
+
+
+def test_worker_command_local_and_torchrun(tmp_path: Path) -> None:
+    cfg, _ = _setup(tmp_path, n=0)
+    settings = load_settings(cfg)
+    assert worker_command(settings, 7, cfg)[1:] == ["-m", "continual.learn.worker", "--run", "7", "--config", str(cfg)]
+    tr = settings.model_copy(
+        update={"training": settings.training.model_copy(update={"launcher": "torchrun", "nproc_per_node": 4})}
+    )
+    cmd = worker_command(tr, 7, None)
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node=4", "--standalone"]
+    multi = tr.model_copy(
+        update={"training": tr.training.model_copy(update={"nnodes": 2, "rdzv_endpoint": "host-a:29400"})}
+    )
+    cmd = worker_command(multi, 7, None)
+    assert "--rdzv_endpoint=host-a:29400" in cmd and "--nnodes=2" in cmd and "--rdzv_id=continual-run-7" in cmd
+    assert describe_exit(-9) == "the worker was killed by SIGKILL"
+
+
+def test_worker_process_succeeds_then_sigterm_cancels_the_next(tmp_path: Path) -> None:
+    cfg, store = _setup(tmp_path, epochs=2)
+    settings = load_settings(cfg)
+    run_id = runs.create_run(store, settings, trigger="test")
+    handle = launch_run(settings, store, run_id, cfg)
+    assert handle.wait(300) == 0, handle.log_path.read_text()
+    row = runs.get_run(store, run_id)
+    assert row["status"] == "succeeded" and row["candidate_version"] in _versions(settings.service.data_dir)
+
+    long = settings.model_copy(update={"training": settings.training.model_copy(update={"epochs": 5000})})
+    run_id = runs.create_run(store, long, trigger="test")
+    handle = launch_run(long, store, run_id, cfg)
+    assert wait_for_progress(store, run_id, phase="training", timeout=300)["status"] == "running"
+    # 143: the worker stopped on its own after SIGTERM (a SIGKILL after the grace period would read -9).
+    assert handle.cancel(grace=60) == 143, handle.log_path.read_text()
+    row = runs.get_run(store, run_id)
+    assert row["status"] == "cancelled" and row["candidate_version"] is None
+    assert len(_versions(settings.service.data_dir)) == 1
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_fails_the_run_and_the_service_keeps_serving(tmp_path: Path) -> None:
+    from serverutil import ServerProcess
+
+    data_dir = tmp_path / "data"
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    conf = settings_dict(data_dir, url, epochs=5000)
+    conf["model"]["classes"] = [str(i) for i in range(10)]
+    server = ServerProcess(conf, workdir=tmp_path / "srv")
+    server.start()
+    try:
+        store = Store(url)
+        x, y = digits()
+        fill(store, x[:500], y[:500], "s")
+        settings = load_settings(server.config_path)
+        run_id = runs.create_run(store, settings, trigger="test")
+        handle = launch_run(settings, store, run_id, server.config_path)
+        row = wait_for_progress(store, run_id, phase="training", timeout=300)
+        assert row["status"] == "running" and row["progress"]["step"] >= 1
+        os.kill(handle.pid, signal.SIGKILL)
+        assert handle.wait(60) == -signal.SIGKILL
+        row = runs.get_run(store, run_id)
+        assert row["status"] == "failed" and "SIGKILL" in row["error"]
+        assert _versions(data_dir) == []
+
+        # The parent dies too (no one calls wait): restart recovery marks the run interrupted.
+        run_id = runs.create_run(store, settings, trigger="test")
+        handle = launch_run(settings, store, run_id, server.config_path)
+        wait_for_progress(store, run_id, phase="training", timeout=300)
+        os.kill(handle.pid, signal.SIGKILL)
+        handle.process.wait(60)
+        assert runs.mark_interrupted_runs(store) == [run_id]
+        assert runs.get_run(store, run_id)["status"] == "interrupted"
+        assert _versions(data_dir) == []
+
+        assert httpx.get(server.url + "/healthz", timeout=10).status_code == 200
+        sample = {"id": "after-kill", "label": "3", "x": [0.0] * 64}
+        r = httpx.post(server.url + "/v1/feedback", json={"samples": [sample]}, timeout=10)
+        assert r.status_code == 200 and r.json()["accepted"] == 1
+        status = httpx.get(server.url + "/v1/status", timeout=10).json()
+        assert [r["status"] for r in status["last_runs"][:2]] == ["interrupted", "failed"]
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_torchrun_two_gloo_processes_match_a_single_process(tmp_path: Path) -> None:
+    results = {}
+    for launcher, nproc in (("local", 1), ("torchrun", 2)):
+        work = tmp_path / launcher
+        work.mkdir()
+        cfg, store = _setup(
+            work, n=1200, epochs=6, launcher=launcher, nproc_per_node=nproc, batch_size=16 if nproc == 2 else 32
+        )
+        settings = load_settings(cfg)
+        run_id = runs.create_run(store, settings, trigger="test")
+        handle = launch_run(settings, store, run_id, cfg)
+        assert handle.wait(500) == 0, handle.log_path.read_text()[-3000:]
+        row = runs.get_run(store, run_id)
+        assert row["status"] == "succeeded", row["error"]
+        registry = Registry(settings.models_dir, store)
+        manifest = registry.manifest(row["candidate_version"])
+        assert manifest.extra["world_size"] == nproc
+        assert "fisher.safetensors" in manifest.files
+        model = registry.load_model(row["candidate_version"], settings)
+        results[launcher] = evaluate(model, store, store.draw(10_000, split="holdout"), settings).accuracy
+    # Same global batch (2 x 16 = 32), same data: the same accuracy within noise.
+    assert results["local"] > 0.85 and results["torchrun"] > 0.85
+    assert abs(results["local"] - results["torchrun"]) <= 0.05, results
+
+
+@pytest.mark.slow
+def test_cli_train_now_prints_the_candidate(tmp_path: Path) -> None:
+    cfg, store = _setup(tmp_path, epochs=2)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONTINUAL_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "continual.cli", "train", "--now", "--config", str(cfg), "--quiet"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "training run 1: succeeded" in proc.stdout
+    assert "validation_accuracy:" in proc.stdout and "candidate: " in proc.stdout
+    assert runs.get_run(store, 1)["candidate_version"] in proc.stdout
+    refused = subprocess.run(
+        [sys.executable, "-m", "continual.cli", "train", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert refused.returncode == 1 and "--now" in refused.stderr
