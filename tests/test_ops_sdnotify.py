@@ -177,12 +177,8 @@ def test_store_down_is_reported_but_keeps_the_watchdog(listener: Listener) -> No
 
 def test_run_in_process_uses_the_hooks(tmp_path: Path, listener: Listener) -> None:
     """lifecycle.run on the main thread: READY after bind, hooks gate the watchdog, SIGTERM runs on_stop, returns 0."""
-    settings = settings_from_dict(
-        {"service": {"port": free_port(), "data_dir": str(tmp_path), "shutdown_timeout_seconds": 5}}
-    )
-    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
-    store.upgrade()
-    ctx = AppContext(settings=settings, store=store, metrics=Metrics())
+    ctx = _context(tmp_path)
+    settings, store = ctx.settings, ctx.store
     hooks = lifecycle.hooks_of(ctx)
     assert lifecycle.hooks_of(ctx) is hooks
     stopped: list[str] = []
@@ -207,9 +203,7 @@ def test_run_in_process_uses_the_hooks(tmp_path: Path, listener: Listener) -> No
             items = listener.wait_until(lambda items: any("unhealthy" in i for i in items), 15, "unhealthy STATUS=")
             seen["sick"] = next(i for i in items if "unhealthy" in i)
         finally:
-            # Only while run() has its handler installed: the default action would kill pytest.
-            if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
-                os.kill(os.getpid(), signal.SIGTERM)
+            _sigterm_self()
 
     t = threading.Thread(target=drive)
     t.start()
@@ -228,6 +222,98 @@ def test_run_in_process_uses_the_hooks(tmp_path: Path, listener: Listener) -> No
     # No keep-alive while the check failed, nor after STOPPING=1.
     assert "WATCHDOG=1" not in items[sick_at:]
     assert ctx.metrics.registry.get_sample_value("continual_state", {"state": "stopping"}) == 1
+
+
+def _context(tmp_path: Path) -> AppContext:
+    settings = settings_from_dict(
+        {"service": {"port": free_port(), "data_dir": str(tmp_path), "shutdown_timeout_seconds": 5}}
+    )
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    store.upgrade()
+    return AppContext(settings=settings, store=store, metrics=Metrics())
+
+
+def _sigterm_self() -> None:
+    # Only while run() has its handler installed: the default action would kill pytest.
+    if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(tmp_path: Path, listener: Listener) -> None:
+    ctx = _context(tmp_path)
+    url = f"http://127.0.0.1:{ctx.settings.service.port}"
+    entered, release = threading.Event(), threading.Event()
+    app = FastAPI()
+
+    @app.get("/slow")
+    def slow() -> dict[str, str]:
+        entered.set()
+        release.wait(10)
+        return {"done": "yes"}
+
+    @app.get("/ping")
+    def ping() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    seen: dict[str, object] = {}
+
+    def request() -> None:
+        r = httpx.get(url + "/slow", timeout=20)
+        seen["slow"] = (r.status_code, r.json())
+
+    def drive() -> None:
+        try:
+            listener.wait_for("READY=1", 30)
+            threading.Thread(target=request).start()
+            seen["entered"] = entered.wait(10)
+            _sigterm_self()
+            seen["signalled"] = True
+            listener.wait_for("STOPPING=1", 10)
+            # The request is still held: the port must close to newcomers meanwhile.
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    httpx.get(url + "/ping", timeout=1)
+                except httpx.ConnectError:
+                    seen["refused"] = True
+                    break
+                except httpx.TransportError:
+                    pass  # accepted just before the listener closed, then dropped: try again
+                time.sleep(0.05)
+        finally:
+            release.set()
+            if not seen.get("signalled"):  # a second SIGTERM would skip the drain under test
+                _sigterm_self()
+
+    t = threading.Thread(target=drive)
+    t.start()
+    try:
+        code = lifecycle.run(app, ctx, Notifier(listener.address))
+    finally:
+        release.set()
+        t.join(30)
+        ctx.store.dispose()
+    assert code == 0
+    assert seen.get("entered") is True
+    assert seen.get("refused") is True
+    assert seen.get("slow") == (200, {"done": "yes"})
+
+
+def test_status_line_names_state_champion_and_trouble() -> None:
+    m = Metrics()
+    assert lifecycle.metrics_state(m) == "starting"
+    m.set_state("training")
+    m.set_model("v7", "mlp")
+    line = lifecycle.status_line(
+        lifecycle.metrics_state(m),
+        "http://127.0.0.1:8000",
+        version=lifecycle.serving_version(m),
+        store_ok=False,
+        problems=["scheduler stuck"],
+    )
+    assert (
+        line == "training, serving on http://127.0.0.1:8000, champion v7, store unreachable, unhealthy: scheduler stuck"
+    )
 
 
 # -- a real `continual serve` --------------------------------------------------------
