@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -131,3 +133,45 @@ def test_connection_errors_are_retried_then_reported() -> None:
     with Client(url, retries=2, backoff=0.01) as c, pytest.raises(ServiceUnavailable) as e:
         c.feedback(vectors("down", 1))
     assert e.value.code == "connection_error" and time.monotonic() - start < 30
+
+
+def test_ingest_cli_imports_npz_and_csv_and_resumes(server: ServerProcess, tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    npz = tmp_path / "part.npz"
+    x = rng.normal(size=(120, 64)).astype(np.float32)
+    x[7, 3] = np.nan  # one bad row: reported, the rest goes in
+    np.savez(npz, x=x, y=rng.integers(0, 10, size=120))
+    csv = tmp_path / "rows.csv"
+    header = ",".join(f"f{i}" for i in range(64)) + ",label"
+    rows = [",".join(str(v) for v in rng.normal(size=64).round(3)) + f",{i % 10}" for i in range(30)]
+    csv.write_text("\n".join([header, *rows, ",".join(["1"] * 64) + ",eleven"]) + "\n")
+    before = count(server)
+
+    def ingest(path: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "continual.cli", "ingest", str(path), "--url", server.url, "--batch-size", "25"],
+            env={**server.env, "CONTINUAL_TOKEN": INGEST},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    first = ingest(npz)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("accepted 119, duplicates 0, rejected 1")
+    assert "part.npz row 7: x[3]: every number must be finite" in first.stdout
+    assert "120/120" in first.stderr  # the progress bar reached the end
+    again = ingest(npz)
+    assert again.stdout.startswith("accepted 0, duplicates 119, rejected 1")
+    from_csv = ingest(csv)
+    assert from_csv.stdout.startswith("accepted 30, duplicates 0, rejected 1"), from_csv.stdout + from_csv.stderr
+    assert "label: 'eleven' is not one of the configured classes" in from_csv.stdout
+    assert count(server) == before + 149
+    bad_token = subprocess.run(
+        [sys.executable, "-m", "continual.cli", "ingest", str(csv), "--url", server.url, "--token", "nope"],
+        env=server.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad_token.returncode == 1 and "401 unauthorized" in bad_token.stderr and "Traceback" not in bad_token.stderr
