@@ -50,6 +50,7 @@ def raw(srv: ServerProcess, body: bytes, token: str | None = INGEST, ctype: str 
     return httpx.post(srv.url + "/v1/feedback", content=body, headers=headers, timeout=30)
 
 
+@pytest.mark.slow
 def test_batches_of_vectors_are_accepted_and_a_retry_stores_once(server: ServerProcess) -> None:
     before = count(server)
     samples = vectors("batch", 250)
@@ -63,6 +64,7 @@ def test_batches_of_vectors_are_accepted_and_a_retry_stores_once(server: ServerP
     assert count(server) == before + 255
 
 
+@pytest.mark.slow
 def test_batches_of_images_are_accepted(tmp_path: Path) -> None:
     config = {"model": {"classes": ["cat", "dog"], "input": {"kind": "image", "channels": 3}}}
     with running_server(config, workdir=tmp_path) as url, Client(url) as c:
@@ -74,6 +76,7 @@ def test_batches_of_images_are_accepted(tmp_path: Path) -> None:
     assert "auth is DISABLED" in (tmp_path / "server.log").read_text()
 
 
+@pytest.mark.slow
 def test_every_error_code_from_real_bad_requests(server: ServerProcess) -> None:
     before = count(server)
     ok = json.dumps({"samples": vectors("err", 2)}).encode()
@@ -102,11 +105,13 @@ def test_every_error_code_from_real_bad_requests(server: ServerProcess) -> None:
     assert e.value.status == 422 and e.value.details[0]["field"] == "label"
 
 
+@pytest.mark.slow
 def test_admin_routes_refuse_ingest_tokens_with_403(server: ServerProcess) -> None:
     r = httpx.post(server.url + "/v1/models/rollback", headers={"Authorization": f"Bearer {INGEST}"}, timeout=30)
     assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
 
 
+@pytest.mark.slow
 def test_store_locked_gives_503_and_the_client_retries_until_it_is_free(server: ServerProcess) -> None:
     db = server.workdir / "data" / "continual.db"
     before = count(server)
@@ -135,6 +140,7 @@ def test_connection_errors_are_retried_then_reported() -> None:
     assert e.value.code == "connection_error" and time.monotonic() - start < 30
 
 
+@pytest.mark.slow
 def test_ingest_cli_imports_npz_and_csv_and_resumes(server: ServerProcess, tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
     npz = tmp_path / "part.npz"

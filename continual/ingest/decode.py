@@ -57,7 +57,7 @@ class ValidationFailed(ValueError):
         self.details = list(details)
         first = self.details[0] if self.details else {"index": "?", "field": "?", "message": "?"}
         more = f" (and {len(self.details) - 1} more)" if len(self.details) > 1 else ""
-        super().__init__(f"input {first['index']} field {first['field']!r}: {first['message']}{more}")
+        super().__init__(f"index {first['index']}, field {first['field']!r}: {first['message']}{more}")
 
 
 def decode_input(obj: Any, spec: InputSettings, *, max_image_pixels: int) -> Decoded:
