@@ -94,14 +94,14 @@ class MMDDetector:
             std = z.std(0).nan_to_num_(0.0)
             z = (z - mean) / torch.where(std > 0, std, torch.ones_like(std))
         exact = size <= self.exact_max_n
-        sub = rng.choice(size, size=min(self.bandwidth_sample, size), replace=False)
+        sub = torch.as_tensor(rng.choice(size, size=min(self.bandwidth_sample, size), replace=False), device=device)
         if exact:
             # One distance matrix serves both the bandwidth and the kernel.
             dist = _sq_dists(z, z)
             h = self.bandwidth or _median_distance(dist[sub][:, sub])
             sums: _KernelSums | _FeatureSums = _KernelSums(dist, h)
         else:
-            sub_z = z[torch.as_tensor(sub, device=device)]
+            sub_z = z[sub]
             h = self.bandwidth or _median_distance(_sq_dists(sub_z, sub_z))
             sums = _FeatureSums(z, h, self.rff_features, rng)
         del z

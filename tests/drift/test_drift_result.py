@@ -10,9 +10,7 @@ from continual.drift.result import DriftResult, check_windows, decide, resolve_d
 
 
 def _result(**overrides: object) -> DriftResult:
-    fields = dict(
-        detector="mmd", statistic=0.5, p_value=0.01, effect=0.2, detected=True, n_reference=10, n_current=12
-    )
+    fields = dict(detector="mmd", statistic=0.5, p_value=0.01, effect=0.2, detected=True, n_reference=10, n_current=12)
     fields.update(overrides)
     return DriftResult(**fields)  # type: ignore[arg-type]
 
