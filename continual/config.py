@@ -70,6 +70,8 @@ class IngestSettings(_Section):
     max_batch_samples: int = Field(1_000, ge=1)
     # Decompression-bomb guard: images with more pixels than this are rejected.
     max_image_pixels: int = Field(25_000_000, ge=1)
+    # One sample's metadata object, as JSON (stored in the sample's row).
+    max_metadata_bytes: int = Field(65_536, ge=2)
 
 
 class InputSettings(_Section):

@@ -237,3 +237,29 @@ def test_metrics_endpoint_is_prometheus_text(tmp_path: Path, store_url: str) -> 
     r = client.get("/metrics", follow_redirects=False)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     assert "continual_feedback_samples_total 1.0" in r.text
+
+
+def test_ids_and_metadata_every_database_can_store(tmp_path: Path, store_url: str) -> None:
+    client, store, _ = make_client(vector_settings(tmp_path, ingest={"max_metadata_bytes": 100}), store_url)
+    body = (
+        b'{"samples": ['
+        b'{"id": "a\\u0000b", "label": "cat", "x": [1, 2, 3, 4]},'
+        b'{"id": "\\ud800", "label": "cat", "x": [1, 2, 3, 4]},'
+        b'{"id": "ok-1", "label": "cat", "x": [1, 2, 3, 4], "metadata": {"a": NaN}},'
+        b'{"id": "ok-2", "label": "cat", "x": [1, 2, 3, 4], "metadata": {"\\udc00": 1}},'
+        b'{"id": "ok-3", "label": "cat", "x": [1, 2, 3, 4], "metadata": {"long": "' + b"y" * 100 + b'"}}'
+        b"]}"
+    )
+    r = client.post("/v1/feedback", content=body, headers=JSON)
+    assert r.status_code == 422, r.text
+    assert [(d["index"], d["field"]) for d in err(r)["details"]] == [
+        (0, "id"),
+        (1, "id"),
+        (2, "metadata"),
+        (3, "metadata"),
+        (4, "metadata"),
+    ]
+    # What is valid JSON text for both databases goes in, NUL escapes inside metadata included.
+    ok = b'{"samples": [{"id": "ok-4", "label": "cat", "x": [1, 2, 3, 4], "metadata": {"n": "a\\u0000", "e": "\\u00e9"}}]}'
+    assert client.post("/v1/feedback", content=ok, headers=JSON).json() == {"accepted": 1, "duplicates": 0}
+    assert store.count() == 1

@@ -104,6 +104,29 @@ def feedback_samples(doc: Any, settings: Settings, *, source: str = "api") -> li
     return out
 
 
+def _id_problem(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_ID_LENGTH:
+        return f"must be a non-empty string of at most {MAX_ID_LENGTH} characters"
+    # Control characters and lone surrogates (legal in JSON escapes) cannot be stored as text everywhere
+    # (PostgreSQL refuses NUL; UTF-8 has no surrogates).
+    if any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF for c in value):
+        return "must not contain control characters or unpaired surrogates"
+    return ""
+
+
+def _metadata_problem(value: Any, limit: int) -> str:
+    if not isinstance(value, dict):
+        return "must be a JSON object"
+    try:
+        # Exactly what the database will be asked to store: strict JSON, valid UTF-8.
+        size = len(json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8"))
+    except ValueError as e:  # NaN/Infinity, or unpaired surrogates (UnicodeEncodeError)
+        return f"must be plain JSON with finite numbers and valid unicode ({type(e).__name__})"
+    if size > limit:
+        return f"{size} bytes as JSON exceeds ingest.max_metadata_bytes = {limit}"
+    return ""
+
+
 class _FieldErrors(Exception):
     def __init__(self, errors: list[tuple[str, str]]) -> None:
         self.errors = errors
@@ -118,10 +141,10 @@ def _sample(item: Any, settings: Settings, source: str) -> NewSample:
     for key in unknown:
         errors.append((key, f"unknown field; a sample has {sorted(SAMPLE_KEYS)}"))
     sample_id = item.get("id")
-    if sample_id is not None and (
-        not isinstance(sample_id, str) or not sample_id.strip() or len(sample_id) > MAX_ID_LENGTH
-    ):
-        errors.append(("id", f"must be a non-empty string of at most {MAX_ID_LENGTH} characters"))
+    if sample_id is not None:
+        problem = _id_problem(sample_id)
+        if problem:
+            errors.append(("id", problem))
     label = item.get("label")
     classes = settings.model.classes
     if label is None:
@@ -130,8 +153,10 @@ def _sample(item: Any, settings: Settings, source: str) -> NewSample:
         shown = ", ".join(repr(c) for c in classes[:20]) + (" ..." if len(classes) > 20 else "")
         errors.append(("label", f"{label!r} is not one of the configured classes ({shown})"))
     meta = item.get("metadata")
-    if meta is not None and not isinstance(meta, dict):
-        errors.append(("metadata", "must be a JSON object"))
+    if meta is not None:
+        problem = _metadata_problem(meta, settings.ingest.max_metadata_bytes)
+        if problem:
+            errors.append(("metadata", problem))
     other = "image" if settings.model.input.kind == "vector" else "x"
     if other in item:
         errors.append((other, f"this service takes {settings.model.input.kind} inputs, not {other!r}"))
