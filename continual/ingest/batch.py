@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
+
+import orjson
 
 from continual.config import Settings
 from continual.ingest.decode import InputError, ValidationFailed, decode_input
 from continual.store import NewSample
 
+_BAD_ID_CHARS = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
 SAMPLE_KEYS = frozenset({"id", "label", "x", "image", "metadata"})
 MAX_ID_LENGTH = 255
 
@@ -40,6 +44,12 @@ class SampleTooLarge(ValueError):
 
 
 def parse_json(body: bytes) -> Any:
+    try:
+        # orjson parses number-heavy batches ~10x faster; anything it refuses (NaN literals,
+        # huge integers, lone surrogates, bad UTF-8) goes through the stdlib for a precise answer.
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
     try:
         return json.loads(body)
     except RecursionError:
@@ -109,7 +119,7 @@ def _id_problem(value: Any) -> str:
         return f"must be a non-empty string of at most {MAX_ID_LENGTH} characters"
     # Control characters and lone surrogates (legal in JSON escapes) cannot be stored as text everywhere
     # (PostgreSQL refuses NUL; UTF-8 has no surrogates).
-    if any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF for c in value):
+    if _BAD_ID_CHARS.search(value):
         return "must not contain control characters or unpaired surrogates"
     return ""
 
