@@ -106,19 +106,19 @@ class MMDDetector:
             sums = _FeatureSums(z, h, self.rff_features, rng)
         del z
 
-        # Column 0 is the observed split; the rest are uniform random relabellings.
-        splits = [np.arange(n)] + [rng.permutation(size)[:n] for _ in range(self.permutations)]
+        # Split 0 is the observed one; the rest are uniform random relabellings, drawn a
+        # batch at a time (in the same order for any batch size, so results are reproducible).
         batch = max(1, _BATCH_ELEMENTS // size)
-        unbiased, biased = [], []
-        for start in range(0, len(splits), batch):
-            idx = torch.as_tensor(np.stack(splits[start : start + batch], axis=1), device=device)
-            a = torch.zeros(size, idx.shape[1], device=device).scatter_(0, idx, 1.0)
-            aka = sums.quadratic(a)
+        unbiased, biased_observed = [], 0.0
+        for start in range(0, self.permutations + 1, batch):
+            count = min(batch, self.permutations + 1 - start)
+            splits = [np.arange(n) if start + j == 0 else rng.permutation(size)[:n] for j in range(count)]
+            idx = torch.as_tensor(np.stack(splits, axis=1), device=device)
+            a = torch.zeros(size, count, device=device).scatter_(0, idx, 1.0)
             # aᵀK1 and aᵀdiag(K) are plain gathers over the chosen rows, exact in float64.
-            ar, ad = sums.rows[idx].sum(0), sums.diag[idx].sum(0)
-            u, b = _mmd2(aka, ar, ad, sums.total, sums.trace, n, m)
+            u, b = _mmd2(sums.quadratic(a), sums.rows[idx].sum(0), sums.diag[idx].sum(0), sums, n, m)
             unbiased.append(u.cpu())
-            biased.append(b.cpu())
+            biased_observed = float(b[0]) if start == 0 else biased_observed
         stats = torch.cat(unbiased).numpy()
         observed = float(stats[0])
         p_value = float((1 + np.count_nonzero(stats[1:] >= observed)) / (1 + self.permutations))
@@ -133,7 +133,7 @@ class MMDDetector:
             n_current=m,
             details={
                 "method": "exact" if exact else "rff",
-                "mmd2_biased": float(biased[0][0]),
+                "mmd2_biased": biased_observed,
                 "bandwidth": float(h),
                 "permutations": self.permutations,
                 "rff_features": None if exact else self.rff_features,
@@ -220,11 +220,11 @@ class _FeatureSums:
 
 
 def _mmd2(
-    aka: torch.Tensor, ar: torch.Tensor, ad: torch.Tensor, total: float, trace: float, n: int, m: int
+    aka: torch.Tensor, ar: torch.Tensor, ad: torch.Tensor, sums: _KernelSums | _FeatureSums, n: int, m: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unbiased and biased MMD² from aᵀKa, aᵀK1 and aᵀdiag(K), with b = 1 - a."""
     kxy = ar - aka
-    kyy = total - 2.0 * ar + aka
-    unbiased = (aka - ad) / (n * (n - 1)) + (kyy - (trace - ad)) / (m * (m - 1)) - 2.0 * kxy / (n * m)
+    kyy = sums.total - 2.0 * ar + aka
+    unbiased = (aka - ad) / (n * (n - 1)) + (kyy - (sums.trace - ad)) / (m * (m - 1)) - 2.0 * kxy / (n * m)
     biased = aka / n**2 + kyy / m**2 - 2.0 * kxy / (n * m)
     return unbiased, biased
