@@ -385,8 +385,8 @@ def _model_routes(app: FastAPI, ctx: AppContext) -> None:
         app.state.auth.check(request.headers.get("authorization"), "ingest")
         require_json(request)
         body = await read_body(request, ctx.settings.ingest.max_body_bytes)
-        doc = await run_in_threadpool(_parse_body, body)
-        return await run_in_threadpool(predict_sync, doc)
+        # One hop to a worker thread for parsing, decoding and the forward pass.
+        return await run_in_threadpool(lambda: predict_sync(_parse_body(body)))
 
     def registry() -> Any:
         if ctx.registry is None:
