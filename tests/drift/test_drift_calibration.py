@@ -47,7 +47,7 @@ def embeddings(rng: np.random.Generator, n: int, shift: float = 0.0, fraction: f
 
 
 def test_generator_shift_is_in_standard_deviations() -> None:
-    np.testing.assert_allclose(embeddings(np.random.default_rng(0), 50_000).std(0), FEATURE_SD, rtol=0.03)
+    np.testing.assert_allclose(embeddings(np.random.default_rng(0), 20_000).std(0), FEATURE_SD, rtol=0.04)
     # Same seed, same draws: the difference is exactly the requested shift.
     base = embeddings(np.random.default_rng(1), 10)
     moved = embeddings(np.random.default_rng(1), 10, shift=0.2)

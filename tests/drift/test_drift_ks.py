@@ -3,6 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from scipy import stats
 
 from continual.drift import KSDetector
@@ -101,3 +104,13 @@ def test_bad_arguments_name_themselves(kwargs: dict[str, object], name: str) -> 
 def test_mismatched_windows_rejected() -> None:
     with pytest.raises(ValueError, match="features"):
         KSDetector().check(np.zeros((5, 3)), np.zeros((5, 4)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    x=hnp.arrays(np.int64, st.tuples(st.integers(1, 25), st.just(3)), elements=st.integers(0, 4)),
+    y=hnp.arrays(np.int64, st.tuples(st.integers(1, 25), st.just(3)), elements=st.integers(0, 4)),
+)
+def test_statistics_match_scipy_on_heavily_tied_data(x: np.ndarray, y: np.ndarray) -> None:
+    expected = [stats.ks_2samp(x[:, j], y[:, j]).statistic for j in range(3)]
+    np.testing.assert_allclose(ks_statistics(x.astype(float), y.astype(float)), expected, atol=1e-12)
