@@ -32,14 +32,14 @@ def test_penalty_is_zero_at_the_anchor_and_grows_quadratically() -> None:
     model = _model()
     anchor = anchor_of(model)
     fisher = {n: torch.rand_like(p) + 0.1 for n, p in model.named_parameters()}
-    assert float(ewc_penalty(model, anchor, fisher)) == 0.0
+    assert float(ewc_penalty(model, anchor, fisher).detach()) == 0.0
     direction = {n: torch.randn_like(p) for n, p in model.named_parameters()}
     values = []
     for scale in (1.0, 2.0, 3.0):
         with torch.no_grad():
             for n, p in model.named_parameters():
                 p.copy_(anchor[n] + scale * 0.01 * direction[n])
-        values.append(float(ewc_penalty(model, anchor, fisher)))
+        values.append(float(ewc_penalty(model, anchor, fisher).detach()))
     assert values[0] > 0
     assert values[1] == pytest.approx(4 * values[0], rel=1e-4)
     assert values[2] == pytest.approx(9 * values[0], rel=1e-4)
@@ -55,10 +55,10 @@ def test_penalty_respects_frozen_parameters() -> None:
         for p in model.parameters():
             p.add_(0.1)
     fisher = _ones_fisher(model)
-    full = float(ewc_penalty(model, anchor, fisher))
+    full = float(ewc_penalty(model, anchor, fisher).detach())
     for p in model.backbone.parameters():
         p.requires_grad_(False)
-    head_only = float(ewc_penalty(model, anchor, fisher))
+    head_only = float(ewc_penalty(model, anchor, fisher).detach())
     n_head = sum(p.numel() for p in model.head.parameters())
     assert head_only == pytest.approx(0.5 * n_head * 0.01, rel=1e-4)
     assert head_only < full
@@ -76,7 +76,7 @@ def test_penalty_skips_params_without_fisher_or_with_another_shape() -> None:
     with torch.no_grad():
         model.head.weight.add_(1.0)
     fisher = {"head.weight": torch.ones(7, 7)}  # a head of another size (classes changed)
-    assert float(ewc_penalty(model, anchor, fisher)) == 0.0
+    assert float(ewc_penalty(model, anchor, fisher).detach()) == 0.0
     assert len(EwcTerm(model, anchor, fisher)) == 0
 
 
@@ -141,3 +141,19 @@ def test_ewc_pulls_a_trained_parameter_back() -> None:
     assert fit(0.0) == pytest.approx(5.0, abs=1e-3)
     # Optimum of (w-5)^2 + lam/2 w^2 is 10 / (2 + lam).
     assert fit(18.0) == pytest.approx(0.5, abs=1e-3)
+
+
+def test_vectorized_and_per_sample_loop_fisher_agree() -> None:
+    from continual.config import ModelSettings
+    from continual.models import build_model
+
+    torch.manual_seed(1)
+    model = build_model(
+        ModelSettings(architecture="mlp", weights="none", hidden=(8, 8), input={"kind": "vector", "shape": [6]})
+    )
+    x, y = torch.randn(24, 6), torch.randint(0, 10, (24,))
+    fast, n1 = fisher_diagonal(model, [(x, y)], max_samples=24, vectorized=True)
+    slow, n2 = fisher_diagonal(model, [(x, y)], max_samples=24, vectorized=False)
+    assert n1 == n2 == 24 and fast.keys() == slow.keys() == dict(model.named_parameters()).keys()
+    for k in fast:
+        torch.testing.assert_close(fast[k], slow[k], rtol=1e-4, atol=1e-7)

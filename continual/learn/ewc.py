@@ -83,13 +83,14 @@ def fisher_diagonal(
     prefix: str = "",
     chunk_size: int = 16,
     should_stop: Callable[[], None] | None = None,
+    vectorized: bool | None = None,
 ) -> tuple[dict[str, Tensor], int]:
     """Per-sample empirical Fisher diagonal of the trainable parameters, on up to ``max_samples`` samples.
 
     Returns ``({prefix + name: F}, n_samples)``; ``F`` has each parameter's shape,
     float32 on the CPU. Per-sample gradients come from ``torch.func.vmap`` (one
     backward for a chunk of samples); models it cannot handle fall back to one
-    backward per sample.
+    backward per sample. ``vectorized``: True or False forces one way (tests).
     """
     was_training = model.training
     model.eval()
@@ -100,10 +101,11 @@ def fisher_diagonal(
 
     def log_lik(ps: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         out = functional_call(model, (ps, buffers), (x.unsqueeze(0),))
-        return torch.log_softmax(out.float(), dim=-1)[0, y]
+        # gather, not [0, y]: indexing with a vmapped label would call .item().
+        return torch.log_softmax(out.float(), dim=-1).gather(1, y.reshape(1, 1)).sum()
 
     per_sample = vmap(grad(log_lik), in_dims=(None, 0, 0), chunk_size=chunk_size)
-    use_vmap = True
+    use_vmap = vectorized is not False
     try:
         for x, y in batches:
             if should_stop is not None:
@@ -115,6 +117,8 @@ def fisher_diagonal(
                 try:
                     grads = per_sample(params, x, y)
                 except (RuntimeError, NotImplementedError):
+                    if vectorized:
+                        raise
                     use_vmap = False
             if not use_vmap:
                 grads = _loop_grads(model, params, x, y)

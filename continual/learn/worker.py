@@ -259,6 +259,7 @@ def _train_candidate(
         torch.cuda.set_device(device)
 
     progress({"phase": "loading"})
+    data_start = time.perf_counter()
     data = plan_run_data(store, settings, parent_cutoff=parent_cutoff, data_cutoff=data_cutoff, seed=seed)
     # Bootstrap: the pretrained base with a fresh head. Update: a copy of the parent.
     model = registry.load_model(parent, settings) if parent else build_model(settings.model)
@@ -272,6 +273,7 @@ def _train_candidate(
     ewc = EwcTerm(model, anchor, parent_fisher) if parent_fisher else None
 
     net, train_ds, val_ds, cache_info = _datasets(store, settings, model, data, device)
+    cache_info["data_seconds"] = round(time.perf_counter() - data_start, 3)
     sampler = MixedBatchSampler(
         n_new=len(data.new), n_replay=len(data.replay), batch_size=t.batch_size, replay_ratio=t.replay_ratio,
         seed=seed, rank=dist.rank, world_size=dist.world_size,
@@ -375,12 +377,17 @@ def _datasets(
     )
     val_ds = (
         SampleDataset(
-            url, data.validation, data.validation_labels, spec, train=False, cache_items=t.feature_cache_items
+            url, data.validation, data.validation_labels, spec, train=False, cache_items=t.feature_cache_items,
+            store=store,
         )
         if len(data.validation)
         else None
-    )
-    return model, train_ds, val_ds, {"feature_cache": False}
+    )  # fmt: skip
+    # DataLoader worker processes keep their own copies: preloading here would only help epoch 1's fork.
+    preloaded = t.num_workers == 0 and train_ds.preload()
+    if val_ds is not None and t.num_workers == 0:
+        val_ds.preload()
+    return model, train_ds, val_ds, {"feature_cache": False, "preloaded": preloaded}
 
 
 def _fisher(
