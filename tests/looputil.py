@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.datasets import load_digits
-
 from serverutil import BASE_CONFIG, merge, to_toml
+from sklearn.datasets import load_digits
 
 # Tuned for the 64-d digits stream: an MLP trained from scratch needs more than the
 # 1e-4 fine-tuning default of a pretrained backbone.

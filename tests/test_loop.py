@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from looputil import digits, write_config
 from sqlalchemy import select
 
 from continual import daemon
@@ -17,7 +18,6 @@ from continual.serving import Serving
 from continual.store import NewSample, Store
 from continual.store.engine import read_tx
 from continual.store.schema import gate_decisions
-from looputil import digits, write_config
 
 
 def feed(store: Store, samples: list[dict[str, Any]]) -> None:
@@ -91,7 +91,7 @@ def test_bootstrap_then_learn_a_shift_then_reject_poison(tmp_path: Path) -> None
             assert value == pytest.approx(d["metrics"][f"candidate_{holdout}_accuracy"])
 
     # Poisoned feedback: random labels on known inputs. The candidate must be rejected.
-    feed(loop.store, digits("poison", start=0, stop=600, seed=7) + [])
+    feed(loop.store, digits("poison", start=0, stop=600, seed=7))
     daemon.request_run(loop.store, loop.settings, actor="test")
     out = daemon.check(loop)
     assert out["decision"] == "rejected", out

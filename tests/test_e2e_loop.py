@@ -1,0 +1,99 @@
+"""The whole loop against a real `continual serve`: bootstrap, drift, run, gate, promotion, metrics."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from looputil import LOOP_CONFIG, digits
+from prometheus_client.parser import text_string_to_metric_families
+from serverutil import ServerProcess
+
+from continual.client import Client
+
+pytestmark = pytest.mark.slow
+
+
+def wait(client: Client, what: str, done: Callable[[dict[str, Any]], bool], timeout: float = 180) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = client.status()
+        if done(st):
+            return st
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}; last status: {st}")
+
+
+def champion(st: dict[str, Any]) -> str | None:
+    return (st.get("champion") or {}).get("version")
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
+
+
+def test_bootstrap_drift_run_gate_promote(tmp_path: Path) -> None:
+    server = ServerProcess(LOOP_CONFIG, workdir=tmp_path)
+    url = server.start()
+    try:
+        with Client(url, timeout=60) as client:
+            client.feedback(digits("original", stop=700), batch_size=100)
+            st = wait(client, "the first champion", lambda s: champion(s) is not None)
+            first = champion(st)
+            assert st["champion"]["reason"] == "bootstrap"
+
+            client.feedback(digits("inverted", stop=700), batch_size=100)
+            st = wait(client, "a promotion after drift", lambda s: champion(s) not in (None, first), timeout=240)
+            second = champion(st)
+            assert st["champion"]["reason"] == "gate"
+            runs = st["last_runs"]
+            drift_run = next(r for r in runs if r["candidate_version"] == second)
+            assert "drift" in drift_run["trigger"], drift_run
+            decision = st["last_decision"]
+            assert decision["outcome"] == "promoted" and decision["candidate"] == second
+
+            x = digits("inverted", start=700, stop=702)
+            out = client.predict([{"x": s["x"]} for s in x])
+            assert out["model_version"] == second and len(out["predictions"]) == 2
+
+        m = scrape(url)
+
+        def value(name: str, **labels: str) -> float:
+            return m[(name, tuple(sorted(labels.items())))]
+
+        assert value("continual_feedback_samples_total") == 1400
+        assert value("continual_training_runs_total") == 2
+        assert value("continual_training_failures_total") == 0
+        assert value("continual_promotions_total") == 2
+        assert value("continual_rejections_total") == 0
+        assert value("continual_training_duration_seconds_count") == 2
+        assert value("continual_last_training_success_timestamp_seconds") > time.time() - 600
+        assert value("continual_samples_pending") == 0
+        assert value("continual_model_info", version=second, architecture="mlp") == 1
+        assert value("continual_state", state="idle") == 1
+        assert value("continual_predictions_total") >= 2
+        assert value("continual_predict_latency_seconds_count") >= 1
+        metrics = decision["metrics"]
+        for holdout in ("old", "new"):
+            assert value("continual_model_accuracy_ratio", model="candidate", holdout=holdout) == pytest.approx(
+                metrics[f"candidate_{holdout}_accuracy"]
+            )
+            assert value("continual_model_accuracy_ratio", model="champion", holdout=holdout) == pytest.approx(
+                metrics[f"candidate_{holdout}_accuracy"]
+            )
+        detectors = [k[1][0][1] for k in m if k[0] == "continual_drift_detected"]
+        assert detectors, "no drift metrics exported"
+        for d in detectors:
+            assert 0 <= value("continual_drift_p_value", detector=d) <= 1
+            assert ("continual_drift_score", (("detector", d),)) in m
+    finally:
+        server.stop()
