@@ -144,6 +144,18 @@ class Client:
     def status(self) -> dict[str, Any]:
         return self._request("GET", "/v1/status", None)
 
+    def models(self) -> dict[str, Any]:
+        """``GET /v1/models``: versions with their gate metrics and status."""
+        return self._request("GET", "/v1/models", None)
+
+    def train(self) -> dict[str, Any]:
+        """``POST /v1/train`` (admin): ask for a run now; it is still gated. Returns ``{"run_id", "status"}``."""
+        return self._request("POST", "/v1/train", {})
+
+    def rollback(self) -> dict[str, Any]:
+        """``POST /v1/models/rollback`` (admin): the previous champion serves again."""
+        return self._request("POST", "/v1/models/rollback", {})
+
     # -- plumbing -----------------------------------------------------------------
     def _send(
         self,

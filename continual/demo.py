@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         before = champion_of(client.status())
         obs.feed(phases["poison"])
         n_decisions = len(_decisions(settings))
-        train = client._request("POST", "/v1/train", {})
+        train = client.train()
         obs.say(f"run #{train['run_id']} requested")
         obs.wait_for("the gate's decision", lambda s: len(_decisions(settings)) > n_decisions)
         last = _decisions(settings)[-1]
