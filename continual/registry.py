@@ -53,6 +53,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")
 # Test hook: SIGKILL this process at the named step of write_version (crash-safety tests).
 CRASH_ENV = "CONTINUAL_TEST_CRASH_AT"
 CRASH_STEPS = ("mkdir", "weights", "extra", "manifest", "fsync", "rename", "insert")
+# ... and at "promote": inside the pointer-moving transaction, after the history row, before the statuses.
 
 
 class ChecksumMismatch(RuntimeError):
@@ -344,9 +345,18 @@ class Registry:
             ).scalar_one_or_none()
 
     def promote(self, version: str, *, reason: str, actor: str = "", details: dict | None = None) -> None:
-        """Make ``version`` champion: one transaction (history row + statuses). Verifies its files first."""
+        """Make ``version`` champion: one transaction (history row + statuses). Verifies its files first.
+
+        Promoting the current champion records nothing, so the history's ``previous``
+        column always names a different version and rollback always changes the model.
+        """
         self.verify(version)
         with write_tx(self.store.engine) as conn:
+            current = conn.execute(
+                select(champion_history.c.version).order_by(champion_history.c.id.desc()).limit(1)
+            ).scalar_one_or_none()
+            if current == version:
+                return
             self._move_pointer(conn, version, reason=reason, actor=actor, details=details)
         if self.metrics is not None and reason != "rollback":
             self.metrics.promotions.inc()
@@ -392,6 +402,8 @@ class Registry:
                 details=details,
             )
         )
+        # Test hook: die inside the open transaction (the pointer must stay where it was).
+        _crash_point("promote")
         if previous and previous != version:
             conn.execute(update(model_versions).where(model_versions.c.version == previous).values(status="retired"))
         conn.execute(update(model_versions).where(model_versions.c.version == version).values(status="champion"))

@@ -227,3 +227,56 @@ def test_hot_swap_under_load_fails_no_request(tmp_path: Path) -> None:
     finally:
         s1.stop()
         s2.stop()
+
+
+def test_image_predict_in_process(tmp_path: Path) -> None:
+    """Images through the real app (FastAPI TestClient): PNG and JPEG in, ImageNet backbone, new head."""
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from continual.api import AppContext, create_app
+    from continual.metrics import Metrics
+    from continual.registry import Registry
+    from continual.serving import Serving
+    from continual.store import Store
+
+    settings = settings_from_dict(
+        {
+            "service": {"data_dir": str(tmp_path)},
+            "auth": {"enabled": False},
+            "model": {"architecture": "efficientnet_lite0", "classes": ["cat", "dog"], "input": {"size": [32, 32]}},
+            "serving": {"device": "cpu"},
+        }
+    )
+    store = Store.from_settings(settings)
+    store.upgrade()
+    reg = Registry(settings.models_dir, store)
+    m = reg.write_version(
+        build_model(settings.model).state_dict(),
+        architecture="efficientnet_lite0",
+        classes=settings.model.classes,
+        input_spec=settings.model.input.model_dump(mode="json"),
+        parent=None,
+        data_cutoff=0,
+    )
+    reg.promote(m.version, reason="import")
+    serving = Serving(settings)
+    serving.sync(reg)
+    client = TestClient(create_app(AppContext(settings, store, Metrics(), registry=reg, serving=serving)))
+
+    def encoded(fmt: str, mode: str) -> str:
+        buf = io.BytesIO()
+        Image.new(mode, (50, 40), 128).save(buf, format=fmt)
+        return base64.b64encode(buf.getvalue()).decode()
+
+    r = client.post("/v1/predict", json={"inputs": [{"image": encoded("PNG", "RGB")}, {"image": encoded("JPEG", "L")}]})
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert r.json()["model_version"] == m.version and [set(p["scores"]) for p in preds] == [{"cat", "dog"}] * 2
+    r = client.post("/v1/predict", json={"inputs": [{"image": "bm90IGFuIGltYWdl"}, {"x": [1.0, 2.0]}]})
+    assert r.status_code == 422
+    assert [(d["index"], d["field"]) for d in r.json()["error"]["details"]] == [(0, "image"), (1, "image")]
+    store.dispose()

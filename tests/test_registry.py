@@ -216,6 +216,7 @@ def test_promote_and_rollback_are_recorded(reg: Registry, metrics: Metrics) -> N
     with pytest.raises(NoPreviousChampion, match="first champion"):
         reg.rollback()
     reg.promote(b, reason="gate", details={"run": 1})
+    reg.promote(b, reason="manual")  # already champion: nothing recorded
     assert reg.champion() == b
     status = {v["version"]: v["status"] for v in reg.versions()}
     assert status == {a: "retired", b: "champion"}
