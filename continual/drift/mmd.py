@@ -27,10 +27,15 @@ class MMDDetector:
     """Kernel two-sample test on embeddings (rows are samples).
 
     ``statistic`` is the *unbiased* MMD² estimate; ``effect`` is
-    ``sqrt(max(MMD²_u, 0))``, a consistent estimate of the population MMD that,
-    unlike the biased estimate, does not shrink as the windows grow. With
-    standardised features and the median-heuristic bandwidth it reads roughly
-    as 0.55 x the root-mean-square per-feature mean shift in standard deviations.
+    ``sqrt(max(MMD²_u, 0))``, a consistent estimate of the population MMD (kernel
+    values lie in [0, 1]). The biased estimate would carry an O(1/n) upward bias,
+    making small windows look more different than large ones. With standardised
+    features and the median-heuristic bandwidth, in high dimensions the effect reads
+    roughly as 0.55 x the RMS per-feature mean shift in standard deviations.
+
+    ``exact_max_n`` caps the *pooled* size n + m for the exact kernel (10,000 pooled
+    = a 400 MB float32 kernel); above it random Fourier features are used. Work runs
+    in float32 on ``device`` ("auto": a CUDA input's device, else CUDA if present).
 
     >>> rng = np.random.default_rng(0)
     >>> ref = rng.normal(size=(300, 16))
