@@ -420,7 +420,7 @@ def _model_routes(app: FastAPI, ctx: AppContext) -> None:
         except ChecksumMismatch as e:
             raise ApiError(409, "checksum_mismatch", str(e)) from None
         sync_now()
-        return {"champion": target, "previous": before}
+        return {"champion": target, "previous": before, "serving": _serving_version(ctx)}
 
     @app.post("/v1/models/{version}/promote", dependencies=[require_scope("admin")])
     def promote(version: str, request: Request) -> dict[str, Any]:
@@ -433,7 +433,12 @@ def _model_routes(app: FastAPI, ctx: AppContext) -> None:
         except ChecksumMismatch as e:
             raise ApiError(409, "checksum_mismatch", str(e)) from None
         sync_now()
-        return {"champion": version, "previous": before}
+        # "serving" differs from "champion" when this process could not load the version (see its log).
+        return {"champion": version, "previous": before, "serving": _serving_version(ctx)}
+
+
+def _serving_version(ctx: AppContext) -> str | None:
+    return ctx.serving.version() if ctx.serving is not None else None
 
 
 def _actor(request: Request) -> str:

@@ -185,7 +185,9 @@ class TrainingSettings(_Section):
     strategy: Literal["naive", "replay", "ewc", "replay+ewc"] = "replay+ewc"
     replay_ratio: float = Field(0.5, ge=0, lt=1)
     replay_buffer: int = Field(2_000, ge=0)
-    ewc_lambda: float = Field(100.0, ge=0)
+    # For the per-sample empirical Fisher (continual/learn/ewc.py); bench/stream.py measured 1-5 as
+    # good and 100 as too rigid to learn a new domain.
+    ewc_lambda: float = Field(3.0, ge=0)
     fisher_decay: float = Field(0.9, ge=0, le=1)
     epochs: int = Field(3, ge=1)
     warmup_epochs: int = Field(0, ge=0)

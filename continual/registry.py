@@ -50,6 +50,7 @@ WEIGHTS = "weights.safetensors"
 TMP_PREFIX = ".tmp-"
 _VERSION_RE = re.compile(r"^[0-9]{8}T[0-9]{6}\.[0-9]{6}-[0-9a-f]{6}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")
+_TMP_OWNER_RE = re.compile(r"-([0-9]+)@(.+)$")  # ".tmp-<version>-<pid>@<host>"; host names may hold dashes
 # Test hook: SIGKILL this process at the named step of write_version (crash-safety tests).
 CRASH_ENV = "CONTINUAL_TEST_CRASH_AT"
 CRASH_STEPS = ("mkdir", "weights", "extra", "manifest", "fsync", "rename", "insert")
@@ -432,10 +433,10 @@ class Registry:
         removed = []
         host = socket.gethostname()
         for path in sorted(self.root.glob(TMP_PREFIX + "*")):
-            owner = path.name.rpartition("-")[2]
-            pid_text, _, owner_host = owner.partition("@")
+            owner = _TMP_OWNER_RE.search(path.name)
+            pid, owner_host = (int(owner.group(1)), owner.group(2)) if owner else (-1, "")
             mine = owner_host == host
-            if mine and pid_text.isdigit() and _pid_alive(int(pid_text)) and int(pid_text) != os.getpid():
+            if mine and pid != os.getpid() and _pid_alive(pid):
                 continue
             if not mine and time.time() - path.stat().st_mtime < stale_seconds:
                 continue

@@ -133,7 +133,7 @@ def test_predict_contract_errors_promote_and_rollback(server: ServerProcess, tmp
     assert post("/v1/models/rollback", h=HA).json()["error"]["code"] == "no_previous_champion"
 
     r = post(f"/v1/models/{b}/promote", h=HA)
-    assert r.status_code == 200 and r.json() == {"champion": b, "previous": a}
+    assert r.status_code == 200 and r.json() == {"champion": b, "previous": a, "serving": b}
     # The promoting process swaps before answering.
     r = post("/v1/predict", {"inputs": [{"x": X[0]}]})
     assert r.json()["model_version"] == b
@@ -142,7 +142,7 @@ def test_predict_contract_errors_promote_and_rollback(server: ServerProcess, tmp
     )
 
     r = post("/v1/models/rollback", h=HA)
-    assert r.status_code == 200 and r.json() == {"champion": a, "previous": b}
+    assert r.status_code == 200 and r.json() == {"champion": a, "previous": b, "serving": a}
     assert post("/v1/predict", {"inputs": [{"x": X[0]}]}).json()["model_version"] == a
     history = httpx.get(url + "/v1/models", headers=HI).json()["history"]
     assert [(h["version"], h["reason"]) for h in history] == [(a, "rollback"), (b, "manual"), (a, "import")]

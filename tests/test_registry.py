@@ -197,12 +197,13 @@ def test_discard_keeps_the_directory_of_a_live_writer(reg: Registry) -> None:
         live = reg.root / f"{TMP_PREFIX}{new_version_id()}-{sleeper.pid}@{socket.gethostname()}"
         dead = reg.root / f"{TMP_PREFIX}{new_version_id()}-{2**22 + 17}@{socket.gethostname()}"
         foreign_fresh = reg.root / f"{TMP_PREFIX}{new_version_id()}-1@some-other-host"
-        for d in (live, dead, foreign_fresh):
+        dashed_host = reg.root / f"{TMP_PREFIX}{new_version_id()}-{sleeper.pid}@{socket.gethostname()}-x"
+        for d in (live, dead, foreign_fresh, dashed_host):
             d.mkdir()
             (d / "weights.safetensors").write_bytes(b"partial")
         assert reg.discard_unfinished() == [dead.name]
-        assert live.exists() and foreign_fresh.exists() and not dead.exists()
-        assert reg.discard_unfinished(stale_seconds=0) == [foreign_fresh.name]
+        assert live.exists() and foreign_fresh.exists() and dashed_host.exists() and not dead.exists()
+        assert reg.discard_unfinished(stale_seconds=0) == sorted([foreign_fresh.name, dashed_host.name])
     finally:
         sleeper.kill()
         sleeper.wait()
