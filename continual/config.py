@@ -173,6 +173,13 @@ class DriftSettings(_Section):
     # A p-value alone flags any difference once windows are large; drift is
     # reported only when the effect size is at least this (see continual/drift/).
     min_effect: float = Field(0.1, ge=0)
+    # MMD's effect (sqrt of the unbiased MMD²) lives on a smaller scale than KS D or
+    # Cramér's V: 0.02 ~ an RMS mean shift of 0.036 sd per embedding feature (0.2 sd in
+    # 3% of the dimensions); min_effect = 0.1 would need a shift several times that.
+    mmd_min_effect: float = Field(0.02, ge=0)
+    # KS runs per feature on the embeddings projected onto this many pooled-PCA axes:
+    # 1280 raw features would spend the BH correction on dimensions that carry no shift.
+    ks_features: int = Field(16, ge=1)
     window: int = Field(1_000, ge=10)
     permutations: int = Field(500, ge=10)
     min_samples: int = Field(100, ge=2)

@@ -214,7 +214,7 @@ def run_check(
         elif name == "label":
             results.append(_label_shift(ref, cur, tuple(manifest.classes), d.alpha, d.min_effect))
         elif name == "prediction" and isinstance(reservoir, tuple):
-            head = getattr(model(), "head")
+            head = model().head
             with torch.inference_mode():
                 logits = head(torch.from_numpy(ref_emb).to(next(head.parameters()).device))
                 conf, pred = torch.softmax(logits.float(), dim=1).max(dim=1)
