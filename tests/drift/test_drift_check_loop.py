@@ -1,0 +1,53 @@
+"""The daemon's tick with a real drift check: shifted new samples start a run whose trigger says drift."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from looputil import digits, write_config
+from test_drift_check import feed, trained_state
+
+from continual import daemon
+from continual.config import load_settings
+from continual.drift.check import DriftDecision
+from continual.learn import runs
+from continual.metrics import Metrics
+from continual.registry import Registry
+from continual.serving import Serving
+from continual.store import Store
+
+
+@pytest.mark.slow
+def test_drift_triggers_a_run(tmp_path: Path) -> None:
+    path = write_config(tmp_path, {"training": {"epochs": 1}})
+    settings = load_settings(path, env={})
+    store = Store.from_settings(settings)
+    store.upgrade()
+    metrics = Metrics()
+    registry = Registry(settings.models_dir, store, metrics)
+    loop = daemon.Loop(
+        settings=settings, store=store, registry=registry, metrics=metrics,
+        serving=Serving(settings, metrics), config_path=str(path),
+    )
+    feed(store, digits("original", stop=900))
+    champion = registry.write_version(
+        trained_state(settings),
+        architecture="mlp",
+        classes=settings.model.classes,
+        input_spec=settings.model.input.model_dump(mode="json"),
+        parent=None,
+        data_cutoff=store.max_seq(),
+    ).version
+    registry.promote(champion, reason="import")
+    # 300 inverted digits: >= min_new_samples (200), far below max_new_samples.
+    feed(store, digits("inverted", start=900, stop=1200))
+
+    out = daemon.check(loop)
+
+    assert out["drift"] is True and out["run"] is not None, out
+    assert isinstance(loop.last_drift, DriftDecision) and loop.last_drift.detected
+    run = runs.get_run(store, out["run"])
+    assert "drift" in run["trigger"], run["trigger"]
+    assert metrics.registry.get_sample_value("continual_drift_detected", {"detector": "mmd"}) == 1
+    store.dispose()
