@@ -25,12 +25,13 @@ from continual.config import Settings
 from continual.gate import Decision, Scores, decide
 from continual.learn import runs
 from continual.learn.launch import RunHandle, launch_run
+from continual.learn.orphan import process_alive
 from continual.metrics import Metrics
 from continual.registry import ChecksumMismatch, Registry, VersionNotFound
 from continual.serving import Serving
 from continual.store import Store, StoreUnavailable
 from continual.store.engine import read_tx, write_tx
-from continual.store.lease import release, try_acquire
+from continual.store.lease import holder_of, release, try_acquire
 from continual.store.schema import champion_history, gate_decisions, training_runs
 
 log = logging.getLogger("continual.daemon")
@@ -102,7 +103,12 @@ def recover(loop: Loop) -> dict[str, Any]:
     A champion whose files fail their checksum is replaced (loudly) by the newest
     intact previous champion: the pointer moves, recorded with reason "recovery".
     """
-    interrupted = runs.mark_interrupted_runs(loop.store)
+    freed = _free_lease_of_dead_holder(loop)
+    # Runs left active are ours to interrupt only when no live trainer elsewhere holds the
+    # lease (a second process starting must not interrupt the first one's run); otherwise
+    # the check job of whoever holds the lease interrupts lost ones (_interrupt_lost_runs).
+    trainer = try_acquire(loop.store, TRAINER_LEASE, loop.holder, loop.lease_ttl)
+    interrupted = runs.mark_interrupted_runs(loop.store) if trainer else []
     discarded = loop.registry.discard_unfinished()
     for run_id in interrupted:
         log.warning("training run %d was active when the service stopped: marked interrupted", run_id)
@@ -115,7 +121,38 @@ def recover(loop: Loop) -> dict[str, Any]:
             fallback = _fall_back(loop, champion, e)
     if loop.serving is not None:
         loop.serving.sync(loop.registry)
-    return {"interrupted": interrupted, "discarded": discarded, "fallback": fallback}
+    return {"interrupted": interrupted, "discarded": discarded, "fallback": fallback, "freed_lease": freed}
+
+
+def _interrupt_lost_runs(loop: Loop) -> list[int]:
+    """As the idle lease holder: a "running" run whose worker is gone lost its trainer; it becomes interrupted.
+
+    A worker on this host is gone when its pid is; one on another host ran for a
+    trainer that lost the lease to us. (A live local worker, e.g. ``continual train
+    --now``, is left alone.)
+    """
+    lost = []
+    for r in runs.list_runs(loop.store, status="running", limit=20):
+        local = r.get("host") == socket.gethostname()
+        if local and r.get("pid") and process_alive(int(r["pid"])):
+            continue
+        if runs.finish_run(loop.store, int(r["id"]), "interrupted", error="its trainer or worker is gone"):
+            log.warning("training run %d had lost its trainer or worker: marked interrupted", r["id"])
+            lost.append(int(r["id"]))
+    return lost
+
+
+def _free_lease_of_dead_holder(loop: Loop) -> str | None:
+    """A trainer lease held by a process of this host that is gone (kill -9) is freed now, not after its TTL."""
+    holder = holder_of(loop.store, TRAINER_LEASE)
+    host, _, pid = (holder or "").rpartition(":")
+    if holder is None or host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return None
+    if process_alive(int(pid)):
+        return None
+    release(loop.store, TRAINER_LEASE, holder)
+    log.warning("freed the trainer lease of %s: that process is gone", holder)
+    return holder
 
 
 def _fall_back(loop: Loop, broken: str, err: Exception) -> str | None:
@@ -165,6 +202,8 @@ def check(loop: Loop) -> dict[str, Any]:
         return {"skipped": "another process holds the trainer lease"}
     m.set_state("checking")
     try:
+        if loop.handle is None:
+            _interrupt_lost_runs(loop)
         champion, cutoff = champion_cutoff(loop)
         pending = loop.store.count(after=cutoff)
         m.samples_pending.set(pending)
@@ -323,6 +362,7 @@ def gate(loop: Loop, run: dict[str, Any]) -> Decision:
             details={"run_id": run["id"], "rule": decision.rule, "reasons": decision.reasons},
         )
         m.rejections_in_a_row.set(0)
+        m.samples_pending.set(loop.store.count(after=manifest.data_cutoff))
         if loop.serving is not None:
             loop.serving.sync(loop.registry)
         # The new champion's accuracies are the candidate's.

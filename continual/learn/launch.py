@@ -17,6 +17,7 @@ from pathlib import Path
 
 from continual.config import Settings
 from continual.learn import runs
+from continual.learn.orphan import SERVICE_PID_ENV
 from continual.store import Store
 
 WORKER_MODULE = "continual.learn.worker"
@@ -126,6 +127,7 @@ def launch_run(
     if row["status"] != "pending":
         raise runs.RunNotPending(run_id, row["status"])
     child_env = dict(os.environ if env is None else env)
+    child_env[SERVICE_PID_ENV] = str(os.getpid())  # the worker stops if this process dies (see orphan.py)
     if config_path is None:
         # No file to read: the worker gets the store from the environment, the rest from the run spec.
         child_env["CONTINUAL_STORE__URL"] = store.url

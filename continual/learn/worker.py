@@ -40,6 +40,7 @@ from continual.learn.evaluate import resolve_device
 from continual.learn.ewc import EwcTerm, combine_fisher, fisher_diagonal
 from continual.learn.features import FeatureCache, backbone_hash, embed_samples
 from continual.learn.loop import Cancelled, TimeBudgetExceeded, TrainResult, train
+from continual.learn.orphan import watch_service
 from continual.learn.replay import MixedBatchSampler, uses_ewc
 from continual.store import Store
 
@@ -470,6 +471,18 @@ def main(argv: list[str] | None = None) -> int:
     dist = Dist.from_env()
     base = load_settings(args.config, require_file=args.config is not None)
     store = Store.from_settings(base)
+
+    def orphaned() -> None:
+        # The service was killed (-9 does not reach this process group): restart recovery
+        # would mark the run interrupted; record that now and stop instead of training on.
+        if dist.is_main:
+            try:
+                runs.finish_run(store, args.run, "interrupted", error="the service that started this run is gone")
+            except Exception:
+                log.exception("could not mark training run %d interrupted", args.run)
+        stop.set()
+
+    watch_service(orphaned)
     if dist.enabled:
         backend = "nccl" if torch.cuda.is_available() and base.training.device != "cpu" else "gloo"
         torch.distributed.init_process_group(backend=backend)
