@@ -90,10 +90,11 @@ def test_bootstrap_drift_run_gate_promote(tmp_path: Path) -> None:
             assert value("continual_model_accuracy_ratio", model="champion", holdout=holdout) == pytest.approx(
                 metrics[f"candidate_{holdout}_accuracy"]
             )
-        detectors = [k[1][0][1] for k in m if k[0] == "continual_drift_detected"]
-        assert detectors, "no drift metrics exported"
-        for d in detectors:
+        detected = {k[1][0][1] for k in m if k[0] == "continual_drift_detected"}
+        measured = {k[1][0][1] for k in m if k[0] == "continual_drift_p_value"}
+        assert "mmd" in measured and measured <= detected, (measured, detected)
+        for d in measured:  # a detector skipped for want of data exports only drift_detected = 0
             assert 0 <= value("continual_drift_p_value", detector=d) <= 1
-            assert ("continual_drift_score", (("detector", d),)) in m
+            assert value("continual_drift_score", detector=d) >= 0
     finally:
         server.stop()
