@@ -157,3 +157,23 @@ def test_vectorized_and_per_sample_loop_fisher_agree() -> None:
     assert n1 == n2 == 24 and fast.keys() == slow.keys() == dict(model.named_parameters()).keys()
     for k in fast:
         torch.testing.assert_close(fast[k], slow[k], rtol=1e-4, atol=1e-7)
+
+
+def test_direct_penalty_gradient_equals_autograd() -> None:
+    model = _model(3)
+    anchor = anchor_of(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    for p in model.backbone[0].parameters():
+        p.requires_grad_(False)
+    fisher = {n: torch.rand_like(p) for n, p in model.named_parameters()}
+    term = EwcTerm(model, anchor, fisher)
+    (2.5 * term()).backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    term.add_grad_(2.5)
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == expected.keys() == {"head.weight", "head.bias"}
+    for n in got:
+        torch.testing.assert_close(got[n], expected[n])

@@ -102,7 +102,7 @@ def test_a_corrupt_sample_fails_the_run_naming_it(store, tmp_path) -> None:
 
 def test_time_budget_ends_the_run(store, tmp_path) -> None:
     x, y = digits()
-    settings = make_settings(tmp_path, store.url, epochs=50, max_duration_seconds=0.5)
+    settings = make_settings(tmp_path, store.url, epochs=500, max_duration_seconds=0.5, validation_fraction=0.0)
     fill(store, x[:400], y[:400], "p1")
     row = _run(store, settings)
     assert row["status"] == "failed"
@@ -251,3 +251,14 @@ def test_run_settings_come_from_the_spec_but_the_store_from_the_process(tmp_path
     merged = settings_for_run(base, spec)
     assert merged.training.strategy == "ewc" and merged.training.epochs == 7
     assert merged.store.url == "sqlite:///a.db"
+
+
+def test_dataloader_worker_processes_decode_from_the_store(store, tmp_path) -> None:
+    x, y = digits()
+    settings = make_settings(tmp_path, store.url, strategy="replay", epochs=2, num_workers=2)
+    fill(store, x[:300], y[:300], "p1")
+    row = _run(store, settings)
+    assert row["status"] == "succeeded", row["error"]
+    # With worker processes the data is decoded there, batch by batch, not preloaded here.
+    assert row["metrics"]["preloaded"] is False
+    assert row["metrics"]["validation_accuracy"] > 0.5

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,7 +149,27 @@ def load_transform(spec: InputSettings, *, train: bool) -> Transform:
     return make_transform(spec, train=train)
 
 
-def decode_row(row: SampleRow, transform: Transform) -> torch.Tensor:
+@dataclass(frozen=True)
+class PayloadRow:
+    """The columns training needs: no timestamps or metadata to parse."""
+
+    seq: int
+    external_id: str
+    kind: str
+    payload: bytes
+
+
+def fetch_payloads(store: Store, seqs: Sequence[int], *, chunk: int = 500) -> Iterator[list[PayloadRow]]:
+    """Rows for ``seqs`` (any order), ``chunk`` per query, in seq order within a chunk."""
+    wanted = sorted(int(s) for s in seqs)
+    cols = select(samples.c.seq, samples.c.external_id, samples.c.kind, samples.c.payload)
+    for i in range(0, len(wanted), chunk):
+        with read_tx(store.engine) as conn:
+            q = cols.where(samples.c.seq.in_(wanted[i : i + chunk])).order_by(samples.c.seq)
+            yield [PayloadRow(int(r[0]), r[1], r[2], bytes(r[3])) for r in conn.execute(q)]
+
+
+def decode_row(row: SampleRow | PayloadRow, transform: Transform) -> torch.Tensor:
     from continual.ingest.decode import decode_payload
 
     try:
@@ -188,10 +208,11 @@ class SampleDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         self._store, self._pid = store, os.getpid()
         self._transform: Transform | None = None
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._matrix: torch.Tensor | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_store"], state["_transform"], state["_cache"] = None, None, OrderedDict()
+        state["_store"], state["_transform"], state["_cache"], state["_matrix"] = None, None, OrderedDict(), None
         return state
 
     def _get_store(self) -> Store:
@@ -212,9 +233,15 @@ class SampleDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             return False
         if self._transform is None:
             self._transform = load_transform(self.spec, train=self.train)
-        for rows in self._get_store().iter_samples(seqs=self.seqs.tolist(), batch_size=500):
+        decoded: dict[int, torch.Tensor] = {}
+        for rows in fetch_payloads(self._get_store(), self.seqs.tolist()):
             for row in rows:
-                self._cache[row.seq] = decode_row(row, self._transform)
+                decoded[row.seq] = decode_row(row, self._transform)
+        missing = [int(s) for s in self.seqs if int(s) not in decoded]
+        if missing:
+            raise BadSample(missing[0], "?", "no longer in the store")
+        # One matrix in dataset order: a batch is then one index operation, not a stack of tensors.
+        self._matrix = torch.stack([decoded[int(s)] for s in self.seqs])
         return True
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,6 +249,9 @@ class SampleDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return x[0], y[0]
 
     def __getitems__(self, idxs: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._matrix is not None:
+            t = torch.as_tensor(idxs)
+            return self._matrix[t], self.labels[t]
         idxs = list(idxs)
         xs: list[torch.Tensor | None] = [self._cache.get(int(self.seqs[i])) for i in idxs]
         missing = [j for j, x in enumerate(xs) if x is None]
@@ -229,7 +259,7 @@ class SampleDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             if self._transform is None:
                 self._transform = load_transform(self.spec, train=self.train)
             wanted = [int(self.seqs[idxs[j]]) for j in missing]
-            rows = {r.seq: r for r in self._get_store().get_samples(wanted)}
+            rows = {r.seq: r for batch in fetch_payloads(self._get_store(), wanted) for r in batch}
             for j, seq in zip(missing, wanted, strict=True):
                 row = rows.get(seq)
                 if row is None:

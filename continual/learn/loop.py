@@ -51,6 +51,8 @@ class TrainResult:
     samples_seen: int
     train_seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    # CPU time of this process in the loop: on a shared machine it tracks the work done, not the waiting.
+    train_cpu_seconds: float = 0.0
 
     @property
     def samples_per_s(self) -> float:
@@ -109,7 +111,7 @@ def train(
     best_acc: float | None = None
     best_state: dict[str, Tensor] | None = None
     best_epoch, bad_epochs, step, seen = -1, 0, 0, 0
-    loss_value, val_n, train_seconds = float("nan"), 0, 0.0
+    loss_value, val_n, train_seconds, train_cpu = float("nan"), 0, 0.0, 0.0
     history: list[dict[str, Any]] = []
     phase: tuple[str, int] | None = None
     runner = net
@@ -121,7 +123,7 @@ def train(
             phase, runner = new_phase, wrap(net)
         set_train_mode(model)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        epoch_start, epoch_loss, epoch_steps = time.perf_counter(), 0.0, 0
+        epoch_start, epoch_cpu, epoch_loss, epoch_steps = time.perf_counter(), time.process_time(), 0.0, 0
 
         for x, y in train_batches(epoch):
             should_stop()
@@ -129,14 +131,16 @@ def train(
             with _autocast(device):
                 logits = runner(x)
             loss = F.cross_entropy(logits.float(), y)
-            # Pull the weights that mattered for old data back towards the parent's.
-            penalty = ewc() if lam else None
-            total = loss + lam * penalty if penalty is not None else loss
-            loss_value = float(total.detach())
+            loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 raise NonFiniteLoss(epoch, step, loss_value)
             optimizer.zero_grad(set_to_none=True)
-            total.backward()
+            loss.backward()
+            if lam:
+                # The EWC penalty lam/2 * sum F (theta - theta_parent)^2 pulls the weights that
+                # mattered for old data back towards the parent's. Its gradient, lam * F * (theta -
+                # theta_parent), is added directly: the same step as backpropagating the penalty.
+                ewc.add_grad_(lam)  # type: ignore[union-attr]
             if t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(trainable, t.grad_clip)
             optimizer.step()
@@ -156,6 +160,7 @@ def train(
                 }
             )
         train_seconds += time.perf_counter() - epoch_start
+        train_cpu += time.process_time() - epoch_cpu
 
         # Validate, keep the best weights, stop when validation stops improving.
         record: dict[str, Any] = {"epoch": epoch + 1, "loss": epoch_loss / max(1, epoch_steps), "mode": phase[0]}
@@ -187,4 +192,5 @@ def train(
         samples_seen=seen,
         train_seconds=train_seconds,
         history=history,
+        train_cpu_seconds=train_cpu,
     )

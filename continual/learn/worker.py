@@ -260,7 +260,7 @@ def _train_candidate(
         torch.cuda.set_device(device)
 
     progress({"phase": "loading"})
-    data_start = time.perf_counter()
+    data_start, data_cpu = time.perf_counter(), time.process_time()
     data = plan_run_data(store, settings, parent_cutoff=parent_cutoff, data_cutoff=data_cutoff, seed=seed)
     # Bootstrap: the pretrained base with a fresh head. Update: a copy of the parent.
     model = registry.load_model(parent, settings) if parent else build_model(settings.model)
@@ -275,6 +275,7 @@ def _train_candidate(
 
     net, train_ds, val_ds, cache_info = _datasets(store, settings, model, data, device)
     cache_info["data_seconds"] = round(time.perf_counter() - data_start, 3)
+    cache_info["data_cpu_seconds"] = round(time.process_time() - data_cpu, 3)
     sampler = MixedBatchSampler(
         n_new=len(data.new), n_replay=len(data.replay), batch_size=t.batch_size, replay_ratio=t.replay_ratio,
         seed=seed, rank=dist.rank, world_size=dist.world_size,
@@ -443,6 +444,7 @@ def _metrics(
         "final_loss": num(result.final_loss),
         "samples_seen": result.samples_seen,
         "train_seconds": round(result.train_seconds, 3),
+        "train_cpu_seconds": round(result.train_cpu_seconds, 3),
         "samples_per_s": round(result.samples_per_s, 1),
         "fisher_samples": fisher_n,
         "history": result.history,
