@@ -226,7 +226,32 @@ def create_app(ctx: AppContext) -> FastAPI:
         return collect_status(ctx.settings, ctx.store, {"state": metrics_state(ctx.metrics), "serving_version": serving})
 
     _add_train_route(app, ctx)
+    _add_samples_route(app, ctx)
     return app
+
+
+MAX_EXCLUDE_IDS = 10_000
+
+
+def _add_samples_route(app: FastAPI, ctx: AppContext) -> None:
+    @app.post("/v1/samples/exclude", dependencies=[require_scope("admin")])
+    async def exclude(request: Request) -> dict[str, Any]:
+        """Take poisoned or mislabeled feedback out of play by id (kept for the audit trail)."""
+        require_json(request)
+        doc = _parse_body(await read_body(request, ctx.settings.ingest.max_body_bytes))
+        ids = doc.get("ids") if isinstance(doc, dict) else None
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) and i for i in ids):
+            raise ApiError(422, "validation_error", "body must be {\"ids\": [non-empty strings], \"reason\": \"...\"}",
+                           [{"field": "ids", "message": "a non-empty list of sample ids"}])
+        if len(ids) > MAX_EXCLUDE_IDS:
+            raise ApiError(413, "too_large", f"{len(ids)} ids in one request; at most {MAX_EXCLUDE_IDS}")
+        reason = str(doc.get("reason") or "")[:500]
+        changed, unknown = await run_in_threadpool(ctx.store.exclude, ids)
+        await run_in_threadpool(
+            ctx.store.record_event, "samples_excluded", f"{changed} samples excluded by {_actor(request)}: {reason}",
+            {"ids": ids[:100], "n": changed, "unknown": unknown[:100], "reason": reason, "actor": _actor(request)},
+        )
+        return {"excluded": changed, "unknown": unknown}
 
 
 def _add_train_route(app: FastAPI, ctx: AppContext) -> None:

@@ -69,6 +69,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- samples ----------------------------------------------------------------------
+def cmd_samples_exclude(args: argparse.Namespace) -> int:
+    ids = list(args.ids)
+    if args.file:
+        ids += [line.strip() for line in open(args.file, encoding="utf-8") if line.strip()]  # noqa: SIM115
+    if not ids:
+        raise UserError("no sample ids given (pass IDs or --file)")
+    store = _store(_settings(args))
+    changed, unknown = store.exclude(ids)
+    store.record_event("samples_excluded", f"{changed} samples excluded from the command line: {args.reason}",
+                       {"ids": ids[:100], "n": changed, "unknown": unknown[:100], "reason": args.reason, "actor": "cli"})
+    print(f"excluded {changed} samples" + (f"; {len(unknown)} ids unknown: {', '.join(unknown[:10])}" if unknown else ""))
+    return 0
+
+
 # -- serve ------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     from continual.service import serve
@@ -100,6 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", parents=[common], help="counts, champion, runs")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    samples = sub.add_parser("samples", parents=[common], help="manage stored feedback").add_subparsers(
+        dest="samples_command", metavar="ACTION"
+    )
+    p = samples.add_parser(
+        "exclude", parents=[common], help="take poisoned or mislabeled samples out of training, holdouts and drift"
+    )
+    p.add_argument("ids", nargs="*", metavar="ID")
+    p.add_argument("--file", help="a file with one sample id per line")
+    p.add_argument("--reason", default="", help="recorded in the event log")
+    p.set_defaults(func=cmd_samples_exclude)
 
     sub.add_parser("serve", parents=[common], help="run the service in the foreground").set_defaults(func=cmd_serve)
 

@@ -152,6 +152,10 @@ class Client:
         """``POST /v1/train`` (admin): ask for a run now; it is still gated. Returns ``{"run_id", "status"}``."""
         return self._request("POST", "/v1/train", {})
 
+    def exclude(self, ids: Sequence[str], reason: str = "") -> dict[str, Any]:
+        """``POST /v1/samples/exclude`` (admin): take poisoned or mislabeled samples out of play."""
+        return self._request("POST", "/v1/samples/exclude", {"ids": list(ids), "reason": reason})
+
     def rollback(self) -> dict[str, Any]:
         """``POST /v1/models/rollback`` (admin): the previous champion serves again."""
         return self._request("POST", "/v1/models/rollback", {})

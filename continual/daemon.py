@@ -70,6 +70,9 @@ class TriggerInput:
     seconds_since_last_run: float | None
     drift_detected: bool
     requested: bool = False
+    # False when the last gated run already saw every sample there is: retraining on
+    # the same data would only rebuild the same candidate.
+    new_since_last_run: bool = True
 
 
 def trigger_reason(t: TriggerInput, settings: Settings) -> str | None:
@@ -84,6 +87,8 @@ def trigger_reason(t: TriggerInput, settings: Settings) -> str | None:
             else None
         )
     if t.seconds_since_last_run is not None and t.seconds_since_last_run < trig.cooldown_seconds:
+        return None
+    if not t.new_since_last_run:
         return None
     if t.pending < trig.min_new_samples:
         return None
@@ -211,9 +216,17 @@ def check(loop: Loop) -> dict[str, Any]:
         if champion is not None:
             drift_detected = _drift_check(loop, champion)
         requested = runs.list_runs(loop.store, status="pending", limit=1)
-        last = _seconds_since_last_run(loop.store)
+        last, last_cutoff = _last_run(loop.store)
         reason = trigger_reason(
-            TriggerInput(champion is not None, pending, last, drift_detected, requested=bool(requested)), loop.settings
+            TriggerInput(
+                champion is not None,
+                pending,
+                last,
+                drift_detected,
+                requested=bool(requested),
+                new_since_last_run=last_cutoff is None or loop.store.max_seq() > last_cutoff,
+            ),
+            loop.settings,
         )
         if reason is None:
             return {"pending": pending, "drift": drift_detected, "run": None}
@@ -225,7 +238,8 @@ def check(loop: Loop) -> dict[str, Any]:
             m.set_state("idle")
 
 
-def _seconds_since_last_run(store: Store) -> float | None:
+def _last_run(store: Store) -> tuple[float | None, int | None]:
+    """Seconds since the last finished run, and the data cutoff of the last run that was gated."""
     with read_tx(store.engine) as conn:
         last = conn.execute(
             select(training_runs.c.created_at, training_runs.c.finished_at)
@@ -233,11 +247,17 @@ def _seconds_since_last_run(store: Store) -> float | None:
             .order_by(training_runs.c.id.desc())
             .limit(1)
         ).first()
+        gated = conn.execute(
+            select(training_runs.c.data_cutoff)
+            .where(training_runs.c.status == "succeeded")
+            .order_by(training_runs.c.id.desc())
+            .limit(1)
+        ).scalar_one_or_none()
     if last is None:
-        return None
+        return None, None
     when = last.finished_at or last.created_at
     when = when if when.tzinfo else when.replace(tzinfo=UTC)
-    return (datetime.now(UTC) - when).total_seconds()
+    return (datetime.now(UTC) - when).total_seconds(), gated
 
 
 def _drift_check(loop: Loop, champion: str) -> bool:

@@ -6,7 +6,8 @@ handwritten digits as PNG images in four acts:
 
 1. original digits        → the first champion is trained (bootstrap);
 2. inverted strokes       → drift is detected, a run learns it, the gate promotes;
-3. a poisoned batch       → random labels; an operator asks for a run; the gate rejects it;
+3. a poisoned batch       → random labels; an operator asks for a run; the gate rejects it,
+                             and the operator takes the batch out of play;
 4. transposed digits      → a further shift, detected and learned.
 
 Then it prints a timeline and writes ``demo-out/report.png``.
@@ -280,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         if champion_of(client.status()) != before:
             obs.say("UNEXPECTED: the poisoned candidate was promoted")
             code = 1
+        # The poison stays stored (audit trail) but must not reach the next run.
+        excluded = client.exclude(phases["poison"].ids, reason="demo: random labels from a broken labeling job")
+        obs.say(f"operator excluded {excluded['excluded']} poisoned samples (POST /v1/samples/exclude)")
 
         obs.say("act 4: transposed digits -> a further shift")
         before = champion_of(client.status())

@@ -59,6 +59,9 @@ def test_trigger_rules() -> None:
     # The cooldown holds even with drift; a manual request does not wait.
     assert daemon.trigger_reason(t(True, 10_000, 10.0, True), s) is None
     assert daemon.trigger_reason(t(True, 0, 10.0, False, requested=True), s) == "manual"
+    # Nothing arrived since the last gated run: the same data would build the same candidate.
+    assert daemon.trigger_reason(t(True, 10_000, 1_000.0, True, new_since_last_run=False), s) is None
+    assert daemon.trigger_reason(t(True, 0, 1.0, False, requested=True, new_since_last_run=False), s) == "manual"
 
 
 @pytest.mark.slow

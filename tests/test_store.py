@@ -149,3 +149,22 @@ def test_events(store: Store) -> None:
     store.record_event("test", "hello", {"n": 1})
     [event] = store.recent_events()
     assert event["kind"] == "test" and event["data"] == {"n": 1}
+
+
+def test_excluded_samples_count_for_nothing(store: Store) -> None:
+    fill(store, 100)
+    changed, unknown = store.exclude(["s1", "s2", "s3", "nope"])
+    assert (changed, unknown) == (3, ["nope"])
+    assert store.exclude(["s1"]) == (0, [])  # idempotent
+    assert store.count() == 97
+    assert sum(store.split_label_counts().values()) == 97
+    assert sum(store.label_counts().values()) == 97
+    seqs = [r.seq for b in store.iter_samples() for r in b]
+    assert len(seqs) == 97
+    assert len(store.draw(1_000, split=None)) == 97
+    excluded_seq = 2  # s1 was the second insert
+    assert all(r.external_id not in ("s1", "s2", "s3") for r in store.get_samples(range(1, 101)))
+    assert store.get_samples([excluded_seq]) == []
+    # Re-sending an excluded sample is a duplicate, not a new sample.
+    assert store.insert([vec_sample(1)]).duplicates == 1
+    assert store.count() == 97

@@ -148,6 +148,10 @@ class Store:
     ) -> Iterator[list[SampleRow]]:
         return _samples.iter_samples(self.engine, seqs=seqs, after=after, upto=upto, split=split, batch_size=batch_size)
 
+    def exclude(self, external_ids: Sequence[str]) -> tuple[int, list[str]]:
+        """Take samples out of play (training, holdouts, drift, pending); returns (changed, unknown ids)."""
+        return _samples.exclude(self.engine, external_ids)
+
     def get_samples(self, seqs: Iterable[int]) -> list[SampleRow]:
         return _samples.get_samples(self.engine, seqs)
 

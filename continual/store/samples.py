@@ -10,7 +10,7 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, Dialect, Engine, and_, bindparam, func, insert, select
+from sqlalchemy import Connection, Dialect, Engine, and_, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -62,6 +62,7 @@ class SampleRow:
     ingested_at: datetime
     source: str
     meta: dict[str, Any] | None
+    excluded: bool = False
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,7 @@ def _row(s: NewSample, holdout_fraction: float, now: datetime) -> dict[str, Any]
         "ingested_at": now,
         "source": s.source,
         "meta": s.meta,
+        "excluded": False,
     }
 
 
@@ -200,7 +202,7 @@ def _insert_rows(conn: Connection, rows: list[dict[str, Any]]) -> None:
 def _where(
     after: int | None = None, upto: int | None = None, split: str | None = None, label: str | None = None
 ) -> ColumnElement[bool]:
-    conds: list[ColumnElement[bool]] = []
+    conds: list[ColumnElement[bool]] = [samples.c.excluded.is_(False)]
     if after is not None:
         conds.append(samples.c.seq > after)
     if upto is not None:
@@ -211,7 +213,7 @@ def _where(
         conds.append(samples.c.split == split)
     if label is not None:
         conds.append(samples.c.label == label)
-    return and_(*conds) if conds else and_(True)
+    return and_(*conds)
 
 
 def max_seq(engine: Engine) -> int:
@@ -248,7 +250,11 @@ def label_counts(
 
 def split_label_counts(engine: Engine) -> dict[tuple[str, str], int]:
     with read_tx(engine) as conn:
-        q = select(samples.c.split, samples.c.label, func.count()).group_by(samples.c.split, samples.c.label)
+        q = (
+            select(samples.c.split, samples.c.label, func.count())
+            .where(_where())
+            .group_by(samples.c.split, samples.c.label)
+        )
         return {(split, label): int(n) for split, label, n in conn.execute(q)}
 
 
@@ -332,7 +338,7 @@ def iter_samples(
         for i in range(0, len(wanted), batch_size):
             chunk = wanted[i : i + batch_size]
             with read_tx(engine) as conn:
-                rows = conn.execute(select(samples).where(samples.c.seq.in_(chunk)).order_by(samples.c.seq))
+                rows = conn.execute(select(samples).where(samples.c.seq.in_(chunk), _where()).order_by(samples.c.seq))
                 yield [SampleRow(**r._mapping) for r in rows]
         return
     cursor = after
@@ -344,6 +350,20 @@ def iter_samples(
             return
         yield batch
         cursor = batch[-1].seq
+
+
+def exclude(engine: Engine, external_ids: Sequence[str]) -> tuple[int, list[str]]:
+    """Take samples out of play by id; returns (how many changed, ids not found). Idempotent."""
+    ids = list(dict.fromkeys(external_ids))
+    changed, found = 0, set()
+    with write_tx(engine) as conn:
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            found |= set(conn.execute(select(samples.c.external_id).where(samples.c.external_id.in_(chunk))).scalars())
+            changed += conn.execute(
+                update(samples).where(samples.c.external_id.in_(chunk), samples.c.excluded.is_(False)).values(excluded=True)
+            ).rowcount
+    return changed, [i for i in ids if i not in found]
 
 
 def get_samples(engine: Engine, seqs: Iterable[int]) -> list[SampleRow]:

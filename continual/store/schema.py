@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    false,
 )
 
 # SQLite only autoincrements INTEGER PRIMARY KEY; PostgreSQL gets BIGINT.
@@ -46,6 +47,10 @@ samples = Table(
     Column("ingested_at", DateTime(timezone=True), nullable=False),
     Column("source", String(255), nullable=False, default=""),
     Column("meta", JSON, nullable=True),
+    # Excluded samples (poisoned or mislabeled feedback, taken out by an operator)
+    # stay stored for the audit trail but count for nothing: no training, no
+    # holdout, no drift window, not pending.
+    Column("excluded", Boolean, nullable=False, default=False, server_default=false()),
 )
 # Covers counts and (seq, label) reads for draws within a split.
 Index("ix_samples_split_seq", samples.c.split, samples.c.seq, samples.c.label)
