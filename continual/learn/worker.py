@@ -160,7 +160,8 @@ def execute_run(
     stop = stop or threading.Event()
     started = time.monotonic()
     row = runs.get_run(store, run_id)
-    if row["status"] != "pending":
+    # Rank 0 owns the row (the other ranks may read it after rank 0 started it).
+    if dist.is_main and row["status"] != "pending":
         raise runs.RunNotPending(run_id, row["status"])
     spec = row["spec"] or {}
     try:
