@@ -143,7 +143,7 @@ def next_trigger_works(server: ServerProcess, store: Store) -> dict[str, Any]:
         "POST /v1/train accepted",
     )
     run = wait_run_finished(store, r.json()["run_id"])
-    assert run["status"] == "succeeded" and run["candidate_version"], run
+    assert run["status"] == "succeeded" and run["candidate_version"], (run["status"], run["error"])
     return run
 
 
