@@ -256,6 +256,9 @@ def _train_candidate(
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     torch.set_num_threads(cpu_threads(settings, dist))
+    # Tiny gradients and Adam moments underflow to denormals, which x86 CPUs process many times
+    # slower; flushing them to zero changes no result that matters and speeds CPU steps up ~15%.
+    torch.set_flush_denormal(True)
     device = pick_device(settings, dist)
     if device.type == "cuda":
         torch.cuda.set_device(device)
