@@ -104,3 +104,21 @@ def test_bootstrap_then_learn_a_shift_then_reject_poison(tmp_path: Path) -> None
     assert loop.registry.champion() == second and loop.serving.version() == second
     assert m.registry.get_sample_value("continual_rejections_total") == 1
     assert m.registry.get_sample_value("continual_samples_pending") >= 600
+
+
+@pytest.mark.slow
+def test_excluded_samples_never_reach_training(tmp_path: Path) -> None:
+    loop = make_loop(tmp_path)
+    feed(loop.store, digits("original", stop=400))
+    poison = digits("poison", start=400, stop=700, seed=3)
+    feed(loop.store, poison)
+    loop.store.exclude([s["id"] for s in poison])
+    assert loop.store.count() == 400
+    out = daemon.check(loop)
+    assert out["status"] == "succeeded", out
+    run = daemon.runs.get_run(loop.store, out["run"])
+    excluded = {s["id"] for s in poison}
+    from continual.learn.data import _index_rows
+
+    used = _index_rows(loop.store, upto=run["data_cutoff"])
+    assert used and not excluded & {external_id for _seq, external_id, _label in used}

@@ -77,8 +77,10 @@ class RunData:
 def _index_rows(
     store: Store, *, seqs: Sequence[int] | None = None, after: int | None = None, upto: int | None = None
 ) -> list[tuple[int, str, str]]:
-    """(seq, external_id, label) of train-split rows: a few dozen bytes a row, never payloads."""
-    cols = select(samples.c.seq, samples.c.external_id, samples.c.label).where(samples.c.split == "train")
+    """(seq, external_id, label) of train-split rows in play: a few dozen bytes a row, never payloads."""
+    cols = select(samples.c.seq, samples.c.external_id, samples.c.label).where(
+        samples.c.split == "train", samples.c.excluded.is_(False)
+    )
     out: list[tuple[int, str, str]] = []
     with read_tx(store.engine) as conn:
         if seqs is not None:
