@@ -44,7 +44,7 @@ def data(n: int) -> tuple[np.ndarray, np.ndarray]:
     return xs, np.tile(y, reps)[:n]
 
 
-def settings_for(work: Path, epochs: int, batch_size: int) -> Settings:
+def settings_for(work: Path, epochs: int, batch_size: int, hidden: tuple[int, ...] = (256, 256)) -> Settings:
     return settings_from_dict(
         {
             "service": {"data_dir": str(work)},
@@ -53,7 +53,7 @@ def settings_for(work: Path, epochs: int, batch_size: int) -> Settings:
                 "architecture": "mlp",
                 "weights": "none",
                 "mode": "all",
-                "hidden": [256, 256],
+                "hidden": list(hidden),
                 "input": {"kind": "vector", "shape": [64]},
             },
             "training": {
@@ -107,11 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for both loops")
     parser.add_argument("--rounds", type=int, default=3, help="alternating measurements of each loop")
+    parser.add_argument("--hidden", default="256,256", help="hidden layer widths of the mlp")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="continual-bench-train-") as tmp:
         work = Path(tmp)
-        settings = settings_for(work, args.epochs, args.batch_size)
+        hidden = tuple(int(h) for h in args.hidden.split(","))
+        settings = settings_for(work, args.epochs, args.batch_size, hidden)
         settings = settings.model_copy(
             update={"training": settings.training.model_copy(update={"cpu_threads": args.threads})}
         )
@@ -152,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     real_wall, plain_wall = max(reals_wall), max(plains_wall)
     n_train = m["new_samples"] + m["replay_samples"]
     print(
-        f"model mlp 64-256-256-10, batch {args.batch_size}, {m['epochs_run']} epochs, {args.threads} thread(s); "
+        f"model mlp {'-'.join(str(d) for d in (64, *hidden, 10))}, batch {args.batch_size}, {m['epochs_run']} epochs, {args.threads} thread(s); "
         f"update run: {m['new_samples']} new + {m['replay_samples']} replay samples ({n_train} in the buffer), "
         f"{m['samples_seen']} samples through the loop"
     )
