@@ -43,9 +43,17 @@ class Load:
     """``feeders`` feedback threads (batches of ``batch`` samples) and ``predictors`` predict threads."""
 
     def __init__(
-        self, url: str, *, feeders: int = 8, predictors: int = 4, batch: int = 10, tag: str = "load"
+        self,
+        url: str,
+        *,
+        feeders: int = 8,
+        predictors: int = 4,
+        batch: int = 10,
+        tag: str = "load",
+        pause: float = 0.0,
     ) -> None:
         self.url, self.feeders, self.predictors, self.batch, self.tag = url, feeders, predictors, batch, tag
+        self.pause = pause  # seconds each feeder waits between its batches
         self.acked: set[str] = set()  # ids in a batch answered 200
         self.unknown: set[str] = set()  # ids in a batch whose request got no answer
         self.rejected: set[str] = set()  # ids in a batch answered with an error status
@@ -102,6 +110,8 @@ class Load:
                 self._record("feedback", r.status_code, r.text if r.status_code != 200 else "")
                 with self._lock:
                     (self.acked if r.status_code == 200 else self.rejected).update(ids)
+                if self.pause:
+                    self._stop.wait(self.pause)
 
     def _predict(self, worker: int) -> None:
         rng = np.random.default_rng(worker)
