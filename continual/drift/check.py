@@ -190,7 +190,14 @@ def run_check(
         return cache.model(key, lambda: registry.load_model(champion, settings).to(device).eval())
 
     spec = model_settings_for(manifest, settings).input
-    emb = lambda w: cache.embed(key, w, model=model, store=store, spec=spec, device=device)  # noqa: E731
+    backbone = cache.backbone(key, model)
+    # The training worker caches frozen-base features on disk under the same backbone hash,
+    # computed with the configured input spec: reuse them only when that is the champion's.
+    seed_dir = settings.service.data_dir / "cache" / "features" if spec == settings.model.input else None
+
+    def emb(w: Window) -> np.ndarray:
+        return cache.embed(backbone, w, model=model, store=store, spec=spec, device=device, seed_dir=seed_dir)
+
     ref_emb = emb(ref)
     cur_emb = emb(cur) if feedback_ok and ({"mmd", "ks"} & set(runnable)) else None
 

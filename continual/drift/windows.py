@@ -10,6 +10,7 @@ embeddings are all cache hits. Current: the newest samples after the cutoff
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from sqlalchemy import select
 from torch import nn
 
 from continual.config import InputSettings
-from continual.learn.features import FeatureCache, embed_samples
+from continual.learn.features import FeatureCache, backbone_hash, embed_samples
 from continual.store import Store
 from continual.store.engine import read_tx
 from continual.store.schema import samples
@@ -65,12 +66,19 @@ def read_window(store: Store, seqs: np.ndarray) -> Window:
 
 
 class EmbeddingCache:
-    """Embeddings by (model version, payload sha256), and each version's loaded model.
+    """Embeddings by (backbone, payload sha256), and each model version's loaded model.
 
-    Holds at most ``max_versions`` versions (least recently used out) and
-    ``max_items`` embeddings per version. ``computed`` counts samples that went
-    through the backbone, ``hits`` those served from the cache: tests and the
-    check's report read them.
+    A backbone is named by :func:`continual.learn.features.backbone_hash` plus the
+    input spec, so in ``feature_extraction`` mode a newly promoted champion (same
+    frozen base) reuses every embedding of the previous one, and the training
+    worker's on-disk feature cache (``<data_dir>/cache/features``, same hash) seeds
+    the first check: the bootstrap run has already embedded the old train samples.
+    The disk file is only read, never written, here (writing it every tick would
+    cost more than it saves; the worker rewrites it on each run).
+
+    Holds at most ``max_versions`` models/backbones (least recently used out) and
+    ``max_items`` embeddings per backbone. ``computed`` counts samples that went
+    through the backbone, ``hits`` those served from the cache.
     """
 
     def __init__(self, max_items: int = 20_000, max_versions: int = 2) -> None:
@@ -82,6 +90,7 @@ class EmbeddingCache:
         self.max_versions = max_versions
         self._features: OrderedDict[str, FeatureCache] = OrderedDict()
         self._models: OrderedDict[str, nn.Module] = OrderedDict()
+        self._backbones: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
         self.computed = 0
         self.hits = 0
@@ -95,9 +104,22 @@ class EmbeddingCache:
             self._models.move_to_end(key)
             return self._models[key]
 
+    def backbone(self, version_key: str, model: Callable[[], nn.Module]) -> str:
+        """The backbone hash of the version under ``version_key`` (hashed once per version)."""
+        with self._lock:
+            known = self._backbones.get(version_key)
+        if known is not None:
+            return known
+        digest = backbone_hash(model())  # outside the lock: model() may load through self.model()
+        with self._lock:
+            self._backbones[version_key] = digest
+            while len(self._backbones) > 64:  # names only: a few bytes each
+                self._backbones.popitem(last=False)
+        return digest
+
     def embed(
         self,
-        key: str,
+        backbone: str,
         window: Window,
         *,
         model: Callable[[], nn.Module],
@@ -105,12 +127,18 @@ class EmbeddingCache:
         spec: InputSettings,
         device: torch.device,
         batch_size: int = 256,
+        seed_dir: Path | None = None,
     ) -> np.ndarray:
-        """Embeddings ``[len(window), D]``; only samples not cached under ``key`` are read and embedded."""
+        """Embeddings ``[len(window), D]``; only samples not cached for ``backbone`` are read and embedded.
+
+        ``seed_dir``: a :class:`FeatureCache` directory whose ``<backbone>.npz`` (if any)
+        fills this backbone's cache the first time it is used.
+        """
+        key = f"{backbone}:{spec_digest(spec)}"
         with self._lock:
             cache = self._features.get(key)
             if cache is None:
-                cache = self._features[key] = FeatureCache(key, self.max_items)
+                cache = self._features[key] = FeatureCache(backbone, self.max_items, seed_dir)
                 self._evict(self._features)
             self._features.move_to_end(key)
         # Several seqs may share a payload: embed each hash once.
@@ -141,6 +169,11 @@ class EmbeddingCache:
     def _evict(self, d: OrderedDict) -> None:
         while len(d) > self.max_versions:
             d.popitem(last=False)
+
+
+def spec_digest(spec: InputSettings) -> str:
+    """The same backbone embeds differently at another input size or normalisation."""
+    return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16]
 
 
 def cache_key(models_root: Path, version: str) -> str:

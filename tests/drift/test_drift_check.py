@@ -18,6 +18,7 @@ from continual.config import Settings, load_settings
 from continual.drift.check import DriftDecision, run_check
 from continual.drift.windows import EmbeddingCache
 from continual.ingest.decode import Decoded
+from continual.learn.features import FeatureCache, backbone_hash, embed_samples
 from continual.metrics import Metrics
 from continual.models import build_model
 from continual.registry import Registry
@@ -215,3 +216,34 @@ def test_reservoir_of_another_version_is_not_used(tmp_path: Path, store: Store) 
     d = env.check(second, serving)
     assert d.results == [] and "too few samples" in d.reasons[0]
     assert first in d.skipped["prediction_shift"] and "not the champion" in d.skipped["prediction_shift"]
+
+
+def test_a_new_champion_with_the_same_frozen_base_reuses_its_embeddings(tmp_path: Path, store: Store) -> None:
+    env = Env(tmp_path, store)
+    feed(store, digits("original", stop=400))
+    first = env.champion(store.max_seq())
+    feed(store, digits("original", start=400, stop=500))
+    env.check(first)
+    assert env.cache.computed == 500
+
+    # Same backbone weights (feature_extraction only retrains the head), a later cutoff.
+    second = env.champion(450)
+    d = env.check(second)
+    assert env.cache.computed == 500 and d.n_current == 50  # every embedding came from the cache
+
+
+def test_the_training_workers_feature_cache_seeds_the_first_check(tmp_path: Path, store: Store) -> None:
+    env = Env(tmp_path, store)
+    feed(store, digits("original", stop=400))
+    champion = env.champion(store.max_seq())
+    # What a feature_extraction run leaves behind: the frozen base's features of the old
+    # samples, saved by the learn FeatureCache under the backbone's hash.
+    model = env.registry.load_model(champion, env.settings)
+    disk = FeatureCache(backbone_hash(model), 10_000, env.settings.service.data_dir / "cache" / "features")
+    embed_samples(model, store.draw(400, split=None), spec=env.settings.model.input, store=store, cache=disk)
+    disk.save()
+    feed(store, digits("inverted", start=400, stop=500))
+
+    d = env.check(champion)
+    assert d.detected and d.n_reference == 400
+    assert env.cache.computed == 100  # only the new samples went through the model
