@@ -87,7 +87,7 @@ def test_two_services_share_the_store_and_one_trains(tmp_path: Path, pg_schema: 
             for i, k in enumerate(range(0, 400, 50)):
                 r = httpx.post(servers[i % 2].url + "/v1/feedback", json={"samples": digit_samples("s", k, 50)})
                 assert r.status_code == 200, r.text
-            champion = wait_for(lambda: _served(a) == _served(b) and _served(a), 180, "both serving one champion")
+            champion = wait_for(lambda: (v := _served(a)) and v == _served(b) and v, 180, "both serving one champion")
             predicted = {s.url: _predict(s) for s in servers}
             assert set(predicted.values()) == {champion}, predicted
 
