@@ -323,6 +323,10 @@ def _rows(settings: Any, table: str) -> list[dict[str, Any]]:
         store.dispose()
 
 
+def _num(v: Any, spec: str) -> str:
+    return format(v, spec) if isinstance(v, int | float) else "-"
+
+
 def print_timeline(settings: Any) -> list[tuple[datetime, str, dict[str, Any]]]:
     events: list[tuple[datetime, str, dict[str, Any]]] = []
     for d in _rows(settings, "drift_checks"):
@@ -343,9 +347,9 @@ def print_timeline(settings: Any) -> list[tuple[datetime, str, dict[str, Any]]]:
                 continue  # quiet checks are summarised by the next change
             last_drift = row["detected"]
             per = ", ".join(
-                f"{r.get('detector')} p={r.get('p_value', float('nan')):.3g} effect={r.get('effect', float('nan')):.3f}"
+                f"{r.get('detector')} p={_num(r.get('p_value'), '.3g')} effect={_num(r.get('effect'), '.3f')}"
                 for r in (row.get("results") or {}).get("detectors", [])
-                if isinstance(r, dict)
+                if isinstance(r, dict) and r.get("p_value") is not None
             )
             print(f"  {ts}  drift check: {'DRIFT' if row['detected'] else 'no drift'} "
                   f"(ref {row['n_reference']}, cur {row['n_current']}) {per}")
