@@ -215,6 +215,10 @@ def check(loop: Loop) -> dict[str, Any]:
         drift_detected = False
         if champion is not None:
             drift_detected = _drift_check(loop, champion)
+            # A cold check (every embedding computed) can outlast the lease's TTL: renew
+            # it, and if another process took it meanwhile, leave the training to it.
+            if not try_acquire(loop.store, TRAINER_LEASE, loop.holder, loop.lease_ttl):
+                return {"skipped": "the trainer lease moved to another process during the drift check"}
         requested = runs.list_runs(loop.store, status="pending", limit=1)
         last, last_cutoff = _last_run(loop.store)
         reason = trigger_reason(
