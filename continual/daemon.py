@@ -367,8 +367,23 @@ def gate(loop: Loop, run: dict[str, Any]) -> Decision:
             [f"the champion moved from {parent} to {current} during the run; a new run will follow"],
             decision.metrics,
         )
-    _record_decision(loop, run["id"], candidate, parent, decision)
     m = loop.metrics
+    if decision.promote:
+        # Move the pointer first and record after: a crash in between leaves the
+        # promotion in champion_history (with the rule and reasons), never a
+        # "promoted" decision whose pointer did not move.
+        m.set_state("promoting")
+        try:
+            loop.registry.promote(
+                candidate,
+                reason="bootstrap" if parent is None else "gate",
+                details={"run_id": run["id"], "rule": decision.rule, "reasons": decision.reasons},
+            )
+        except (ChecksumMismatch, VersionNotFound, OSError) as e:
+            decision = Decision(
+                "rejected", "promotion_failed", [*decision.reasons, f"promotion failed: {e}"], decision.metrics
+            )
+    _record_decision(loop, run["id"], candidate, parent, decision)
     for model, s in (("candidate", cand_scores), ("champion", champ_scores)):
         if s is None:
             continue
@@ -379,12 +394,6 @@ def gate(loop: Loop, run: dict[str, Any]) -> Decision:
         candidate, decision.metrics, status="rejected" if decision.outcome == "rejected" else None
     )
     if decision.promote:
-        m.set_state("promoting")
-        loop.registry.promote(
-            candidate,
-            reason="bootstrap" if parent is None else "gate",
-            details={"run_id": run["id"], "rule": decision.rule, "reasons": decision.reasons},
-        )
         m.rejections_in_a_row.set(0)
         m.samples_pending.set(loop.store.count(after=manifest.data_cutoff))
         if loop.serving is not None:

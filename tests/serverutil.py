@@ -127,7 +127,9 @@ class ServerProcess:
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal the whole process group (also children left behind by an exited server)."""
-        if self.proc is None:
+        # Once reaped, the pid (and so the group id) may belong to another process:
+        # never signal a group whose leader we already waited for.
+        if self.proc is None or self.proc.returncode is not None:
             return
         with suppress(ProcessLookupError):
             os.killpg(self.proc.pid, sig)
@@ -135,7 +137,7 @@ class ServerProcess:
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM, then SIGKILL if it has not exited within ``timeout``."""
-        if self.proc is None:
+        if self.proc is None or self.proc.returncode is not None:
             return
         with suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
