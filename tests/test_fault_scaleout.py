@@ -70,8 +70,9 @@ def test_two_services_share_the_store_and_one_trains(tmp_path: Path, pg_schema: 
         {
             "service": {"data_dir": str(tmp_path / "shared")},
             "serving": {"poll_interval_seconds": 1},
-            # Runs of several seconds (no early stop), so the restart lands inside one.
-            "training": {"epochs": 150, "early_stopping_patience": 1000},
+            # Runs of tens of seconds (no early stop), so the restart (several seconds) lands inside one
+            # even on an idle machine.
+            "training": {"epochs": 1500, "early_stopping_patience": 100000},
         },
     )
     a = ServerProcess(config, workdir=tmp_path / "a", env={"CONTINUAL_STORE__URL": url})
