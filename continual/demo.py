@@ -252,11 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     print("overrides: " + " ".join(f"{k}={v}" for k, v in overrides.items()))
     svc = Service(Path(args.config), env, out / "service.log", f"http://127.0.0.1:{port}")
     phases = build_phases(args.samples, args.seed)
-    svc.start()
     client = Client(svc.url, timeout=120)
     obs = Observer(client, phases, settings.store.holdout_fraction)
     code = 0
     try:
+        svc.start()
         obs.say(f"service up at {svc.url} (log: {svc.log_path})")
         obs.say("act 1: original digits -> bootstrap the first champion")
         obs.feed(phases["original"])
@@ -407,5 +407,14 @@ def write_report(path: Path, accuracy: list[dict[str, Any]], timeline: list[Any]
     plt.close(fig)
 
 
+def run() -> int:
+    """Ctrl-C stops the service cleanly (SIGTERM, exit 0) and exits 130 without a traceback."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print("\ndemo interrupted; the service was stopped", file=sys.stderr)
+        return 130
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())
