@@ -199,7 +199,13 @@ class Serving:
         if target is None or target == self.version() or target == self._failed:
             return False
         with self._swap_lock:
-            if target == self.version():
+            # Read the pointer again under the lock: a caller that read it before a
+            # concurrent swap would otherwise swap back to the older version.
+            try:
+                target = registry.champion()
+            except StoreUnavailable:
+                return False
+            if target is None or target == self.version() or target == self._failed:
                 return False
             try:
                 live = self.build(registry, target)
