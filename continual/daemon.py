@@ -54,7 +54,6 @@ class Loop:
     holder: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     stop: threading.Event = field(default_factory=threading.Event)
     handle: RunHandle | None = None
-    last_drift: Any = None
 
     @property
     def lease_ttl(self) -> float:
@@ -278,7 +277,6 @@ def _drift_check(loop: Loop, champion: str) -> bool:
     except Exception:  # a failing detector must not stop training triggers or the service
         log.exception("drift check failed")
         return False
-    loop.last_drift = decision
     return bool(getattr(decision, "detected", False))
 
 

@@ -34,6 +34,7 @@ import torch
 from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from continual.procutil import process_alive
 from continual.store import Store
 from continual.store.engine import read_tx, write_tx
 from continual.store.schema import champion_history, model_versions
@@ -141,16 +142,6 @@ def _fsync_dir(path: Path) -> None:
 def _crash_point(step: str) -> None:
     if os.environ.get(CRASH_ENV) == step:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Registry:
@@ -436,7 +427,7 @@ class Registry:
             owner = _TMP_OWNER_RE.search(path.name)
             pid, owner_host = (int(owner.group(1)), owner.group(2)) if owner else (-1, "")
             mine = owner_host == host
-            if mine and pid != os.getpid() and _pid_alive(pid):
+            if mine and pid != os.getpid() and process_alive(pid):
                 continue
             if not mine and time.time() - path.stat().st_mtime < stale_seconds:
                 continue

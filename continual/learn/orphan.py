@@ -14,24 +14,12 @@ import os
 import threading
 from collections.abc import Callable
 
+from continual.procutil import process_alive
+
 log = logging.getLogger("continual.learn.orphan")
 
 SERVICE_PID_ENV = "CONTINUAL_SERVICE_PID"
-
-
-def process_alive(pid: int) -> bool:
-    """True while ``pid`` runs; a zombie (killed, not yet reaped) counts as gone."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except (OSError, IndexError):  # no /proc (not Linux): kill(0) is all we know
-        return True
+__all__ = ["SERVICE_PID_ENV", "process_alive", "watch_service"]
 
 
 def watch_service(
