@@ -6,16 +6,18 @@ from pathlib import Path
 
 import pytest
 from looputil import digits, write_config
+from sqlalchemy import select
 from test_drift_check import feed, trained_state
 
 from continual import daemon
 from continual.config import load_settings
-from continual.drift.check import DriftDecision
 from continual.learn import runs
 from continual.metrics import Metrics
 from continual.registry import Registry
 from continual.serving import Serving
 from continual.store import Store
+from continual.store.engine import read_tx
+from continual.store.schema import drift_checks
 
 
 @pytest.mark.slow
@@ -46,7 +48,9 @@ def test_drift_triggers_a_run(tmp_path: Path) -> None:
     out = daemon.check(loop)
 
     assert out["drift"] is True and out["run"] is not None, out
-    assert isinstance(loop.last_drift, DriftDecision) and loop.last_drift.detected
+    with read_tx(store.engine) as conn:
+        check = conn.execute(select(drift_checks).order_by(drift_checks.c.id.desc()).limit(1)).one()
+    assert check.detected and check.champion == champion and check.n_current == 300, check
     run = runs.get_run(store, out["run"])
     assert "drift" in run["trigger"], run["trigger"]
     assert metrics.registry.get_sample_value("continual_drift_detected", {"detector": "mmd"}) == 1
