@@ -25,8 +25,8 @@ from continual.config import Settings
 from continual.gate import Decision, Scores, decide
 from continual.learn import runs
 from continual.learn.launch import RunHandle, launch_run
-from continual.learn.orphan import process_alive
 from continual.metrics import Metrics
+from continual.procutil import process_alive
 from continual.registry import ChecksumMismatch, Registry, VersionNotFound
 from continual.serving import Serving
 from continual.store import Store, StoreUnavailable
@@ -72,31 +72,37 @@ class TriggerInput:
     # False when the last gated run already saw every sample there is: retraining on
     # the same data would only rebuild the same candidate.
     new_since_last_run: bool = True
+    # Runs failed in a row since the last success: the wait before the next one doubles.
+    consecutive_failures: int = 0
 
 
 def trigger_reason(t: TriggerInput, settings: Settings) -> str | None:
-    """Why a run should start now, or None. A manual request skips the thresholds (still gated)."""
+    """Why a run should start now, or None. A manual request skips the thresholds (still gated).
+
+    The cooldown (longer after failures, see :func:`runs.failure_backoff`) and the
+    "nothing new since the last gated run" rule hold for the bootstrap run too: a
+    first candidate rejected by ``min_accuracy`` is not rebuilt from the same data
+    every tick.
+    """
     trig = settings.triggers
     if t.requested:
         return "manual"
-    if not t.has_champion:
-        return (
-            f"bootstrap: {t.pending} samples >= min_new_samples {trig.min_new_samples}"
-            if (t.pending >= trig.min_new_samples)
-            else None
-        )
-    if t.seconds_since_last_run is not None and t.seconds_since_last_run < trig.cooldown_seconds:
+    wait = runs.failure_backoff(t.consecutive_failures, trig)
+    if t.seconds_since_last_run is not None and t.seconds_since_last_run < wait:
         return None
     if not t.new_since_last_run:
         return None
     if t.pending < trig.min_new_samples:
         return None
+    after = f" (after {t.consecutive_failures} failed runs in a row)" if t.consecutive_failures else ""
+    if not t.has_champion:
+        return f"bootstrap: {t.pending} samples >= min_new_samples {trig.min_new_samples}{after}"
     if t.drift_detected:
-        return f"drift detected with {t.pending} new samples"
+        return f"drift detected with {t.pending} new samples{after}"
     if t.pending >= trig.max_new_samples:
-        return f"{t.pending} new samples >= max_new_samples {trig.max_new_samples}"
+        return f"{t.pending} new samples >= max_new_samples {trig.max_new_samples}{after}"
     if t.seconds_since_last_run is None or t.seconds_since_last_run >= trig.max_interval_seconds:
-        return f"{t.pending} new samples and max_interval_seconds {trig.max_interval_seconds:g} passed"
+        return f"{t.pending} new samples and max_interval_seconds {trig.max_interval_seconds:g} passed{after}"
     return None
 
 
@@ -228,6 +234,7 @@ def check(loop: Loop) -> dict[str, Any]:
                 drift_detected,
                 requested=bool(requested),
                 new_since_last_run=last_cutoff is None or loop.store.max_seq() > last_cutoff,
+                consecutive_failures=runs.consecutive_failures(loop.store),
             ),
             loop.settings,
         )

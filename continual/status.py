@@ -7,6 +7,7 @@ from typing import Any
 from sqlalchemy import select
 
 from continual.config import Settings
+from continual.learn.runs import consecutive_failures, failure_backoff
 from continual.store import Store
 from continual.store.engine import read_tx
 from continual.store.schema import champion_history, drift_checks, gate_decisions, model_versions, training_runs
@@ -76,9 +77,18 @@ def collect_status(settings: Settings, store: Store, extra: dict[str, Any] | Non
         "active_run": next((r for r in runs if r["status"] in ("pending", "running")), None),
         "last_runs": runs,
         "last_decision": dict(decision._mapping) if decision else None,
+        "training_backoff": _backoff(settings, store),
     }
     status.update(extra or {})
     return status
+
+
+def _backoff(settings: Settings, store: Store) -> dict[str, Any] | None:
+    """Failed runs in a row and how long after the last one the next automatic run waits (None: no failures)."""
+    failures = consecutive_failures(store)
+    if not failures:
+        return None
+    return {"consecutive_failures": failures, "retry_wait_seconds": failure_backoff(failures, settings.triggers)}
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -112,6 +122,12 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(
             f"  run #{r['id']}: {r['status']:<11} trigger={r['trigger']} candidate={r['candidate_version']}"
             + (f" error={r['error']}" if r["error"] else "")
+        )
+    backoff = status.get("training_backoff")
+    if backoff:
+        lines.append(
+            f"training backoff: {backoff['consecutive_failures']} failed runs in a row; the next automatic run "
+            f"waits {backoff['retry_wait_seconds']:g} s after the last one (a manual run does not wait)"
         )
     dec = status["last_decision"]
     if dec:

@@ -9,6 +9,8 @@ import pytest
 
 from continual import __version__
 from continual.cli import main
+from continual.config import load_settings
+from continual.learn import runs
 from continual.store import NewSample, Store
 
 
@@ -68,6 +70,19 @@ def test_db_upgrade_then_status(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "samples: 20 stored" in out and "champion: none yet" in out
     assert main(["status", "--json", "--config", cfg]) == 0
     assert '"total": 20' in capsys.readouterr().out
+    assert "training backoff" not in out
+
+    # Two failed runs in a row: status says how long the next automatic run waits.
+    settings = load_settings(Path(cfg), env={})
+    for _ in range(2):
+        run_id = runs.create_run(store, settings, trigger="test")
+        runs.start_run(store, run_id, parent=None, data_cutoff=20)
+        runs.finish_run(store, run_id, "failed", error="boom")
+    assert main(["status", "--config", cfg]) == 0
+    out = capsys.readouterr().out
+    assert "training backoff: 2 failed runs in a row; the next automatic run waits 600 s" in out, out
+    assert "error=boom" in out
+    store.dispose()
 
 
 def test_config_from_environment_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -68,6 +68,8 @@ def test_worker_killed_fails_the_run_service_serves_next_run_works(tmp_path: Pat
         )
         assert metric(text, "continual_training_runs_total") == 1.0
         assert server.proc is not None and server.proc.poll() is None
+        backoff = http.get("/v1/status").json()["training_backoff"]
+        assert backoff["consecutive_failures"] == 1 and backoff["retry_wait_seconds"] > 0, backoff
 
         # The next run works: it trains, and the gate decides on its candidate.
         run_id = wait_for(lambda: (r := http.post("/v1/train")).status_code == 202 and r, 60, "train accepted")
@@ -76,6 +78,7 @@ def test_worker_killed_fails_the_run_service_serves_next_run_works(tmp_path: Pat
         assert row["status"] == "succeeded" and row["candidate_version"], row
         decision = wait_for(lambda: http.get("/v1/status").json()["last_decision"], 60, "the gate decision")
         assert decision["run_id"] == run_id and decision["candidate"] == row["candidate_version"], decision
+        assert http.get("/v1/status").json()["training_backoff"] is None
         assert http.post("/v1/predict", json=probe).status_code == 200
         assert metric(http.get("/metrics").text, "continual_training_failures_total") == 1.0
     finally:

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import itertools
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from looputil import digits, write_config
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from continual import daemon
 from continual.config import Settings, load_settings
+from continual.learn import runs
 from continual.metrics import Metrics
 from continual.registry import Registry
 from continual.serving import Serving
 from continual.store import NewSample, Store
-from continual.store.engine import read_tx
-from continual.store.schema import gate_decisions
+from continual.store.engine import read_tx, write_tx
+from continual.store.schema import gate_decisions, training_runs
 
 
 def feed(store: Store, samples: list[dict[str, Any]]) -> None:
@@ -62,6 +65,81 @@ def test_trigger_rules() -> None:
     # Nothing arrived since the last gated run: the same data would build the same candidate.
     assert daemon.trigger_reason(t(True, 10_000, 1_000.0, True, new_since_last_run=False), s) is None
     assert daemon.trigger_reason(t(True, 0, 1.0, False, requested=True, new_since_last_run=False), s) == "manual"
+
+
+def test_bootstrap_waits_for_cooldown_and_new_data() -> None:
+    s = load_settings(None, env={}, require_file=False)
+    t = daemon.TriggerInput
+    # A first candidate below min_accuracy is not rebuilt from the same data every tick.
+    assert daemon.trigger_reason(t(False, 10_000, 1_000.0, False, new_since_last_run=False), s) is None
+    assert daemon.trigger_reason(t(False, 10_000, 10.0, False), s) is None  # cooldown 300
+    assert daemon.trigger_reason(t(False, 10_000, 1_000.0, False), s).startswith("bootstrap")
+
+
+def test_failure_backoff_doubles_up_to_max_interval() -> None:
+    s = load_settings(None, env={}, require_file=False)
+    trig = s.triggers  # cooldown 300, check interval 60, max_interval 86400
+    waits = [runs.failure_backoff(k, trig) for k in range(12)]
+    assert waits[:5] == [300, 300, 600, 1200, 2400]
+    assert all(a <= b for a, b in itertools.pairwise(waits)) and waits[-1] == trig.max_interval_seconds
+    assert runs.failure_backoff(10_000, trig) == trig.max_interval_seconds  # no float overflow
+    # A zero cooldown still backs off, from the check interval.
+    zero = trig.model_copy(update={"cooldown_seconds": 0.0, "check_interval_seconds": 5.0})
+    assert [runs.failure_backoff(k, zero) for k in range(4)] == [0, 5, 10, 20]
+
+    t = daemon.TriggerInput
+    after_3 = t(True, 10_000, 1_000.0, True, consecutive_failures=3)  # waits 1200 s
+    assert daemon.trigger_reason(after_3, s) is None
+    late = t(True, 10_000, 1_300.0, True, consecutive_failures=3)
+    assert daemon.trigger_reason(late, s) == "drift detected with 10000 new samples (after 3 failed runs in a row)"
+    # A manual request is never held back by failures.
+    assert daemon.trigger_reason(t(True, 0, 1.0, False, requested=True, consecutive_failures=9), s) == "manual"
+
+
+def test_consecutive_failures_counts_back_to_the_last_success(tmp_path: Path) -> None:
+    loop = make_loop(tmp_path)
+    store, settings = loop.store, loop.settings
+
+    def finished(status: str) -> int:
+        run_id = runs.create_run(store, settings, trigger="test")
+        runs.start_run(store, run_id, parent=None, data_cutoff=0)
+        assert runs.finish_run(store, run_id, status, error=None if status == "succeeded" else status)
+        return run_id
+
+    assert runs.consecutive_failures(store) == 0
+    finished("failed")
+    assert runs.consecutive_failures(store) == 1
+    finished("succeeded")
+    assert runs.consecutive_failures(store) == 0
+    for status in ("failed", "interrupted", "failed", "cancelled", "failed"):
+        finished(status)
+    assert runs.consecutive_failures(store) == 3  # a restart or a cancel is not the trainer failing
+    runs.create_run(store, settings, trigger="test")  # active runs are not finished ones
+    assert runs.consecutive_failures(store) == 3
+    store.dispose()
+
+
+@pytest.mark.slow
+def test_a_failed_bootstrap_run_is_retried_only_after_the_backoff(tmp_path: Path) -> None:
+    loop = make_loop(tmp_path, {"triggers": {"check_interval_seconds": 30}})
+    store, settings = loop.store, loop.settings
+    feed(store, digits("original", stop=300))  # >= min_new_samples (200): bootstrap is due
+    run_id = runs.create_run(store, settings, trigger="test")
+    runs.start_run(store, run_id, parent=None, data_cutoff=store.max_seq())
+    runs.finish_run(store, run_id, "failed", error="CUDA out of memory")
+
+    out = daemon.check(loop)  # cooldown 0, but one failure waits one check interval (30 s)
+    assert out["run"] is None and runs.list_runs(store) == runs.list_runs(store, status="failed"), out
+    with write_tx(store.engine) as conn:  # the failure is now 31 s old
+        conn.execute(
+            update(training_runs)
+            .where(training_runs.c.id == run_id)
+            .values(finished_at=datetime.now(UTC) - timedelta(seconds=31))
+        )
+    out = daemon.check(loop)
+    assert out["run"] is not None and out["run"] != run_id, out
+    assert "after 1 failed runs in a row" in runs.get_run(store, out["run"])["trigger"]
+    store.dispose()
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import insert, select, update
 
-from continual.config import Settings
+from continual.config import Settings, TriggerSettings
 from continual.store import Store
 from continual.store.engine import read_tx, write_tx
 from continual.store.schema import training_runs
@@ -153,3 +153,40 @@ def mark_interrupted_runs(store: Store, *, reason: str = "the service restarted 
                 .values(status="interrupted", finished_at=_now(), error=reason)
             )
     return ids
+
+
+# Backoff: a run that keeps failing (a sample that crashes decoding, a device that
+# runs out of memory) is retried after cooldown, then 2x, 4x, ... of it, never
+# more than max_interval_seconds apart: a broken trainer does not spin.
+_MAX_DOUBLINGS = 30
+
+
+def consecutive_failures(store: Store, *, look_back: int = 64) -> int:
+    """How many runs failed since the last one that succeeded (interrupted and cancelled ones do not count)."""
+    q = (
+        select(training_runs.c.status)
+        .where(training_runs.c.status.in_(FINISHED))
+        .order_by(training_runs.c.id.desc())
+        .limit(look_back)
+    )
+    n = 0
+    with read_tx(store.engine) as conn:
+        for (status,) in conn.execute(q):
+            if status == "succeeded":
+                break
+            n += status == "failed"
+    return n
+
+
+def failure_backoff(failures: int, triggers: TriggerSettings) -> float:
+    """Seconds to wait after the last run before the next automatic one, given the failures in a row.
+
+    No failure: the configured cooldown. After k >= 1 failures: ``base * 2**(k-1)`` with
+    ``base = max(cooldown, check interval)`` (a zero cooldown still backs off), capped at
+    ``max(max_interval_seconds, cooldown)``.
+    """
+    if failures <= 0:
+        return triggers.cooldown_seconds
+    base = max(triggers.cooldown_seconds, triggers.check_interval_seconds)
+    cap = max(triggers.max_interval_seconds, triggers.cooldown_seconds)
+    return min(base * 2.0 ** min(failures - 1, _MAX_DOUBLINGS), cap)
