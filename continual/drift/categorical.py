@@ -5,6 +5,12 @@ Cramér's V as the effect (for two rows V = sqrt(chi² / N): 0 for identical
 distributions, 1 for disjoint ones, and not growing with the sample size).
 Prediction shift adds a KS test on the confidences, so traffic that the model
 suddenly finds harder shows up before any labels arrive.
+
+The chi² p-value is asymptotic and unreliable once an expected count falls below
+5 (small windows, rare classes). Then the p-value comes from an exact-margins
+permutation test instead: the reference window's counts are redrawn from a
+multivariate hypergeometric (the same as shuffling which window each sample fell
+in), vectorised, so 9,999 resamples cost milliseconds at any window size.
 """
 
 from __future__ import annotations
@@ -20,6 +26,9 @@ from continual.drift.result import DriftResult, check_alpha, check_min_effect, d
 # 0.1 is the conventional "small" Cramér's V (Cohen): smaller differences in class
 # mix rarely change a classifier's accuracy enough to be worth retraining for.
 DEFAULT_MIN_EFFECT = 0.1
+# Below this expected count in any cell the asymptotic chi² p-value is not trusted (Cochran's rule).
+MIN_EXPECTED_COUNT = 5.0
+PERMUTATIONS = 9_999
 
 
 class LabelShiftDetector:
@@ -127,9 +136,13 @@ class PredictionShiftDetector:
 
 
 def chi_square_shift(
-    ref: np.ndarray, cur: np.ndarray, num_classes: int | None = None
+    ref: np.ndarray, cur: np.ndarray, num_classes: int | None = None, *, seed: int = 0
 ) -> tuple[float, float, float, dict[str, Any]]:
-    """(chi², p-value, Cramér's V, details) for two arrays of class indices."""
+    """(chi², p-value, Cramér's V, details) for two arrays of class indices.
+
+    ``details["p_value_method"]`` says where the p-value came from: ``"asymptotic"``
+    (chi² distribution) or ``"permutation"`` (some expected count < 5; seeded by ``seed``).
+    """
     width = num_classes or int(max(ref.max(initial=-1), cur.max(initial=-1))) + 1
     table = np.stack([np.bincount(ref, minlength=width), np.bincount(cur, minlength=width)])
     observed = table[:, table.sum(0) > 0]
@@ -144,8 +157,33 @@ def chi_square_shift(
     # No Yates correction: it over-corrects, and the effect gate already guards against
     # acting on tiny differences.
     chi2, p_value, _, expected = stats.chi2_contingency(observed, correction=False)
-    details["min_expected_count"] = float(expected.min())  # < 5: the chi² p-value is rough
+    details["min_expected_count"] = float(expected.min())
+    details["p_value_method"] = "asymptotic"
+    if expected.min() < MIN_EXPECTED_COUNT:
+        p_value = permutation_p_value(observed, float(chi2), np.random.default_rng(seed))
+        details["p_value_method"] = "permutation"
+        details["permutations"] = PERMUTATIONS
     return float(chi2), float(p_value), math.sqrt(chi2 / observed.sum()), details
+
+
+def permutation_p_value(
+    observed: np.ndarray, chi2: float, rng: np.random.Generator, n_resamples: int = PERMUTATIONS
+) -> float:
+    """P(chi² >= observed) over tables with the observed margins: ``(1 + #{perm >= obs}) / (1 + n)``.
+
+    Redrawing the first row from a multivariate hypergeometric over the column totals
+    is exactly what shuffling the row labels of the pooled samples does.
+    """
+    cols = observed.sum(0)
+    n_ref = int(observed[0].sum())
+    total = int(cols.sum())
+    expected = np.stack([cols * n_ref / total, cols * (total - n_ref) / total])
+    row0 = rng.multivariate_hypergeometric(cols.astype(np.int64), n_ref, size=n_resamples)
+    sims = ((row0 - expected[0]) ** 2 / expected[0]).sum(1) + ((cols - row0 - expected[1]) ** 2 / expected[1]).sum(1)
+    # Ties in chi² (common with small counts) count as "at least as extreme"; the
+    # relative tolerance keeps float rounding from splitting a tie.
+    extreme = int(np.count_nonzero(sims >= chi2 * (1 - 1e-9)))
+    return (1 + extreme) / (1 + n_resamples)
 
 
 def _check_num_classes(num_classes: int | None) -> None:

@@ -125,3 +125,47 @@ def test_small_significant_class_shift_is_gated() -> None:
     r = PredictionShiftDetector().check(ref, cur, conf, conf.copy())
     assert r.details["confidence_ks_d"] == 0.0
     assert r.p_value < 0.05 and r.effect < 0.1 and not r.detected
+
+
+def test_sparse_tables_get_a_permutation_p_value() -> None:
+    ref = np.repeat([0, 1, 2, 3, 4], [40, 3, 2, 0, 5])
+    cur = np.repeat([0, 1, 2, 3, 4], [20, 1, 0, 4, 30])
+    r = LabelShiftDetector().check(ref, cur)
+    assert r.details["p_value_method"] == "permutation" and r.details["min_expected_count"] < 5
+    table = np.stack([np.bincount(ref, minlength=5), np.bincount(cur, minlength=5)])
+    scipy_perm = stats.chi2_contingency(
+        table, correction=False, method=stats.PermutationMethod(n_resamples=9999, rng=np.random.default_rng(7))
+    )
+    assert r.statistic == pytest.approx(scipy_perm.statistic, rel=1e-12)
+    assert r.p_value == pytest.approx(scipy_perm.pvalue, abs=0.01)
+    # Few samples, few distinct tables: compare with a tie-heavy case too.
+    small = LabelShiftDetector().check(np.array([0] * 30 + [2]), np.array([0] * 25 + [1, 1]))
+    table = np.array([[30, 0, 1], [25, 2, 0]])
+    scipy_small = stats.chi2_contingency(
+        table, correction=False, method=stats.PermutationMethod(n_resamples=9999, rng=np.random.default_rng(7))
+    )
+    assert small.p_value == pytest.approx(scipy_small.pvalue, abs=0.02)
+    # Seeded: the same windows give the same answer.
+    assert LabelShiftDetector().check(ref, cur).p_value == r.p_value
+    # Plenty in every cell: the asymptotic p-value stays (and matches scipy exactly, above).
+    d = _golden_data()
+    assert LabelShiftDetector().check(d["ref"], d["shifted"]).details["p_value_method"] == "asymptotic"
+
+
+def test_sparse_tables_keep_the_false_alarm_rate() -> None:
+    """No shift, small windows, rare classes: p < alpha in at most about alpha of the trials."""
+    rng = np.random.default_rng(3)
+    prior = [0.85, 0.05, 0.05, 0.05]
+    trials, alpha = 400, 0.05
+    p_values = []
+    for _ in range(trials):
+        r = LabelShiftDetector(alpha=alpha, min_effect=0).check(rng.choice(4, 30, p=prior), rng.choice(4, 30, p=prior))
+        assert r.details["p_value_method"] == "permutation"
+        p_values.append(r.p_value)
+    rate = np.mean(np.array(p_values) < alpha)
+    assert rate <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / trials), rate
+    # ... and it is a real test, not one that never fires: clearly different windows are flagged.
+    shifted = LabelShiftDetector(alpha=alpha, min_effect=0).check(
+        rng.choice(4, 30, p=prior), rng.choice(4, 30, p=[0.4, 0.2, 0.2, 0.2])
+    )
+    assert shifted.p_value < alpha and shifted.details["p_value_method"] == "permutation"
