@@ -3,7 +3,9 @@
 Requests read ``Serving.live`` once and use that object to the end, so a swap
 never changes the model under a request in flight, and the read path takes no
 lock. A swap builds and warms up the new :class:`LiveModel` first, then replaces
-the reference (an atomic attribute store).
+the reference (an atomic attribute store). The service's ``sync_champion`` job
+(:mod:`continual.daemon`) calls :meth:`Serving.sync` every
+``serving.poll_interval_seconds``, so every process follows the pointer.
 """
 
 from __future__ import annotations
@@ -116,8 +118,6 @@ class Serving:
         self._failed: str | None = None  # a version refused at load; not retried until the pointer moves
         self._swap_lock = threading.Lock()  # serialises loads; predict never takes it
         self._reservoir = Reservoir(settings.drift.reservoir_size)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     # -- the read path ----------------------------------------------------------
     @property
@@ -231,27 +231,3 @@ class Serving:
             )
         except StoreUnavailable:
             log.warning("could not record the refusal of %s: store unavailable", version)
-
-    # -- following the pointer -------------------------------------------------------
-    def start_polling(self, registry: Registry, interval: float | None = None) -> None:
-        """A daemon thread that calls :meth:`sync` every ``interval`` seconds until :meth:`stop`."""
-        if self._thread is not None:
-            return
-        every = interval if interval is not None else self.settings.serving.poll_interval_seconds
-        self._stop.clear()
-
-        def loop() -> None:
-            while not self._stop.wait(every):
-                try:
-                    self.sync(registry)
-                except Exception:  # the poller must outlive any single failure
-                    log.exception("champion poll failed")
-
-        self._thread = threading.Thread(target=loop, name="champion-poll", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
