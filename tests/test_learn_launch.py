@@ -62,7 +62,7 @@ def test_worker_process_succeeds_then_sigterm_cancels_the_next(tmp_path: Path) -
     row = runs.get_run(store, run_id)
     assert row["status"] == "succeeded" and row["candidate_version"] in _versions(settings.service.data_dir)
 
-    long = settings.model_copy(update={"training": settings.training.model_copy(update={"epochs": 5000})})
+    long = settings.model_copy(update={"training": settings.training.model_copy(update={"epochs": 5000, "early_stopping_patience": 100_000})})
     run_id = runs.create_run(store, long, trigger="test")
     handle = launch_run(long, store, run_id, cfg)
     assert wait_for_progress(store, run_id, phase="training", timeout=300)["status"] == "running"
@@ -79,7 +79,7 @@ def test_sigkill_mid_epoch_fails_the_run_and_the_service_keeps_serving(tmp_path:
 
     data_dir = tmp_path / "data"
     url = f"sqlite:///{tmp_path / 'store.db'}"
-    conf = settings_dict(data_dir, url, epochs=5000)
+    conf = settings_dict(data_dir, url, epochs=5000, early_stopping_patience=100_000)
     conf["model"]["classes"] = [str(i) for i in range(10)]
     server = ServerProcess(conf, workdir=tmp_path / "srv")
     server.start()

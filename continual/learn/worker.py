@@ -494,9 +494,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.distributed.init_process_group(backend=backend)
     try:
         row = execute_run(store, base, args.run, stop=stop, dist=dist)
-    finally:
-        if dist.enabled and torch.distributed.is_initialized():
+        if dist.enabled:
+            # Leave together: rank 0 writes the version while the others are done, and a
+            # rank tearing down its gloo pairs under a peer still using them aborts (SIGABRT).
+            torch.distributed.barrier()
             torch.distributed.destroy_process_group()
+    finally:
+        # On an exception the group is left alone: destroying it under peers still in a
+        # collective can hang; torchrun stops the other ranks once this one exits non-zero.
         store.dispose()
     status = row["status"]
     if dist.is_main:
