@@ -62,7 +62,8 @@ def test_worker_process_succeeds_then_sigterm_cancels_the_next(tmp_path: Path) -
     row = runs.get_run(store, run_id)
     assert row["status"] == "succeeded" and row["candidate_version"] in _versions(settings.service.data_dir)
 
-    long = settings.model_copy(update={"training": settings.training.model_copy(update={"epochs": 5000, "early_stopping_patience": 100_000})})
+    endless = {"epochs": 5000, "early_stopping_patience": 100_000}
+    long = settings.model_copy(update={"training": settings.training.model_copy(update=endless)})
     run_id = runs.create_run(store, long, trigger="test")
     handle = launch_run(long, store, run_id, cfg)
     assert wait_for_progress(store, run_id, phase="training", timeout=300)["status"] == "running"
