@@ -226,6 +226,8 @@ def check(loop: Loop) -> dict[str, Any]:
                 return {"skipped": "the trainer lease moved to another process during the drift check"}
         requested = runs.list_runs(loop.store, status="pending", limit=1)
         last, last_cutoff = _last_run(loop.store)
+        failures = runs.consecutive_failures(loop.store)
+        m.training_failures_in_a_row.set(failures)
         reason = trigger_reason(
             TriggerInput(
                 champion is not None,
@@ -234,7 +236,7 @@ def check(loop: Loop) -> dict[str, Any]:
                 drift_detected,
                 requested=bool(requested),
                 new_since_last_run=last_cutoff is None or loop.store.max_seq() > last_cutoff,
-                consecutive_failures=runs.consecutive_failures(loop.store),
+                consecutive_failures=failures,
             ),
             loop.settings,
         )

@@ -65,6 +65,11 @@ class Metrics:
         self.last_training_success = Gauge(
             f"{PREFIX}_last_training_success_timestamp_seconds", "When a training run last succeeded", registry=r
         )
+        self.training_failures_in_a_row = Gauge(
+            f"{PREFIX}_training_failures_consecutive",
+            "Training runs failed since the last one that succeeded (the next automatic run backs off)",
+            registry=r,
+        )
         self.promotions = Counter(f"{PREFIX}_promotions", "Champion promotions", registry=r)
         self.rejections = Counter(f"{PREFIX}_rejections", "Candidates rejected by the gate", registry=r)
         self.rejections_in_a_row = Gauge(

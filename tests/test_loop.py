@@ -130,6 +130,8 @@ def test_a_failed_bootstrap_run_is_retried_only_after_the_backoff(tmp_path: Path
 
     out = daemon.check(loop)  # cooldown 0, but one failure waits one check interval (30 s)
     assert out["run"] is None and runs.list_runs(store) == runs.list_runs(store, status="failed"), out
+    gauge = loop.metrics.registry.get_sample_value
+    assert gauge("continual_training_failures_consecutive") == 1
     with write_tx(store.engine) as conn:  # the failure is now 31 s old
         conn.execute(
             update(training_runs)
@@ -139,6 +141,9 @@ def test_a_failed_bootstrap_run_is_retried_only_after_the_backoff(tmp_path: Path
     out = daemon.check(loop)
     assert out["run"] is not None and out["run"] != run_id, out
     assert "after 1 failed runs in a row" in runs.get_run(store, out["run"])["trigger"]
+    assert runs.get_run(store, out["run"])["status"] == "succeeded"
+    daemon.check(loop)  # the next tick counts again: the success reset it
+    assert gauge("continual_training_failures_consecutive") == 0
     store.dispose()
 
 
