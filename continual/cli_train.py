@@ -1,8 +1,10 @@
-"""``continual train --now``: one training run in the foreground, with a progress bar.
+"""``continual train``: ask the service for a run, or train one in the foreground.
 
-The run goes through the same worker process the service uses; this command only
-creates the run, follows its progress row and prints the candidate's metrics.
-The gate decides about promotion separately.
+``continual train`` records a pending run (like ``POST /v1/train``): the service's
+trainer starts it at its next check and gates it like any other run; ``--wait``
+follows it to the gate's decision. ``continual train --now`` runs the same worker
+process here, with a progress bar, and prints the candidate's metrics; nothing
+gates or promotes that candidate (``continual models promote`` can).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any
 
 from continual.config import config_path, load_settings
 
+# After a requested run succeeded: how long --wait waits for the gate's decision.
+GATE_WAIT_SECONDS = 600.0
 _SHOWN = (
     "validation_accuracy",
     "validation_n",
@@ -29,15 +33,23 @@ _SHOWN = (
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("train", parents=[common], help="run one training run now, in the foreground")
-    p.add_argument("--now", action="store_true", help="train now in a child process and wait for the candidate")
+    p = sub.add_parser(
+        "train", parents=[common], help="ask the service for a training run (gated), or train one now (--now)"
+    )
+    p.add_argument(
+        "--now", action="store_true", help="train here in a child process and print the candidate (not gated)"
+    )
+    p.add_argument("--wait", action="store_true", help="without --now: follow the requested run to the gate's decision")
+    p.add_argument(
+        "--timeout", type=float, default=None, metavar="SECONDS", help="with --wait: give up waiting after this long"
+    )
     p.add_argument(
         "--strategy",
         choices=("naive", "replay", "ewc", "replay+ewc"),
         default=None,
-        help="override [training] strategy",
+        help="override [training] strategy (--now only)",
     )
-    p.add_argument("--seed", type=int, default=None, help="override [training] seed")
+    p.add_argument("--seed", type=int, default=None, help="override [training] seed (--now only)")
     p.add_argument("--json", action="store_true", help="print the finished run as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
@@ -46,27 +58,93 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from continual.cli import UserError
     from continual.learn import runs
-    from continual.learn.launch import launch_run
     from continual.store import Store
 
-    if not args.now:
-        raise UserError("continual train needs --now (a running service takes POST /v1/train instead)")
+    if not args.now and (args.strategy or args.seed is not None):
+        raise UserError("--strategy and --seed apply to --now only; a requested run uses the service's settings")
+    if args.now and (args.wait or args.timeout is not None):
+        raise UserError("--wait and --timeout apply to a requested run; --now always waits")
+    if args.timeout is not None and (not args.wait or args.timeout <= 0):
+        raise UserError("--timeout needs --wait and a positive number of seconds")
     settings = load_settings(args.config)
-    if args.strategy:
-        settings = settings.model_copy(
-            update={"training": settings.training.model_copy(update={"strategy": args.strategy})}
-        )
     store = Store.from_settings(settings)
     store.check_schema()
     active = runs.list_runs(store, status="running", limit=1) + runs.list_runs(store, status="pending", limit=1)
     if active:
         raise UserError(f"training run {active[0]['id']} is {active[0]['status']} already; wait for it or cancel it")
+    return _train_now(args, settings, store) if args.now else _request(args, settings, store)
+
+
+def _request(args: argparse.Namespace, settings: Any, store: Any) -> int:
+    from continual.daemon import request_run
+    from continual.learn import runs
+    from continual.status import decision_for_run
+
+    run_id = request_run(store, settings, actor="cli")
+    every = settings.triggers.check_interval_seconds
+    print(
+        f"training run {run_id} requested: the service's trainer starts it at its next check (every {every:g} s) "
+        "and gates it like any other run",
+        file=sys.stderr,
+    )
+    if not args.wait:
+        print(run_id)
+        return 0
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+
+    def finished() -> bool:
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError
+        if runs.get_run(store, run_id)["status"] in runs.FINISHED:
+            return True
+        time.sleep(0.5)
+        return False
+
+    try:
+        _follow(store, run_id, finished, quiet=args.quiet)
+        row = runs.get_run(store, run_id)
+        # The trainer gates right after the run (same tick); a gate that never decides
+        # (the service died in between) must not keep this command forever.
+        decision = None
+        gate_deadline = time.monotonic() + GATE_WAIT_SECONDS
+        while row["status"] == "succeeded" and (decision := decision_for_run(store, run_id)) is None:
+            if time.monotonic() > gate_deadline or (deadline is not None and time.monotonic() > deadline):
+                print(
+                    f"training run {run_id} succeeded but the gate has not decided on "
+                    f"{row['candidate_version']}; see `continual status` and the service log",
+                    file=sys.stderr,
+                )
+                return 2
+            time.sleep(0.5)
+    except TimeoutError:
+        print(f"stopped waiting after {args.timeout:g} s; training run {run_id} goes on", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"stopped waiting; training run {run_id} goes on (`continual status` follows it)", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps({**row, "decision": decision}, indent=2, default=str))
+    else:
+        _print_row(row)
+        if decision is not None:
+            print(f"  gate: {decision['outcome']} (rule {decision['rule']}): {'; '.join(decision['reasons'] or [])}")
+    return 0 if row["status"] == "succeeded" else 1
+
+
+def _train_now(args: argparse.Namespace, settings: Any, store: Any) -> int:
+    from continual.learn import runs
+    from continual.learn.launch import launch_run
+
+    if args.strategy:
+        settings = settings.model_copy(
+            update={"training": settings.training.model_copy(update={"strategy": args.strategy})}
+        )
     run_id = runs.create_run(store, settings, trigger="cli", seed=args.seed)
     path = config_path(args.config)
     handle = launch_run(settings, store, run_id, path if path.is_file() else None)
     print(f"training run {run_id} started (pid {handle.pid}, log {handle.log_path})", file=sys.stderr)
     try:
-        _follow(store, run_id, handle, quiet=args.quiet)
+        _follow(store, run_id, lambda: handle.wait(0.25) is not None, quiet=args.quiet)
     except KeyboardInterrupt:
         print(f"cancelling training run {run_id} ...", file=sys.stderr)
         handle.cancel()
@@ -79,14 +157,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0 if row["status"] == "succeeded" else 1
 
 
-def _follow(store: Any, run_id: int, handle: Any, *, quiet: bool) -> None:
+def _follow(store: Any, run_id: int, finished: Any, *, quiet: bool) -> None:
+    """Show the run's progress row until ``finished()`` (which may block briefly) says it is over."""
     from tqdm import tqdm
 
     from continual.learn import runs
 
     bar = None if quiet else tqdm(total=0, unit="step", desc=f"run {run_id}", file=sys.stderr, dynamic_ncols=True)
     try:
-        while handle.wait(0.25) is None:
+        while not finished():
             if bar is None:
                 continue
             progress = runs.get_run(store, run_id).get("progress") or {}

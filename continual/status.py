@@ -28,6 +28,15 @@ def champion_row(store: Store) -> dict[str, Any] | None:
         return dict(row._mapping) if row else None
 
 
+def decision_for_run(store: Store, run_id: int) -> dict[str, Any] | None:
+    """The gate's decision on a run's candidate, or None while there is none."""
+    with read_tx(store.engine) as conn:
+        row = conn.execute(
+            select(gate_decisions).where(gate_decisions.c.run_id == run_id).order_by(gate_decisions.c.id.desc())
+        ).first()
+    return dict(row._mapping) if row else None
+
+
 def collect_status(settings: Settings, store: Store, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     champion = champion_row(store)
     cutoff = int(champion["data_cutoff"]) if champion else 0

@@ -166,11 +166,26 @@ def test_cli_train_now_prints_the_candidate(tmp_path: Path) -> None:
     assert "training run 1: succeeded" in proc.stdout
     assert "validation_accuracy:" in proc.stdout and "candidate: " in proc.stdout
     assert runs.get_run(store, 1)["candidate_version"] in proc.stdout
-    refused = subprocess.run(
-        [sys.executable, "-m", "continual.cli", "train", "--config", str(cfg)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    assert refused.returncode == 1 and "--now" in refused.stderr
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "continual.cli", "train", "--config", str(cfg), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+
+    # Without --now: a pending run for the service's trainer (none runs here), like POST /v1/train.
+    requested = cli()
+    assert requested.returncode == 0 and requested.stdout.strip() == "2", requested.stderr
+    assert "requested" in requested.stderr and "gates it" in requested.stderr
+    row = runs.get_run(store, 2)
+    assert row["status"] == "pending" and row["trigger"] == "manual: cli"
+    for args, message in (
+        ((), "training run 2 is pending already"),
+        (("--now",), "training run 2 is pending already"),
+        (("--strategy", "naive"), "--strategy and --seed apply to --now only"),
+        (("--now", "--wait"), "--wait and --timeout apply to a requested run"),
+        (("--timeout", "5"), "--timeout needs --wait"),
+        (("--wait", "--timeout", "0"), "--timeout needs --wait and a positive number"),
+    ):
+        refused = cli(*args)
+        assert refused.returncode == 1 and message in refused.stderr, (args, refused.stderr)
+        assert "Traceback" not in refused.stderr
+    assert [r["id"] for r in runs.list_runs(store)] == [2, 1]
