@@ -97,7 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--config", metavar="PATH", default=None, help="config file (default: $CONTINUAL_CONFIG, else ./config.toml)"
     )
-    parser = argparse.ArgumentParser(prog="continual", description=__doc__, parents=[common])
+    parser = argparse.ArgumentParser(
+        prog="continual",
+        description="Keeps a deployed PyTorch classifier current: ingest labeled feedback, watch drift, "
+        "fine-tune without forgetting, gate the candidate, hot-swap it. `continual COMMAND --help` for each command.",
+        parents=[common],
+    )
     parser.add_argument("--version", action="version", version=f"continual {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -113,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_parser("current", parents=[common], help="show the schema revision").set_defaults(func=cmd_db_current)
 
     p = sub.add_parser("status", parents=[common], help="counts, champion, runs")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
     p.set_defaults(func=cmd_status)
 
     samples = sub.add_parser("samples", parents=[common], help="manage stored feedback").add_subparsers(

@@ -1,4 +1,4 @@
-"""``continual ingest PATH``: send a directory tree, .npz or CSV to a running service.
+"""continual ingest PATH: send a directory tree, .npz or CSV to a running service.
 
 Resumable: ids are derived from each file/row and its content, so a second run
 sends the same ids and the server answers "duplicate" for what it already has.

@@ -16,7 +16,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         dest="models_command", metavar="ACTION"
     )
     p = models.add_parser("list", parents=[common], help="versions, statuses and the champion history")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the versions and the history as JSON")
     p.set_defaults(func=_guard(cmd_list))
 
     p = models.add_parser("promote", parents=[common], help="make a version champion (recorded as manual)")
