@@ -135,14 +135,17 @@ def recover(loop: Loop) -> dict[str, Any]:
 
 
 def _interrupt_lost_runs(loop: Loop) -> list[int]:
-    """As the idle lease holder: a "running" run whose worker is gone lost its trainer; it becomes interrupted.
+    """As the idle lease holder: a run whose worker (or claiming trainer) is gone becomes interrupted.
 
     A worker on this host is gone when its pid is; one on another host ran for a
     trainer that lost the lease to us. (A live local worker, e.g. ``continual train
     --now``, is left alone.)
     """
     lost = []
-    for r in runs.list_runs(loop.store, status="running", limit=20):
+    # A claimed run still pending here was claimed by a trainer that is gone: the lease
+    # holder (this process, between ticks) has no launch in progress.
+    claimed = [r for r in runs.list_runs(loop.store, status="pending", limit=20) if r.get("host")]
+    for r in runs.list_runs(loop.store, status="running", limit=20) + claimed:
         local = r.get("host") == socket.gethostname()
         if local and r.get("pid") and process_alive(int(r["pid"])):
             continue
@@ -199,7 +202,10 @@ def champion_cutoff(loop: Loop) -> tuple[str | None, int]:
 
 
 def request_run(store: Store, settings: Settings, *, actor: str = "") -> int:
-    """A manual request (``POST /v1/train``, ``continual train``): a pending run the trainer picks up."""
+    """A manual request (``POST /v1/train``, ``continual train``): a pending run the trainer picks up.
+
+    Its trigger starts with "manual" (:func:`runs.is_request`), so it survives a restart.
+    """
     return runs.create_run(store, settings, trigger=f"manual{': ' + actor if actor else ''}")
 
 
@@ -224,7 +230,10 @@ def check(loop: Loop) -> dict[str, Any]:
             # it, and if another process took it meanwhile, leave the training to it.
             if not try_acquire(loop.store, TRAINER_LEASE, loop.holder, loop.lease_ttl):
                 return {"skipped": "the trainer lease moved to another process during the drift check"}
-        requested = runs.list_runs(loop.store, status="pending", limit=1)
+        # Only requests: a pending run with another trigger belongs to whoever created it
+        # (``continual train --now`` starting its own worker).
+        waiting = runs.list_runs(loop.store, status="pending", limit=20)
+        requested = [r for r in waiting if runs.is_request(r["trigger"] or "") and r["host"] is None][-1:]  # oldest
         last, last_cutoff = _last_run(loop.store)
         failures = runs.consecutive_failures(loop.store)
         m.training_failures_in_a_row.set(failures)
@@ -291,6 +300,10 @@ def _drift_check(loop: Loop, champion: str) -> bool:
 
 # -- a run: train in a child, then gate ------------------------------------------------------------
 def train_and_gate(loop: Loop, run_id: int) -> dict[str, Any]:
+    if not runs.claim_run(loop.store, run_id):
+        row = runs.get_run(loop.store, run_id)
+        log.warning("training run %d is %s and claimed by %s: not starting it", run_id, row["status"], row["host"])
+        return {"status": "skipped", "error": f"run {run_id} is {row['status']}, claimed by {row['host']}"}
     m = loop.metrics
     m.set_state("training")
     m.training_runs.inc()

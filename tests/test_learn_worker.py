@@ -233,8 +233,14 @@ def test_mark_interrupted_runs(store, tmp_path) -> None:
     c = runs.create_run(store, settings, trigger="t")
     runs.start_run(store, c, parent=None, data_cutoff=0)
     runs.finish_run(store, c, "succeeded", candidate="v")
-    assert sorted(runs.mark_interrupted_runs(store)) == [a, b]
+    # Requests (POST /v1/train, `continual train`): unclaimed ones wait for the trainer, a claimed one was launched.
+    waiting = runs.create_run(store, settings, trigger="manual: cli")
+    claimed = runs.create_run(store, settings, trigger="manual")
+    assert runs.claim_run(store, claimed) and not runs.claim_run(store, claimed)
+    assert sorted(runs.mark_interrupted_runs(store)) == [a, b, claimed]
     assert runs.get_run(store, a)["status"] == runs.get_run(store, b)["status"] == "interrupted"
+    assert runs.get_run(store, waiting)["status"] == "pending" and runs.get_run(store, claimed)["status"] == "interrupted"
+    assert runs.claim_run(store, waiting) and not runs.claim_run(store, a)  # only a pending run is claimed
     assert runs.get_run(store, c)["status"] == "succeeded"
     # A finished run is never moved again.
     assert runs.finish_run(store, c, "failed", error="late") is False

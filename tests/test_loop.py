@@ -100,10 +100,10 @@ def test_consecutive_failures_counts_back_to_the_last_success(tmp_path: Path) ->
     loop = make_loop(tmp_path)
     store, settings = loop.store, loop.settings
 
-    def finished(status: str) -> int:
+    def finished(status: str, error: str | None = None) -> int:
         run_id = runs.create_run(store, settings, trigger="test")
         runs.start_run(store, run_id, parent=None, data_cutoff=0)
-        assert runs.finish_run(store, run_id, status, error=None if status == "succeeded" else status)
+        assert runs.finish_run(store, run_id, status, error=error or (None if status == "succeeded" else status))
         return run_id
 
     assert runs.consecutive_failures(store) == 0
@@ -114,6 +114,8 @@ def test_consecutive_failures_counts_back_to_the_last_success(tmp_path: Path) ->
     for status in ("failed", "interrupted", "failed", "cancelled", "failed"):
         finished(status)
     assert runs.consecutive_failures(store) == 3  # a restart or a cancel is not the trainer failing
+    finished("failed", "NothingToTrain: no new train-split samples ...")  # nor is a request with no new data
+    assert runs.consecutive_failures(store) == 3
     runs.create_run(store, settings, trigger="test")  # active runs are not finished ones
     assert runs.consecutive_failures(store) == 3
     store.dispose()
@@ -144,6 +146,25 @@ def test_a_failed_bootstrap_run_is_retried_only_after_the_backoff(tmp_path: Path
     assert runs.get_run(store, out["run"])["status"] == "succeeded"
     daemon.check(loop)  # the next tick counts again: the success reset it
     assert gauge("continual_training_failures_consecutive") == 0
+    store.dispose()
+
+
+@pytest.mark.slow
+def test_a_run_requested_while_the_service_was_down_runs_after_the_restart(tmp_path: Path) -> None:
+    loop = make_loop(tmp_path, {"triggers": {"min_new_samples": 10_000, "max_new_samples": 10_000}})
+    store = loop.store
+    feed(store, digits("original", stop=300))
+    stale = runs.create_run(store, loop.settings, trigger="drift detected with 300 new samples")  # never started
+    requested = daemon.request_run(store, loop.settings, actor="cli")
+
+    daemon.recover(loop)
+    assert runs.get_run(store, stale)["status"] == "interrupted"
+    assert runs.get_run(store, requested)["status"] == "pending"
+    out = daemon.check(loop)  # below min_new_samples: only the request makes it train
+    assert out["run"] == requested and out["status"] == "succeeded", out
+    row = runs.get_run(store, requested)
+    assert row["trigger"] == "manual: cli" and row["candidate_version"] and row["host"], row
+    assert daemon.check(loop)["run"] is None  # done: nothing else to start
     store.dispose()
 
 

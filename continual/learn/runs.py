@@ -105,6 +105,22 @@ def start_run(store: Store, run_id: int, *, parent: str | None, data_cutoff: int
         )
 
 
+def claim_run(store: Store, run_id: int) -> bool:
+    """A trainer takes a pending run before launching its worker: records its host (``pid`` stays the worker's).
+
+    False when the run is no longer pending or another process claimed it. A claimed
+    run that is still pending at a restart had its worker launched (or about to be),
+    so recovery interrupts it instead of starting it twice.
+    """
+    with write_tx(store.engine) as conn:
+        result = conn.execute(
+            update(training_runs)
+            .where(training_runs.c.id == run_id, training_runs.c.status == "pending", training_runs.c.host.is_(None))
+            .values(host=socket.gethostname())
+        )
+        return bool(result.rowcount)
+
+
 def set_progress(store: Store, run_id: int, progress: dict[str, Any]) -> None:
     with write_tx(store.engine) as conn:
         conn.execute(
@@ -142,10 +158,27 @@ def finish_run(
         return bool(result.rowcount)
 
 
+def is_request(trigger: str) -> bool:
+    """Whether a run was asked for (``POST /v1/train``, ``continual train``): the trainer starts it when it can."""
+    return trigger == "manual" or trigger.startswith("manual:")
+
+
 def mark_interrupted_runs(store: Store, *, reason: str = "the service restarted while the run was active") -> list[int]:
-    """Restart recovery: every pending or running run becomes interrupted. Returns their ids."""
+    """Restart recovery: every active run becomes interrupted, except unclaimed requests. Returns their ids.
+
+    A pending *request* that no trainer claimed (:func:`claim_run`) was never
+    started, so nothing of it was lost: it stays pending and the trainer starts it
+    at its next check (a run requested while the service was stopped runs once it
+    is back).
+    """
     with write_tx(store.engine) as conn:
-        ids = [int(r.id) for r in conn.execute(select(training_runs.c.id).where(training_runs.c.status.in_(ACTIVE)))]
+        rows = conn.execute(
+            select(training_runs.c.id, training_runs.c.status, training_runs.c.trigger, training_runs.c.host).where(
+                training_runs.c.status.in_(ACTIVE)
+            )
+        ).all()
+        waiting = [r for r in rows if r.status == "pending" and r.host is None and is_request(r.trigger or "")]
+        ids = [int(r.id) for r in rows if r not in waiting]
         if ids:
             conn.execute(
                 update(training_runs)
@@ -162,19 +195,24 @@ _MAX_DOUBLINGS = 30
 
 
 def consecutive_failures(store: Store, *, look_back: int = 64) -> int:
-    """How many runs failed since the last one that succeeded (interrupted and cancelled ones do not count)."""
+    """How many runs failed since the last one that succeeded.
+
+    Interrupted and cancelled runs do not count, nor does a run that found nothing
+    new to train on (``NothingToTrain``, a manual request too early): the trainer
+    did not fail there.
+    """
     q = (
-        select(training_runs.c.status)
+        select(training_runs.c.status, training_runs.c.error)
         .where(training_runs.c.status.in_(FINISHED))
         .order_by(training_runs.c.id.desc())
         .limit(look_back)
     )
     n = 0
     with read_tx(store.engine) as conn:
-        for (status,) in conn.execute(q):
+        for status, error in conn.execute(q):
             if status == "succeeded":
                 break
-            n += status == "failed"
+            n += status == "failed" and not (error or "").startswith("NothingToTrain")
     return n
 
 
