@@ -61,6 +61,10 @@ class Loop:
         return max(30.0, 3 * self.settings.triggers.check_interval_seconds)
 
 
+# A pending run nobody asked for and nobody claimed is abandoned after this long.
+UNSTARTED_GRACE = 600.0
+
+
 # -- triggers (pure) ------------------------------------------------------------------
 @dataclass(frozen=True)
 class TriggerInput:
@@ -143,9 +147,16 @@ def _interrupt_lost_runs(loop: Loop) -> list[int]:
     """
     lost = []
     # A claimed run still pending here was claimed by a trainer that is gone: the lease
-    # holder (this process, between ticks) has no launch in progress.
-    claimed = [r for r in runs.list_runs(loop.store, status="pending", limit=20) if r.get("host")]
-    for r in runs.list_runs(loop.store, status="running", limit=20) + claimed:
+    # holder (this process, between ticks) has no launch in progress. A pending run that is
+    # neither claimed nor a request belongs to a `continual train --now` that never started
+    # its worker, once it has waited far longer than a worker takes to start.
+    now = datetime.now(UTC)
+    stale = [
+        r
+        for r in runs.list_runs(loop.store, status="pending", limit=20)
+        if r.get("host") or (not runs.is_request(r["trigger"] or "") and _age(r["created_at"], now) > UNSTARTED_GRACE)
+    ]
+    for r in runs.list_runs(loop.store, status="running", limit=20) + stale:
         local = r.get("host") == socket.gethostname()
         if local and r.get("pid") and process_alive(int(r["pid"])):
             continue
@@ -153,6 +164,10 @@ def _interrupt_lost_runs(loop: Loop) -> list[int]:
             log.warning("training run %d had lost its trainer or worker: marked interrupted", r["id"])
             lost.append(int(r["id"]))
     return lost
+
+
+def _age(when: datetime, now: datetime) -> float:
+    return (now - (when if when.tzinfo else when.replace(tzinfo=UTC))).total_seconds()
 
 
 def _free_lease_of_dead_holder(loop: Loop) -> str | None:
@@ -276,9 +291,7 @@ def _last_run(store: Store) -> tuple[float | None, int | None]:
         ).scalar_one_or_none()
     if last is None:
         return None, None
-    when = last.finished_at or last.created_at
-    when = when if when.tzinfo else when.replace(tzinfo=UTC)
-    return (datetime.now(UTC) - when).total_seconds(), gated
+    return _age(last.finished_at or last.created_at, datetime.now(UTC)), gated
 
 
 def _drift_check(loop: Loop, champion: str) -> bool:

@@ -149,6 +149,27 @@ def test_a_failed_bootstrap_run_is_retried_only_after_the_backoff(tmp_path: Path
     store.dispose()
 
 
+def test_the_trainer_interrupts_abandoned_pending_runs(tmp_path: Path) -> None:
+    loop = make_loop(tmp_path)
+    store, settings = loop.store, loop.settings
+    old_cli = runs.create_run(store, settings, trigger="cli")  # a `train --now` that never launched its worker
+    with write_tx(store.engine) as conn:
+        conn.execute(
+            update(training_runs)
+            .where(training_runs.c.id == old_cli)
+            .values(created_at=datetime.now(UTC) - timedelta(seconds=daemon.UNSTARTED_GRACE + 60))
+        )
+    fresh_cli = runs.create_run(store, settings, trigger="cli")  # its worker may be starting right now
+    claimed = runs.create_run(store, settings, trigger="manual")
+    assert runs.claim_run(store, claimed)  # by a trainer that then died
+
+    out = daemon.check(loop)
+    assert out["run"] is None, out
+    status = {r: runs.get_run(store, r)["status"] for r in (old_cli, fresh_cli, claimed)}
+    assert status == {old_cli: "interrupted", fresh_cli: "pending", claimed: "interrupted"}, status
+    store.dispose()
+
+
 @pytest.mark.slow
 def test_a_run_requested_while_the_service_was_down_runs_after_the_restart(tmp_path: Path) -> None:
     loop = make_loop(tmp_path, {"triggers": {"min_new_samples": 10_000, "max_new_samples": 10_000}})
