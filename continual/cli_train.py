@@ -19,6 +19,8 @@ from continual.config import config_path, load_settings
 
 # After a requested run succeeded: how long --wait waits for the gate's decision.
 GATE_WAIT_SECONDS = 600.0
+# After SIGTERM: a worker stops within one training step; this is generous.
+CANCEL_WAIT_SECONDS = 120.0
 _SHOWN = (
     "validation_accuracy",
     "validation_n",
@@ -38,6 +40,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--now", action="store_true", help="train here in a child process and print the candidate (not gated)"
+    )
+    p.add_argument(
+        "--cancel", action="store_true", help="cancel the active run (pending, or running on this host); nothing is written"
     )
     p.add_argument("--wait", action="store_true", help="without --now: follow the requested run to the gate's decision")
     p.add_argument(
@@ -60,6 +65,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from continual.learn import runs
     from continual.store import Store
 
+    if args.cancel:
+        if args.now or args.wait or args.timeout is not None or args.strategy or args.seed is not None:
+            raise UserError("--cancel takes no other training option")
+        settings = load_settings(args.config)
+        store = Store.from_settings(settings)
+        store.check_schema()
+        return _cancel(store)
     if not args.now and (args.strategy or args.seed is not None):
         raise UserError("--strategy and --seed apply to --now only; a requested run uses the service's settings")
     if args.now and (args.wait or args.timeout is not None):
@@ -71,8 +83,58 @@ def cmd_train(args: argparse.Namespace) -> int:
     store.check_schema()
     active = runs.list_runs(store, status="running", limit=1) + runs.list_runs(store, status="pending", limit=1)
     if active:
-        raise UserError(f"training run {active[0]['id']} is {active[0]['status']} already; wait for it or cancel it")
+        raise UserError(f"training run {active[0]['id']} is {active[0]['status']} already; wait for it or `continual train --cancel` it")
     return _train_now(args, settings, store) if args.now else _request(args, settings, store)
+
+
+def _cancel(store: Any) -> int:
+    """A pending run is marked cancelled; a running one gets SIGTERM (its worker stops within a step, writes nothing)."""
+    import os
+    import signal
+    import socket
+
+    from continual.cli import UserError
+    from continual.learn import runs
+    from continual.procutil import process_alive
+
+    active = [r for r in runs.list_runs(store, limit=20) if r["status"] in runs.ACTIVE]
+    if not active:
+        raise UserError("no training run is pending or running")
+    run = active[-1]
+    run_id = run["id"]
+    if run["status"] == "pending" and not run["pid"]:
+        if runs.finish_run(store, run_id, "cancelled", error="cancelled by the operator (continual train --cancel)"):
+            print(f"training run {run_id}: cancelled (it had not started)")
+            return 0
+        run = runs.get_run(store, run_id)
+        if run["status"] in runs.FINISHED:
+            print(f"training run {run_id}: {run['status']} already")
+            return 0
+    if run["host"] != socket.gethostname():
+        raise UserError(f"training run {run_id} runs on {run['host']}; run `continual train --cancel` there")
+    pid = int(run["pid"] or 0)
+    if not pid or not process_alive(pid) or not _is_worker(pid):
+        raise UserError(f"training run {run_id}: its worker (pid {pid or 'unknown'}) is not running; the service marks it")
+    # The worker leads (or, under torchrun, belongs to) its own process group: every rank hears it.
+    os.killpg(os.getpgid(pid), signal.SIGTERM)
+    print(f"training run {run_id}: SIGTERM sent to the worker (pid {pid}), waiting for it to stop ...", file=sys.stderr)
+    deadline = time.monotonic() + CANCEL_WAIT_SECONDS
+    while (row := runs.get_run(store, run_id))["status"] not in runs.FINISHED:
+        if time.monotonic() > deadline:
+            print(f"training run {run_id} has not stopped after {CANCEL_WAIT_SECONDS:g} s", file=sys.stderr)
+            return 2
+        time.sleep(0.25)
+    print(f"training run {run_id}: {row['status']}" + (f" ({row['error']})" if row.get("error") else ""))
+    return 0 if row["status"] in ("cancelled", "interrupted") else 1
+
+
+def _is_worker(pid: int) -> bool:
+    """Whether ``pid`` is a continual training worker (not an unrelated process that reused the pid)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"continual.learn.worker" in f.read()
+    except OSError:
+        return True  # no /proc: trust the live pid
 
 
 def _request(args: argparse.Namespace, settings: Any, store: Any) -> int:

@@ -323,6 +323,9 @@ def train_and_gate(loop: Loop, run_id: int) -> dict[str, Any]:
     started = time.monotonic()
     row = _run_child(loop, run_id)
     m.training_duration.observe(time.monotonic() - started)
+    if row["status"] == "cancelled":  # by the operator or a shutdown: not a failure of the trainer
+        log.warning("training run %d cancelled: %s", run_id, row.get("error"))
+        return {"status": "cancelled", "error": row.get("error")}
     if row["status"] != "succeeded" or not row.get("candidate_version"):
         m.training_failures.inc()
         log.error("training run %d %s: %s", run_id, row["status"], row.get("error"))

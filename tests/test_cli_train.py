@@ -1,17 +1,20 @@
-"""`continual train --wait` against a real service: the request is trained and gated by the service's trainer."""
+"""`continual train --wait` / `--cancel` against a real service: its trainer runs (or stops) the requested run."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 from looputil import LOOP_CONFIG, digits
 from serverutil import ServerProcess, merge
 
 from continual.client import Client
 from continual.learn import runs
+from continual.procutil import process_alive
 from continual.status import decision_for_run
 from continual.store import Store
 
@@ -42,6 +45,44 @@ def test_train_wait_follows_a_requested_run_to_the_gate(tmp_path: Path) -> None:
         assert f"gate: {decision['outcome']} (rule {decision['rule']})" in proc.stdout, proc.stdout
         # No champion yet: the bootstrap rules decide (promoted, or rejected below min_accuracy).
         assert decision["rule"] in ("bootstrap", "min_accuracy"), decision
+    finally:
+        store.dispose()
+        server.stop()
+
+
+def test_train_cancel_stops_the_running_worker_and_the_service_goes_on(tmp_path: Path) -> None:
+    endless = {"training": {"epochs": 5000, "early_stopping_patience": 100_000}}
+    server = ServerProcess(merge(CONFIG, endless), workdir=tmp_path)
+    url = server.start()
+    store = Store(f"sqlite:///{tmp_path / 'data' / 'continual.db'}")
+    try:
+        with Client(url, timeout=60) as client:
+            client.feedback(digits("original", stop=300), batch_size=100)
+            run_id = client.train()["run_id"]
+        deadline = time.monotonic() + 180
+        while (row := runs.get_run(store, run_id))["status"] != "running" or not (row["progress"] or {}).get("step"):
+            assert time.monotonic() < deadline and row["status"] in runs.ACTIVE, row
+            time.sleep(0.2)
+        pid = int(row["pid"])
+
+        proc = server.cli("train", "--cancel", check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"training run {run_id}: cancelled" in proc.stdout
+        row = runs.get_run(store, run_id)
+        assert row["status"] == "cancelled" and row["candidate_version"] is None, row
+        deadline = time.monotonic() + 30  # the row says cancelled just before the worker exits
+        while process_alive(pid):
+            assert time.monotonic() < deadline, f"worker {pid} still running after its run was cancelled"
+            time.sleep(0.1)
+
+        # The service goes on: healthy, no failure counted, a new request is accepted.
+        assert httpx.get(url + "/healthz", timeout=10).status_code == 200
+        deadline = time.monotonic() + 30
+        while "continual_state{state=\"idle\"} 1.0" not in (text := httpx.get(url + "/metrics", timeout=10).text):
+            assert time.monotonic() < deadline, "the service did not return to idle"
+            time.sleep(0.2)
+        assert "continual_training_failures_total 0.0" in text
+        assert httpx.post(url + "/v1/train", timeout=30).status_code == 202
     finally:
         store.dispose()
         server.stop()

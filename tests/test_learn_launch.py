@@ -189,3 +189,10 @@ def test_cli_train_now_prints_the_candidate(tmp_path: Path) -> None:
         assert refused.returncode == 1 and message in refused.stderr, (args, refused.stderr)
         assert "Traceback" not in refused.stderr
     assert [r["id"] for r in runs.list_runs(store)] == [2, 1]
+    # The operator changes their mind before any trainer took it.
+    cancelled = cli("--cancel")
+    assert cancelled.returncode == 0 and "training run 2: cancelled (it had not started)" in cancelled.stdout
+    assert runs.get_run(store, 2)["status"] == "cancelled"
+    nothing = cli("--cancel")
+    assert nothing.returncode == 1 and "no training run is pending or running" in nothing.stderr
+    assert cli("--cancel", "--now").returncode == 1
