@@ -258,10 +258,9 @@ def _add_train_route(app: FastAPI, ctx: AppContext) -> None:
     @app.post("/v1/train", dependencies=[require_scope("admin")], status_code=202)
     def train(request: Request) -> dict[str, Any]:
         """Ask for a run now: a pending run the trainer picks up at its next check (still gated)."""
-        from continual.daemon import request_run
-        from continual.learn.runs import ACTIVE, list_runs
+        from continual.learn.runs import active_runs, request_run
 
-        active = [r for r in list_runs(ctx.store, limit=20) if r["status"] in ACTIVE]
+        active = active_runs(ctx.store)
         if active:
             raise ApiError(409, "run_active", f"training run {active[0]['id']} is already {active[0]['status']}",
                            [{"run_id": active[0]["id"], "status": active[0]["status"]}])

@@ -81,7 +81,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     store = Store.from_settings(settings)
     store.check_schema()
-    active = runs.list_runs(store, status="running", limit=1) + runs.list_runs(store, status="pending", limit=1)
+    active = runs.active_runs(store)
     if active:
         raise UserError(f"training run {active[0]['id']} is {active[0]['status']} already; wait for it or `continual train --cancel` it")
     return _train_now(args, settings, store) if args.now else _request(args, settings, store)
@@ -97,10 +97,10 @@ def _cancel(store: Any) -> int:
     from continual.learn import runs
     from continual.procutil import process_alive
 
-    active = [r for r in runs.list_runs(store, limit=20) if r["status"] in runs.ACTIVE]
+    active = runs.active_runs(store)
     if not active:
         raise UserError("no training run is pending or running")
-    run = active[-1]
+    run = active[0]
     run_id = run["id"]
     if run["status"] == "pending" and not run["pid"]:
         if runs.finish_run(store, run_id, "cancelled", error="cancelled by the operator (continual train --cancel)"):
@@ -118,12 +118,10 @@ def _cancel(store: Any) -> int:
     # The worker leads (or, under torchrun, belongs to) its own process group: every rank hears it.
     os.killpg(os.getpgid(pid), signal.SIGTERM)
     print(f"training run {run_id}: SIGTERM sent to the worker (pid {pid}), waiting for it to stop ...", file=sys.stderr)
-    deadline = time.monotonic() + CANCEL_WAIT_SECONDS
-    while (row := runs.get_run(store, run_id))["status"] not in runs.FINISHED:
-        if time.monotonic() > deadline:
-            print(f"training run {run_id} has not stopped after {CANCEL_WAIT_SECONDS:g} s", file=sys.stderr)
-            return 2
-        time.sleep(0.25)
+    row = _poll(lambda: (r := runs.get_run(store, run_id))["status"] in runs.FINISHED and r, CANCEL_WAIT_SECONDS)
+    if row is None:
+        print(f"training run {run_id} has not stopped after {CANCEL_WAIT_SECONDS:g} s", file=sys.stderr)
+        return 2
     print(f"training run {run_id}: {row['status']}" + (f" ({row['error']})" if row.get("error") else ""))
     return 0 if row["status"] in ("cancelled", "interrupted") else 1
 
@@ -137,12 +135,21 @@ def _is_worker(pid: int) -> bool:
         return True  # no /proc: trust the live pid
 
 
+def _poll(value: Any, seconds: float, interval: float = 0.25) -> Any:
+    """``value()`` once it is truthy, polling for up to ``seconds``; None if it never is."""
+    deadline = time.monotonic() + seconds
+    while not (got := value()):
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(interval)
+    return got
+
+
 def _request(args: argparse.Namespace, settings: Any, store: Any) -> int:
-    from continual.daemon import request_run
     from continual.learn import runs
     from continual.status import decision_for_run
 
-    run_id = request_run(store, settings, actor="cli")
+    run_id = runs.request_run(store, settings, actor="cli")
     every = settings.triggers.check_interval_seconds
     print(
         f"training run {run_id} requested: the service's trainer starts it at its next check (every {every:g} s) "
@@ -168,16 +175,16 @@ def _request(args: argparse.Namespace, settings: Any, store: Any) -> int:
         # The trainer gates right after the run (same tick); a gate that never decides
         # (the service died in between) must not keep this command forever.
         decision = None
-        gate_deadline = time.monotonic() + GATE_WAIT_SECONDS
-        while row["status"] == "succeeded" and (decision := decision_for_run(store, run_id)) is None:
-            if time.monotonic() > gate_deadline or (deadline is not None and time.monotonic() > deadline):
+        if row["status"] == "succeeded":
+            left = GATE_WAIT_SECONDS if deadline is None else min(GATE_WAIT_SECONDS, deadline - time.monotonic())
+            decision = _poll(lambda: decision_for_run(store, run_id), left, interval=0.5)
+            if decision is None:
                 print(
                     f"training run {run_id} succeeded but the gate has not decided on "
                     f"{row['candidate_version']}; see `continual status` and the service log",
                     file=sys.stderr,
                 )
                 return 2
-            time.sleep(0.5)
     except TimeoutError:
         print(f"stopped waiting after {args.timeout:g} s; training run {run_id} goes on", file=sys.stderr)
         return 2

@@ -151,12 +151,10 @@ def _interrupt_lost_runs(loop: Loop) -> list[int]:
     # neither claimed nor a request belongs to a `continual train --now` that never started
     # its worker, once it has waited far longer than a worker takes to start.
     now = datetime.now(UTC)
-    stale = [
-        r
-        for r in runs.list_runs(loop.store, status="pending", limit=20)
-        if r.get("host") or (not runs.is_request(r["trigger"] or "") and _age(r["created_at"], now) > UNSTARTED_GRACE)
-    ]
-    for r in runs.list_runs(loop.store, status="running", limit=20) + stale:
+    for r in runs.active_runs(loop.store):
+        abandoned = r["host"] or (not runs.is_request(r["trigger"] or "") and _age(r["created_at"], now) > UNSTARTED_GRACE)
+        if r["status"] == "pending" and not abandoned:
+            continue
         local = r.get("host") == socket.gethostname()
         if local and r.get("pid") and process_alive(int(r["pid"])):
             continue
@@ -216,14 +214,6 @@ def champion_cutoff(loop: Loop) -> tuple[str | None, int]:
     return champion, (loop.registry.manifest(champion).data_cutoff if champion else 0)
 
 
-def request_run(store: Store, settings: Settings, *, actor: str = "") -> int:
-    """A manual request (``POST /v1/train``, ``continual train``): a pending run the trainer picks up.
-
-    Its trigger starts with "manual" (:func:`runs.is_request`), so it survives a restart.
-    """
-    return runs.create_run(store, settings, trigger=f"manual{': ' + actor if actor else ''}")
-
-
 def check(loop: Loop) -> dict[str, Any]:
     """One tick: lease, pending count, drift, trigger, and (if due) train → gate → promote."""
     m = loop.metrics
@@ -247,8 +237,7 @@ def check(loop: Loop) -> dict[str, Any]:
                 return {"skipped": "the trainer lease moved to another process during the drift check"}
         # Only requests: a pending run with another trigger belongs to whoever created it
         # (``continual train --now`` starting its own worker).
-        waiting = runs.list_runs(loop.store, status="pending", limit=20)
-        requested = [r for r in waiting if runs.is_request(r["trigger"] or "") and r["host"] is None][-1:]  # oldest
+        requested = runs.next_request(loop.store)
         last, last_cutoff = _last_run(loop.store)
         failures = runs.consecutive_failures(loop.store)
         m.training_failures_in_a_row.set(failures)
@@ -258,7 +247,7 @@ def check(loop: Loop) -> dict[str, Any]:
                 pending,
                 last,
                 drift_detected,
-                requested=bool(requested),
+                requested=requested is not None,
                 new_since_last_run=last_cutoff is None or loop.store.max_seq() > last_cutoff,
                 consecutive_failures=failures,
             ),
@@ -266,7 +255,7 @@ def check(loop: Loop) -> dict[str, Any]:
         )
         if reason is None:
             return {"pending": pending, "drift": drift_detected, "run": None}
-        run_id = int(requested[0]["id"]) if requested else runs.create_run(loop.store, loop.settings, trigger=reason)
+        run_id = int(requested["id"]) if requested else runs.create_run(loop.store, loop.settings, trigger=reason)
         outcome = train_and_gate(loop, run_id)
         return {"pending": pending, "drift": drift_detected, "run": run_id, **outcome}
     finally:

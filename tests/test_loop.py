@@ -176,7 +176,7 @@ def test_a_run_requested_while_the_service_was_down_runs_after_the_restart(tmp_p
     store = loop.store
     feed(store, digits("original", stop=300))
     stale = runs.create_run(store, loop.settings, trigger="drift detected with 300 new samples")  # never started
-    requested = daemon.request_run(store, loop.settings, actor="cli")
+    requested = runs.request_run(store, loop.settings, actor="cli")
 
     daemon.recover(loop)
     assert runs.get_run(store, stale)["status"] == "interrupted"
@@ -206,7 +206,7 @@ def test_bootstrap_then_learn_a_shift_then_reject_poison(tmp_path: Path) -> None
 
     # A domain shift, then a manual request (the drift trigger is tested end to end elsewhere).
     feed(loop.store, digits("inverted", stop=900))
-    daemon.request_run(loop.store, loop.settings, actor="test")
+    runs.request_run(loop.store, loop.settings, actor="test")
     out = daemon.check(loop)
     assert out["decision"] == "promoted", (out, decisions(loop.store)[-1])
     second = loop.registry.champion()
@@ -220,7 +220,7 @@ def test_bootstrap_then_learn_a_shift_then_reject_poison(tmp_path: Path) -> None
 
     # Poisoned feedback: random labels on known inputs. The candidate must be rejected.
     feed(loop.store, digits("poison", start=0, stop=600, seed=7))
-    daemon.request_run(loop.store, loop.settings, actor="test")
+    runs.request_run(loop.store, loop.settings, actor="test")
     out = daemon.check(loop)
     assert out["decision"] == "rejected", out
     d = decisions(loop.store)[-1]

@@ -26,6 +26,8 @@ FINISHED = ("succeeded", "failed", "interrupted", "cancelled")
 # Sections of the settings copied into the run spec; auth and store hold secrets
 # and the worker reads them from its own config.
 SPEC_SECTIONS = ("service", "model", "training", "ingest")
+# The trigger of a run someone asked for (POST /v1/train, `continual train`).
+_REQUEST = "manual"
 
 
 class RunNotFound(KeyError):
@@ -158,9 +160,34 @@ def finish_run(
         return bool(result.rowcount)
 
 
+def request_run(store: Store, settings: Settings, *, actor: str = "") -> int:
+    """A manual request (``POST /v1/train``, ``continual train``): a pending run the trainer picks up (still gated).
+
+    Its trigger starts with "manual" (:func:`is_request`), so it survives a restart.
+    """
+    return create_run(store, settings, trigger=f"{_REQUEST}{': ' + actor if actor else ''}")
+
+
 def is_request(trigger: str) -> bool:
-    """Whether a run was asked for (``POST /v1/train``, ``continual train``): the trainer starts it when it can."""
-    return trigger == "manual" or trigger.startswith("manual:")
+    """Whether a run was asked for (:func:`request_run`): the trainer starts it when it can."""
+    return trigger == _REQUEST or trigger.startswith(_REQUEST + ":")
+
+
+def _waiting_request(run: Any) -> bool:
+    """A request no trainer has claimed yet (``run``: a row mapping)."""
+    return run["status"] == "pending" and run["host"] is None and is_request(run["trigger"] or "")
+
+
+def active_runs(store: Store) -> list[dict[str, Any]]:
+    """Pending and running runs, oldest first."""
+    q = select(training_runs).where(training_runs.c.status.in_(ACTIVE)).order_by(training_runs.c.id)
+    with read_tx(store.engine) as conn:
+        return [dict(r._mapping) for r in conn.execute(q)]
+
+
+def next_request(store: Store) -> dict[str, Any] | None:
+    """The oldest request no trainer has claimed, or None."""
+    return next((r for r in active_runs(store) if _waiting_request(r)), None)
 
 
 def mark_interrupted_runs(store: Store, *, reason: str = "the service restarted while the run was active") -> list[int]:
@@ -177,8 +204,7 @@ def mark_interrupted_runs(store: Store, *, reason: str = "the service restarted 
                 training_runs.c.status.in_(ACTIVE)
             )
         ).all()
-        waiting = [r for r in rows if r.status == "pending" and r.host is None and is_request(r.trigger or "")]
-        ids = [int(r.id) for r in rows if r not in waiting]
+        ids = [int(r.id) for r in rows if not _waiting_request(r._mapping)]
         if ids:
             conn.execute(
                 update(training_runs)
