@@ -58,9 +58,7 @@ def main() -> None:
 
         def feed(phase: str, start: int, stop: int) -> None:
             imgs = shift(images, phase)
-            store.insert(
-                [NewSample(f"{phase}-{i}", str(labels[i]), "image", png(imgs[i])) for i in range(start, stop)]
-            )
+            store.insert([NewSample(f"{phase}-{i}", str(labels[i]), "image", png(imgs[i])) for i in range(start, stop)])
 
         feed("original", 0, w)
         registry = Registry(settings.models_dir, store)

@@ -223,7 +223,9 @@ def create_app(ctx: AppContext) -> FastAPI:
         from continual.lifecycle import metrics_state
 
         serving = ctx.serving.version() if ctx.serving is not None else None
-        return collect_status(ctx.settings, ctx.store, {"state": metrics_state(ctx.metrics), "serving_version": serving})
+        return collect_status(
+            ctx.settings, ctx.store, {"state": metrics_state(ctx.metrics), "serving_version": serving}
+        )
 
     _add_train_route(app, ctx)
     _add_samples_route(app, ctx)
@@ -241,14 +243,20 @@ def _add_samples_route(app: FastAPI, ctx: AppContext) -> None:
         doc = _parse_body(await read_body(request, ctx.settings.ingest.max_body_bytes))
         ids = doc.get("ids") if isinstance(doc, dict) else None
         if not isinstance(ids, list) or not ids or not all(isinstance(i, str) and i for i in ids):
-            raise ApiError(422, "validation_error", "body must be {\"ids\": [non-empty strings], \"reason\": \"...\"}",
-                           [{"field": "ids", "message": "a non-empty list of sample ids"}])
+            raise ApiError(
+                422,
+                "validation_error",
+                'body must be {"ids": [non-empty strings], "reason": "..."}',
+                [{"field": "ids", "message": "a non-empty list of sample ids"}],
+            )
         if len(ids) > MAX_EXCLUDE_IDS:
             raise ApiError(413, "too_large", f"{len(ids)} ids in one request; at most {MAX_EXCLUDE_IDS}")
         reason = str(doc.get("reason") or "")[:500]
         changed, unknown = await run_in_threadpool(ctx.store.exclude, ids)
         await run_in_threadpool(
-            ctx.store.record_event, "samples_excluded", f"{changed} samples excluded by {_actor(request)}: {reason}",
+            ctx.store.record_event,
+            "samples_excluded",
+            f"{changed} samples excluded by {_actor(request)}: {reason}",
             {"ids": ids[:100], "n": changed, "unknown": unknown[:100], "reason": reason, "actor": _actor(request)},
         )
         return {"excluded": changed, "unknown": unknown}
@@ -262,8 +270,12 @@ def _add_train_route(app: FastAPI, ctx: AppContext) -> None:
 
         active = active_runs(ctx.store)
         if active:
-            raise ApiError(409, "run_active", f"training run {active[0]['id']} is already {active[0]['status']}",
-                           [{"run_id": active[0]["id"], "status": active[0]["status"]}])
+            raise ApiError(
+                409,
+                "run_active",
+                f"training run {active[0]['id']} is already {active[0]['status']}",
+                [{"run_id": active[0]["id"], "status": active[0]["status"]}],
+            )
         run_id = request_run(ctx.store, ctx.settings, actor=_actor(request))
         return {"run_id": run_id, "status": "pending"}
 

@@ -78,9 +78,14 @@ def cmd_samples_exclude(args: argparse.Namespace) -> int:
         raise UserError("no sample ids given (pass IDs or --file)")
     store = _store(_settings(args))
     changed, unknown = store.exclude(ids)
-    store.record_event("samples_excluded", f"{changed} samples excluded from the command line: {args.reason}",
-                       {"ids": ids[:100], "n": changed, "unknown": unknown[:100], "reason": args.reason, "actor": "cli"})
-    print(f"excluded {changed} samples" + (f"; {len(unknown)} ids unknown: {', '.join(unknown[:10])}" if unknown else ""))
+    store.record_event(
+        "samples_excluded",
+        f"{changed} samples excluded from the command line: {args.reason}",
+        {"ids": ids[:100], "n": changed, "unknown": unknown[:100], "reason": args.reason, "actor": "cli"},
+    )
+    print(
+        f"excluded {changed} samples" + (f"; {len(unknown)} ids unknown: {', '.join(unknown[:10])}" if unknown else "")
+    )
     return 0
 
 

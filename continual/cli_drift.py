@@ -37,9 +37,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if champion is None:
         raise UserError("no champion yet: drift is measured against the champion's data (import or train one first)")
     try:
-        decision = run_check(
-            settings, store, registry, Metrics(), champion=champion, record=not args.no_record
-        )
+        decision = run_check(settings, store, registry, Metrics(), champion=champion, record=not args.no_record)
     except (VersionNotFound, ChecksumMismatch) as e:
         raise UserError(f"cannot load the champion {champion}: {e}") from None
     if args.json:

@@ -42,7 +42,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         "--now", action="store_true", help="train here in a child process and print the candidate (not gated)"
     )
     p.add_argument(
-        "--cancel", action="store_true", help="cancel the active run (pending, or running on this host); nothing is written"
+        "--cancel",
+        action="store_true",
+        help="cancel the active run (pending, or running on this host); nothing is written",
     )
     p.add_argument("--wait", action="store_true", help="without --now: follow the requested run to the gate's decision")
     p.add_argument(
@@ -83,7 +85,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     store.check_schema()
     active = runs.active_runs(store)
     if active:
-        raise UserError(f"training run {active[0]['id']} is {active[0]['status']} already; wait for it or `continual train --cancel` it")
+        raise UserError(
+            f"training run {active[0]['id']} is {active[0]['status']} already; wait for it or `continual train --cancel` it"
+        )
     return _train_now(args, settings, store) if args.now else _request(args, settings, store)
 
 
@@ -114,7 +118,9 @@ def _cancel(store: Any) -> int:
         raise UserError(f"training run {run_id} runs on {run['host']}; run `continual train --cancel` there")
     pid = int(run["pid"] or 0)
     if not pid or not process_alive(pid) or not _is_worker(pid):
-        raise UserError(f"training run {run_id}: its worker (pid {pid or 'unknown'}) is not running; the service marks it")
+        raise UserError(
+            f"training run {run_id}: its worker (pid {pid or 'unknown'}) is not running; the service marks it"
+        )
     # The worker leads (or, under torchrun, belongs to) its own process group: every rank hears it.
     os.killpg(os.getpgid(pid), signal.SIGTERM)
     print(f"training run {run_id}: SIGTERM sent to the worker (pid {pid}), waiting for it to stop ...", file=sys.stderr)

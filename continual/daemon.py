@@ -152,7 +152,9 @@ def _interrupt_lost_runs(loop: Loop) -> list[int]:
     # its worker, once it has waited far longer than a worker takes to start.
     now = datetime.now(UTC)
     for r in runs.active_runs(loop.store):
-        abandoned = r["host"] or (not runs.is_request(r["trigger"] or "") and _age(r["created_at"], now) > UNSTARTED_GRACE)
+        abandoned = r["host"] or (
+            not runs.is_request(r["trigger"] or "") and _age(r["created_at"], now) > UNSTARTED_GRACE
+        )
         if r["status"] == "pending" and not abandoned:
             continue
         local = r.get("host") == socket.gethostname()

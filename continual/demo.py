@@ -122,15 +122,19 @@ class Service:
     process: subprocess.Popen[bytes] | None = None
 
     def cli(self, *args: str) -> None:
-        subprocess.run([sys.executable, "-m", "continual.cli", *args, "--config", str(self.config)], env=self.env,
-                       check=True)
+        subprocess.run(
+            [sys.executable, "-m", "continual.cli", *args, "--config", str(self.config)], env=self.env, check=True
+        )
 
     def start(self) -> None:
         self.cli("db", "upgrade")
         log = open(self.log_path, "ab")  # noqa: SIM115 (kept open for the child's lifetime)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "continual.cli", "serve", "--config", str(self.config)],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         deadline = time.monotonic() + 300
         import httpx
@@ -247,8 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONTINUAL_")} | overrides
     settings = load_settings(args.config, env=env)
-    print(f"continual demo: {settings.model.architecture} ({settings.model.weights}) on {settings.training.device}, "
-          f"store {settings.store_url}")
+    print(
+        f"continual demo: {settings.model.architecture} ({settings.model.weights}) on {settings.training.device}, "
+        f"store {settings.store_url}"
+    )
     print("overrides: " + " ".join(f"{k}={v}" for k, v in overrides.items()))
     svc = Service(Path(args.config), env, out / "service.log", f"http://127.0.0.1:{port}")
     phases = build_phases(args.samples, args.seed)
@@ -351,12 +357,16 @@ def print_timeline(settings: Any) -> list[tuple[datetime, str, dict[str, Any]]]:
                 for r in (row.get("results") or {}).get("detectors", [])
                 if isinstance(r, dict) and r.get("p_value") is not None
             )
-            print(f"  {ts}  drift check: {'DRIFT' if row['detected'] else 'no drift'} "
-                  f"(ref {row['n_reference']}, cur {row['n_current']}) {per}")
+            print(
+                f"  {ts}  drift check: {'DRIFT' if row['detected'] else 'no drift'} "
+                f"(ref {row['n_reference']}, cur {row['n_current']}) {per}"
+            )
         elif kind == "run":
-            print(f"  {ts}  run #{row['id']} ({row['trigger']}): {row['status']}"
-                  + (f" -> candidate {row['candidate_version']}" if row["candidate_version"] else "")
-                  + (f" [{row['error']}]" if row["error"] else ""))
+            print(
+                f"  {ts}  run #{row['id']} ({row['trigger']}): {row['status']}"
+                + (f" -> candidate {row['candidate_version']}" if row["candidate_version"] else "")
+                + (f" [{row['error']}]" if row["error"] else "")
+            )
         elif kind == "gate":
             m = row["metrics"] or {}
             nums = ", ".join(f"{k}={v:.3f}" for k, v in m.items() if isinstance(v, float))
@@ -390,7 +400,9 @@ def write_report(path: Path, accuracy: list[dict[str, Any]], timeline: list[Any]
         for when, row in drift:
             for r in (row.get("results") or {}).get("detectors", []):
                 if isinstance(r, dict) and r.get("p_value") is not None:
-                    detectors.setdefault(r["detector"], []).append(((when - t0).total_seconds(), max(r["p_value"], 1e-6)))
+                    detectors.setdefault(r["detector"], []).append(
+                        ((when - t0).total_seconds(), max(r["p_value"], 1e-6))
+                    )
         for name, pts in detectors.items():
             ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=name)
         ax2.axhline(alpha, color="red", linestyle="--", label=f"alpha = {alpha}")

@@ -41,7 +41,11 @@ def _start_loop(ctx: AppContext, config_path: str | None) -> None:
     from continual import daemon
 
     loop = daemon.Loop(
-        settings=ctx.settings, store=ctx.store, registry=ctx.registry, metrics=ctx.metrics, serving=ctx.serving,
+        settings=ctx.settings,
+        store=ctx.store,
+        registry=ctx.registry,
+        metrics=ctx.metrics,
+        serving=ctx.serving,
         config_path=config_path,
     )
     if ctx.settings.service.role != "api":

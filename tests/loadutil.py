@@ -74,7 +74,9 @@ class Load:
 
     def start(self) -> None:
         self._threads = [threading.Thread(target=self._feed, args=(i,), daemon=True) for i in range(self.feeders)]
-        self._threads += [threading.Thread(target=self._predict, args=(i,), daemon=True) for i in range(self.predictors)]
+        self._threads += [
+            threading.Thread(target=self._predict, args=(i,), daemon=True) for i in range(self.predictors)
+        ]
         for t in self._threads:
             t.start()
 

@@ -11,7 +11,10 @@ def test_exclude_by_id_needs_admin_and_takes_samples_out(tmp_path: Path, store_u
     settings = vector_settings(tmp_path, auth={"enabled": True, "ingest_tokens": ["in"], "admin_tokens": ["ad"]})
     client, store, _ = make_client(settings, store_url)
     samples = [{"id": f"s{i}", "label": "cat", "x": [float(i)] * 4} for i in range(10)]
-    assert client.post("/v1/feedback", json={"samples": samples}, headers={"Authorization": "Bearer in"}).status_code == 200
+    assert (
+        client.post("/v1/feedback", json={"samples": samples}, headers={"Authorization": "Bearer in"}).status_code
+        == 200
+    )
     body = {"ids": ["s1", "s2", "missing"], "reason": "poisoned batch"}
     assert client.post("/v1/samples/exclude", json=body, headers={"Authorization": "Bearer in"}).status_code == 403
     r = client.post("/v1/samples/exclude", json=body, headers={"Authorization": "Bearer ad"})

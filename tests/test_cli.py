@@ -19,7 +19,7 @@ def config(tmp_path: Path, extra: str = "") -> Path:
     p.write_text(
         f"""
 [service]
-data_dir = "{tmp_path / 'data'}"
+data_dir = "{tmp_path / "data"}"
 [model]
 architecture = "mlp"
 weights = "none"

@@ -78,7 +78,7 @@ def test_train_cancel_stops_the_running_worker_and_the_service_goes_on(tmp_path:
         # The service goes on: healthy, no failure counted, a new request is accepted.
         assert httpx.get(url + "/healthz", timeout=10).status_code == 200
         deadline = time.monotonic() + 30
-        while "continual_state{state=\"idle\"} 1.0" not in (text := httpx.get(url + "/metrics", timeout=10).text):
+        while 'continual_state{state="idle"} 1.0' not in (text := httpx.get(url + "/metrics", timeout=10).text):
             assert time.monotonic() < deadline, "the service did not return to idle"
             time.sleep(0.2)
         assert "continual_training_failures_total 0.0" in text

@@ -124,5 +124,7 @@ def test_tokens_from_files_and_credentials_directory(tmp_path: Path, monkeypatch
 
 def test_password_file_goes_into_the_store_url(tmp_path: Path) -> None:
     (tmp_path / "pw").write_text("s3cret\n")
-    p = write(tmp_path, f"[store]\nurl = 'postgresql+psycopg://app@db/continual'\npassword_file = '{tmp_path / 'pw'}'\n")
+    p = write(
+        tmp_path, f"[store]\nurl = 'postgresql+psycopg://app@db/continual'\npassword_file = '{tmp_path / 'pw'}'\n"
+    )
     assert load_settings(p, env={}).store_url == "postgresql+psycopg://app:s3cret@db/continual"

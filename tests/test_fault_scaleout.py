@@ -46,7 +46,9 @@ class Watcher:
     def _run(self) -> None:
         while not self._stop.wait(0.1):
             with self.store.engine.connect() as conn:
-                active = conn.execute(text("SELECT id, status FROM training_runs WHERE status IN ('pending','running')"))
+                active = conn.execute(
+                    text("SELECT id, status FROM training_runs WHERE status IN ('pending','running')")
+                )
                 active = active.all()
                 holder = conn.execute(
                     text("SELECT holder FROM leases WHERE name = 'trainer' AND expires_at > now()")
@@ -109,7 +111,9 @@ def test_two_services_share_the_store_and_one_trains(tmp_path: Path, pg_schema: 
                 lambda: (r := runs.get_run(store, run_id))["status"] in runs.FINISHED and r, 180, "the run finishing"
             )
             assert row["status"] == "succeeded", row
-            assert httpx.post(other.url + "/v1/feedback", json={"samples": digit_samples("u", 0, 10)}).status_code == 200
+            assert (
+                httpx.post(other.url + "/v1/feedback", json={"samples": digit_samples("u", 0, 10)}).status_code == 200
+            )
         assert watch.max_active <= 1, "two runs were active at once"
         assert {pid_of(h) for h in watch.holders} <= pids, watch.holders
         for ran, holders in watch.running.items():
@@ -139,4 +143,3 @@ def _lease_pid(store: Store) -> int | None:
     with store.engine.connect() as conn:
         holder = conn.execute(text("SELECT holder FROM leases WHERE name = 'trainer' AND expires_at > now()")).scalar()
     return pid_of(holder) if holder else None
-

@@ -239,7 +239,9 @@ def test_mark_interrupted_runs(store, tmp_path) -> None:
     assert runs.claim_run(store, claimed) and not runs.claim_run(store, claimed)
     assert sorted(runs.mark_interrupted_runs(store)) == [a, b, claimed]
     assert runs.get_run(store, a)["status"] == runs.get_run(store, b)["status"] == "interrupted"
-    assert runs.get_run(store, waiting)["status"] == "pending" and runs.get_run(store, claimed)["status"] == "interrupted"
+    assert (
+        runs.get_run(store, waiting)["status"] == "pending" and runs.get_run(store, claimed)["status"] == "interrupted"
+    )
     assert runs.claim_run(store, waiting) and not runs.claim_run(store, a)  # only a pending run is claimed
     assert runs.get_run(store, c)["status"] == "succeeded"
     # A finished run is never moved again.

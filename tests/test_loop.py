@@ -24,9 +24,7 @@ from continual.store.schema import gate_decisions, training_runs
 
 
 def feed(store: Store, samples: list[dict[str, Any]]) -> None:
-    store.insert(
-        [NewSample(s["id"], s["label"], "vector", np.asarray(s["x"], np.float32).tobytes()) for s in samples]
-    )
+    store.insert([NewSample(s["id"], s["label"], "vector", np.asarray(s["x"], np.float32).tobytes()) for s in samples])
 
 
 def make_loop(tmp_path: Path, over: dict[str, Any] | None = None) -> daemon.Loop:
@@ -37,8 +35,12 @@ def make_loop(tmp_path: Path, over: dict[str, Any] | None = None) -> daemon.Loop
     metrics = Metrics()
     registry = Registry(settings.models_dir, store, metrics)
     return daemon.Loop(
-        settings=settings, store=store, registry=registry, metrics=metrics,
-        serving=Serving(settings, metrics), config_path=str(path),
+        settings=settings,
+        store=store,
+        registry=registry,
+        metrics=metrics,
+        serving=Serving(settings, metrics),
+        config_path=str(path),
     )
 
 

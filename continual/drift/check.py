@@ -175,9 +175,7 @@ def run_check(
             + (f", predict reservoir has {len(reservoir[1])}" if isinstance(reservoir, tuple) else "")
             + f"; min_samples is {d.min_samples}"
         )
-        return DriftDecision(
-            False, [], len(ref), len(cur), time.monotonic() - started, None, [why], skipped, champion
-        )
+        return DriftDecision(False, [], len(ref), len(cur), time.monotonic() - started, None, [why], skipped, champion)
 
     key = cache_key(registry.root, champion)
     live = serving.live if serving is not None else None
@@ -242,7 +240,12 @@ def run_check(
         _update_metrics(metrics, results, skipped)
     log.info(
         "drift check vs %s: %s (%s) in %.2fs, %d embedded, %d cached",
-        champion, "DRIFT" if detected else "no drift", "; ".join(reasons), duration, cache.computed, cache.hits,
+        champion,
+        "DRIFT" if detected else "no drift",
+        "; ".join(reasons),
+        duration,
+        cache.computed,
+        cache.hits,
     )
     return DriftDecision(detected, results, len(ref), n_current, duration, check_id, reasons, skipped, champion)
 

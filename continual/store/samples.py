@@ -361,7 +361,9 @@ def exclude(engine: Engine, external_ids: Sequence[str]) -> tuple[int, list[str]
             chunk = ids[i : i + 500]
             found |= set(conn.execute(select(samples.c.external_id).where(samples.c.external_id.in_(chunk))).scalars())
             changed += conn.execute(
-                update(samples).where(samples.c.external_id.in_(chunk), samples.c.excluded.is_(False)).values(excluded=True)
+                update(samples)
+                .where(samples.c.external_id.in_(chunk), samples.c.excluded.is_(False))
+                .values(excluded=True)
             ).rowcount
     return changed, [i for i in ids if i not in found]
 

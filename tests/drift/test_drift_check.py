@@ -29,9 +29,7 @@ from continual.store.schema import drift_checks
 
 
 def feed(store: Store, samples: list[dict[str, Any]]) -> None:
-    store.insert(
-        [NewSample(s["id"], s["label"], "vector", np.asarray(s["x"], np.float32).tobytes()) for s in samples]
-    )
+    store.insert([NewSample(s["id"], s["label"], "vector", np.asarray(s["x"], np.float32).tobytes()) for s in samples])
 
 
 _FITTED: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
@@ -81,8 +79,13 @@ class Env:
 
     def check(self, champion: str, serving: Serving | None = None) -> DriftDecision:
         return run_check(
-            self.settings, self.store, self.registry, self.metrics,
-            serving=serving, champion=champion, cache=self.cache,
+            self.settings,
+            self.store,
+            self.registry,
+            self.metrics,
+            serving=serving,
+            champion=champion,
+            cache=self.cache,
         )
 
     def gauge(self, name: str, detector: str | None = None) -> float | None:

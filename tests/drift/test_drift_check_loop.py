@@ -29,8 +29,12 @@ def test_drift_triggers_a_run(tmp_path: Path) -> None:
     metrics = Metrics()
     registry = Registry(settings.models_dir, store, metrics)
     loop = daemon.Loop(
-        settings=settings, store=store, registry=registry, metrics=metrics,
-        serving=Serving(settings, metrics), config_path=str(path),
+        settings=settings,
+        store=store,
+        registry=registry,
+        metrics=metrics,
+        serving=Serving(settings, metrics),
+        config_path=str(path),
     )
     feed(store, digits("original", stop=900))
     champion = registry.write_version(
