@@ -9,6 +9,13 @@ import numpy as np
 from serverutil import BASE_CONFIG, merge, to_toml
 from sklearn.datasets import load_digits
 
+from continual import daemon
+from continual.config import load_settings
+from continual.metrics import Metrics
+from continual.registry import Registry
+from continual.serving import Serving
+from continual.store import Store
+
 # Tuned for the 64-d digits stream: an MLP trained from scratch needs more than the
 # 1e-4 fine-tuning default of a pretrained backbone.
 LOOP_CONFIG: dict[str, Any] = merge(
@@ -34,6 +41,23 @@ def write_config(workdir: Path, over: dict[str, Any] | None = None) -> Path:
     path = workdir / "config.toml"
     path.write_text(to_toml(cfg))
     return path
+
+
+def make_loop(workdir: Path, over: dict[str, Any] | None = None) -> daemon.Loop:
+    """The service's loop over a fresh store in ``workdir``, its jobs to be called directly (no scheduler)."""
+    path = write_config(workdir, over)
+    settings = load_settings(path, env={})
+    store = Store.from_settings(settings)
+    store.upgrade()
+    metrics = Metrics()
+    return daemon.Loop(
+        settings=settings,
+        store=store,
+        registry=Registry(settings.models_dir, store, metrics),
+        metrics=metrics,
+        serving=Serving(settings, metrics),
+        config_path=str(path),
+    )
 
 
 def digits(phase: str, *, start: int = 0, stop: int | None = None, seed: int = 0) -> list[dict[str, Any]]:

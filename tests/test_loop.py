@@ -9,15 +9,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from looputil import digits, write_config
+from looputil import digits, make_loop
 from sqlalchemy import select, update
 
 from continual import daemon
-from continual.config import Settings, load_settings
+from continual.config import load_settings
 from continual.learn import runs
-from continual.metrics import Metrics
-from continual.registry import Registry
-from continual.serving import Serving
 from continual.store import NewSample, Store
 from continual.store.engine import read_tx, write_tx
 from continual.store.schema import gate_decisions, training_runs
@@ -25,23 +22,6 @@ from continual.store.schema import gate_decisions, training_runs
 
 def feed(store: Store, samples: list[dict[str, Any]]) -> None:
     store.insert([NewSample(s["id"], s["label"], "vector", np.asarray(s["x"], np.float32).tobytes()) for s in samples])
-
-
-def make_loop(tmp_path: Path, over: dict[str, Any] | None = None) -> daemon.Loop:
-    path = write_config(tmp_path, over)
-    settings: Settings = load_settings(path, env={})
-    store = Store.from_settings(settings)
-    store.upgrade()
-    metrics = Metrics()
-    registry = Registry(settings.models_dir, store, metrics)
-    return daemon.Loop(
-        settings=settings,
-        store=store,
-        registry=registry,
-        metrics=metrics,
-        serving=Serving(settings, metrics),
-        config_path=str(path),
-    )
 
 
 def decisions(store: Store) -> list[dict[str, Any]]:

@@ -5,37 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from looputil import digits, write_config
+from looputil import digits, make_loop
 from sqlalchemy import select
 from test_drift_check import feed, trained_state
 
 from continual import daemon
-from continual.config import load_settings
 from continual.learn import runs
-from continual.metrics import Metrics
-from continual.registry import Registry
-from continual.serving import Serving
-from continual.store import Store
 from continual.store.engine import read_tx
 from continual.store.schema import drift_checks
 
 
 @pytest.mark.slow
 def test_drift_triggers_a_run(tmp_path: Path) -> None:
-    path = write_config(tmp_path, {"training": {"epochs": 1}})
-    settings = load_settings(path, env={})
-    store = Store.from_settings(settings)
-    store.upgrade()
-    metrics = Metrics()
-    registry = Registry(settings.models_dir, store, metrics)
-    loop = daemon.Loop(
-        settings=settings,
-        store=store,
-        registry=registry,
-        metrics=metrics,
-        serving=Serving(settings, metrics),
-        config_path=str(path),
-    )
+    loop = make_loop(tmp_path, {"training": {"epochs": 1}})
+    settings, store, registry, metrics = loop.settings, loop.store, loop.registry, loop.metrics
     feed(store, digits("original", stop=900))
     champion = registry.write_version(
         trained_state(settings),
