@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from continual.config import settings_from_dict
-from continual.demo import digit_images, png, shift
+from continual.demo.digits import digit_images, png, shift
 from continual.drift.check import run_check
 from continual.drift.windows import EmbeddingCache
 from continual.metrics import Metrics

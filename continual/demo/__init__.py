@@ -1,0 +1,1 @@
+"""`make demo`: the real service driven through drifting streams of real data (``python -m continual.demo``)."""
