@@ -258,16 +258,10 @@ class Settings(_Section):
     gate: GateSettings = GateSettings()
     serving: ServingSettings = ServingSettings()
 
-    @property
-    def store_url(self) -> str:
-        """The SQLAlchemy URL, with the SQLite default in the data dir and the password file applied."""
+    def resolved_store(self) -> StoreSettings:
+        """The store section with the URL filled in (the SQLite default in the data dir); no password in it."""
         url = self.store.url or f"sqlite:///{(self.service.data_dir / 'continual.db').as_posix()}"
-        if self.store.password_file:
-            from sqlalchemy.engine import make_url
-
-            password = read_secret_file(self.store.password_file).strip()
-            url = make_url(url).set(password=password).render_as_string(hide_password=False)
-        return url
+        return self.store.model_copy(update={"url": url})
 
     @property
     def models_dir(self) -> Path:

@@ -77,6 +77,26 @@ def decode_input(obj: Any, spec: InputSettings, *, max_image_pixels: int) -> Dec
     return Decoded("image", payload, image)
 
 
+class TooManyInputs(ValueError):
+    """More inputs in one predict request than ``serving.max_batch`` (413)."""
+
+    def __init__(self, n: int, limit: int) -> None:
+        self.n, self.limit = n, limit
+        super().__init__(f"{n} inputs exceed serving.max_batch = {limit}")
+
+
+def predict_inputs(doc: Any, spec: InputSettings, *, max_inputs: int, max_image_pixels: int) -> list[Decoded]:
+    """A parsed ``{"inputs": [...]}`` predict request, decoded; every bad input is named in one ValidationFailed."""
+    inputs = doc.get("inputs") if isinstance(doc, dict) else None
+    if not isinstance(inputs, list) or not inputs:
+        raise ValidationFailed(
+            [{"index": None, "field": "inputs", "message": 'expected {"inputs": [input, ...]} with at least one input'}]
+        )
+    if len(inputs) > max_inputs:
+        raise TooManyInputs(len(inputs), max_inputs)
+    return decode_inputs(inputs, spec, max_image_pixels=max_image_pixels)
+
+
 def decode_inputs(objs: Sequence[Any], spec: InputSettings, *, max_image_pixels: int) -> list[Decoded]:
     """Decode every input; raises :class:`ValidationFailed` naming each bad one (index and field)."""
     out: list[Decoded] = []

@@ -1,41 +1,68 @@
-"""The store: samples, versions, runs, decisions, drift checks and events in one database."""
+"""The store: samples, versions, runs, decisions, drift checks and events in one database.
+
+The only package that imports SQLAlchemy or writes SQL. :class:`Store` owns the
+engine and the sample methods; the other tables have one owner each, reached as
+``store.versions`` (model versions, the champion pointer), ``store.runs``
+(training runs), ``store.records`` (gate decisions, drift checks, events) and
+``store.leases`` (the trainer lease).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from datetime import UTC, datetime
-from typing import Any
+from datetime import datetime
 
 import numpy as np
-from sqlalchemy import Engine, insert, select, text
+from sqlalchemy import Engine, text
+from sqlalchemy.engine import make_url
 
-from continual.config import Settings
+from continual.config import Settings, StoreSettings, read_secret_file
 from continual.store import samples as _samples
-from continual.store.engine import StoreUnavailable, make_engine, read_tx, write_tx
+from continual.store.engine import StoreUnavailable, make_engine, read_tx
+from continual.store.lease import Leases
 from continual.store.migrate import SchemaOutOfDate, check_schema, current_revision, head_revision, upgrade
+from continual.store.records import Records
+from continual.store.runs import RunActive, RunNotFound, RunNotPending, Runs
 from continual.store.samples import (
     IdConflict,
     InsertResult,
     NewSample,
+    PayloadRow,
     PayloadTooLarge,
     SampleRow,
     split_of,
     vector_from_payload,
 )
-from continual.store.schema import events
+from continual.store.versions import Champion, ChampionMoved, NoPreviousChampion, VersionNotFound, Versions
 
 __all__ = [
+    "Champion",
+    "ChampionMoved",
     "IdConflict",
     "InsertResult",
     "NewSample",
+    "NoPreviousChampion",
+    "PayloadRow",
     "PayloadTooLarge",
+    "RunActive",
+    "RunNotFound",
+    "RunNotPending",
     "SampleRow",
     "SchemaOutOfDate",
     "Store",
     "StoreUnavailable",
+    "VersionNotFound",
     "split_of",
     "vector_from_payload",
 ]
+
+
+def store_url(s: StoreSettings) -> str:
+    """The SQLAlchemy URL of a store section, with the password from ``password_file`` put in."""
+    if not s.password_file:
+        return s.url
+    password = read_secret_file(s.password_file).strip()
+    return make_url(s.url).set(password=password).render_as_string(hide_password=False)
 
 
 class Store:
@@ -56,12 +83,17 @@ class Store:
         self.holdout_fraction = holdout_fraction
         self.max_payload_bytes = max_payload_bytes
         self.engine: Engine = make_engine(url, busy_timeout_ms=busy_timeout_ms, pool_size=pool_size)
+        self.versions = Versions(self.engine)
+        self.runs = Runs(self.engine)
+        self.records = Records(self.engine)
+        self.leases = Leases(self.engine)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Store:
-        s = settings.store
+        """The configured store: the SQLite default in the data dir, or ``[store] url`` with its password file."""
+        s = settings.resolved_store()
         return cls(
-            settings.store_url,
+            store_url(s),
             holdout_fraction=s.holdout_fraction,
             max_payload_bytes=s.max_payload_bytes,
             busy_timeout_ms=s.busy_timeout_ms,
@@ -155,14 +187,14 @@ class Store:
     def get_samples(self, seqs: Iterable[int]) -> list[SampleRow]:
         return _samples.get_samples(self.engine, seqs)
 
-    # -- audit log ------------------------------------------------------------
-    def record_event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
-        with write_tx(self.engine) as conn:
-            conn.execute(insert(events).values(created_at=datetime.now(UTC), kind=kind, message=message, data=data))
+    def train_index(
+        self, *, seqs: Sequence[int] | None = None, after: int | None = None, upto: int | None = None
+    ) -> list[tuple[int, str, str]]:
+        """(seq, external_id, label) of the train-split samples in play, by seqs or by range."""
+        return _samples.train_index(self.engine, seqs=seqs, after=after, upto=upto)
 
-    def recent_events(self, limit: int = 50, kind: str | None = None) -> list[dict[str, Any]]:
-        with read_tx(self.engine) as conn:
-            q = select(events).order_by(events.c.id.desc()).limit(limit)
-            if kind:
-                q = q.where(events.c.kind == kind)
-            return [dict(r._mapping) for r in conn.execute(q)]
+    def payloads(self, seqs: Sequence[int], *, chunk: int = 500) -> Iterator[list[PayloadRow]]:
+        return _samples.payloads(self.engine, seqs, chunk=chunk)
+
+    def hashes_and_labels(self, seqs: Sequence[int]) -> dict[int, tuple[str, str]]:
+        return _samples.hashes_and_labels(self.engine, seqs)

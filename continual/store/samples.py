@@ -18,21 +18,46 @@ from continual.store.engine import read_tx, write_tx
 from continual.store.schema import samples
 
 SPLITS = ("train", "holdout")
+# The wire field each payload kind came in (a refused sample's details name it).
+_INPUT_FIELD = {"vector": "x", "image": "image"}
 
 
 class IdConflict(ValueError):
-    """Sample ids already stored (or repeated in the batch) with a different label or payload."""
+    """Sample ids already stored (or repeated in the batch) with a different label or payload.
 
-    def __init__(self, ids: Sequence[str]) -> None:
+    ``where``: ``(index in the refused batch, id)`` of every occurrence.
+    """
+
+    def __init__(self, ids: Sequence[str], where: Sequence[tuple[int, str]] = ()) -> None:
         self.ids = list(ids)
+        self.where = list(where)
         shown = ", ".join(repr(i) for i in self.ids[:10]) + (" ..." if len(self.ids) > 10 else "")
         super().__init__(f"{len(self.ids)} sample id(s) already exist with a different label or input: {shown}")
 
+    @property
+    def details(self) -> list[dict[str, Any]]:
+        return [{"index": i, "field": "id", "id": ext, "message": "id already stored with a different label or input"}
+                for i, ext in self.where]  # fmt: skip
+
 
 class PayloadTooLarge(ValueError):
-    def __init__(self, external_id: str, size: int, limit: int) -> None:
-        self.external_id, self.size, self.limit = external_id, size, limit
-        super().__init__(f"sample {external_id!r}: payload of {size} bytes exceeds store.max_payload_bytes = {limit}")
+    """Samples whose payload exceeds ``store.max_payload_bytes``: ``(index in the batch, id, kind, size)`` each."""
+
+    def __init__(self, items: Sequence[tuple[int, str, str, int]], limit: int) -> None:
+        self.items, self.limit = list(items), limit
+        _, first_id, _, first_size = self.items[0]
+        more = f" (and {len(self.items) - 1} more)" if len(self.items) > 1 else ""
+        super().__init__(
+            f"sample {first_id!r}: payload of {first_size} bytes exceeds store.max_payload_bytes = {limit}{more}"
+        )
+
+    @property
+    def details(self) -> list[dict[str, Any]]:
+        return [
+            {"index": i, "field": _INPUT_FIELD.get(kind, kind), "id": ext, "message": f"payload of {size} bytes "
+             f"exceeds store.max_payload_bytes = {self.limit}"}
+            for i, ext, kind, size in self.items
+        ]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -66,6 +91,16 @@ class SampleRow:
 
 
 @dataclass(frozen=True)
+class PayloadRow:
+    """The columns training needs: no timestamps or metadata to parse."""
+
+    seq: int
+    external_id: str
+    kind: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
 class InsertResult:
     accepted: int
     duplicates: int
@@ -92,9 +127,11 @@ def insert_samples(
     duplicate (skipped); with a different label or payload it is a conflict and
     nothing in the batch is stored.
     """
-    for s in batch:
-        if len(s.payload) > max_payload_bytes:
-            raise PayloadTooLarge(s.external_id, len(s.payload), max_payload_bytes)
+    too_large = [
+        (i, s.external_id, s.kind, len(s.payload)) for i, s in enumerate(batch) if len(s.payload) > max_payload_bytes
+    ]
+    if too_large:
+        raise PayloadTooLarge(too_large, max_payload_bytes)
     unique, in_batch_dupes = _dedupe_batch(batch)
     if not unique:
         return InsertResult(0, in_batch_dupes)
@@ -126,7 +163,7 @@ def insert_samples(
                     if s.external_id in existing and existing[s.external_id] != (s.label, s.sha256)
                 ]
                 if conflicts:
-                    raise IdConflict(conflicts)
+                    raise IdConflict(conflicts, _indices(batch, conflicts))
                 fresh = [r for r in rows if r["external_id"] not in existing]
                 if fresh:
                     _insert_rows(conn, fresh)
@@ -149,8 +186,14 @@ def _dedupe_batch(batch: Sequence[NewSample]) -> tuple[list[NewSample], int]:
         elif (prev.label, prev.sha256) != (s.label, s.sha256):
             conflicts.append(s.external_id)
     if conflicts:
-        raise IdConflict(sorted(set(conflicts)))
+        ids = sorted(set(conflicts))
+        raise IdConflict(ids, _indices(batch, ids))
     return list(seen.values()), len(batch) - len(seen)
+
+
+def _indices(batch: Sequence[NewSample], ids: Sequence[str]) -> list[tuple[int, str]]:
+    wanted = set(ids)
+    return [(i, s.external_id) for i, s in enumerate(batch) if s.external_id in wanted]
 
 
 def _row(s: NewSample, holdout_fraction: float, now: datetime) -> dict[str, Any]:
@@ -366,6 +409,53 @@ def exclude(engine: Engine, external_ids: Sequence[str]) -> tuple[int, list[str]
                 .values(excluded=True)
             ).rowcount
     return changed, [i for i in ids if i not in found]
+
+
+def train_index(
+    engine: Engine, *, seqs: Sequence[int] | None = None, after: int | None = None, upto: int | None = None
+) -> list[tuple[int, str, str]]:
+    """(seq, external_id, label) of train-split rows in play: a few dozen bytes a row, never payloads."""
+    cols = select(samples.c.seq, samples.c.external_id, samples.c.label).where(
+        samples.c.split == "train", samples.c.excluded.is_(False)
+    )
+    out: list[tuple[int, str, str]] = []
+    with read_tx(engine) as conn:
+        if seqs is not None:
+            wanted = sorted(int(s) for s in seqs)
+            for i in range(0, len(wanted), 500):
+                q = cols.where(samples.c.seq.in_(wanted[i : i + 500])).order_by(samples.c.seq)
+                out.extend((int(r[0]), r[1], r[2]) for r in conn.execute(q))
+            return out
+        q = cols
+        if after is not None:
+            q = q.where(samples.c.seq > after)
+        if upto is not None:
+            q = q.where(samples.c.seq <= upto)
+        out.extend((int(r[0]), r[1], r[2]) for r in conn.execute(q.order_by(samples.c.seq)))
+    return out
+
+
+def payloads(engine: Engine, seqs: Sequence[int], *, chunk: int = 500) -> Iterator[list[PayloadRow]]:
+    """Rows for ``seqs`` (any order), ``chunk`` per query, in seq order within a chunk."""
+    wanted = sorted(int(s) for s in seqs)
+    cols = select(samples.c.seq, samples.c.external_id, samples.c.kind, samples.c.payload)
+    for i in range(0, len(wanted), chunk):
+        with read_tx(engine) as conn:
+            q = cols.where(samples.c.seq.in_(wanted[i : i + chunk])).order_by(samples.c.seq)
+            yield [PayloadRow(int(r[0]), r[1], r[2], bytes(r[3])) for r in conn.execute(q)]
+
+
+def hashes_and_labels(engine: Engine, seqs: Sequence[int], *, chunk: int = 500) -> dict[int, tuple[str, str]]:
+    """seq -> (payload sha256, label): 16-100 bytes a row, so a drift window reads payloads only on a cache miss."""
+    found: dict[int, tuple[str, str]] = {}
+    wanted = [int(s) for s in seqs]
+    for start in range(0, len(wanted), chunk):
+        with read_tx(engine) as conn:
+            q = select(samples.c.seq, samples.c.sha256, samples.c.label).where(
+                samples.c.seq.in_(wanted[start : start + chunk])
+            )
+            found.update({int(seq): (sha, label) for seq, sha, label in conn.execute(q)})
+    return found
 
 
 def get_samples(engine: Engine, seqs: Iterable[int]) -> list[SampleRow]:
