@@ -116,11 +116,11 @@ def holdout_seqs(store: Store, first: int, last: int) -> np.ndarray:
 
 
 def update(store: Store, settings: Settings, registry: Registry) -> dict[str, Any]:
-    run_id = runs.create_run(store, settings, trigger="bench")
+    run_id = create_run(store, settings, trigger="bench")
     row = execute_run(store, settings, run_id)
     if row["status"] != "succeeded":
         raise RuntimeError(f"run {run_id} {row['status']}: {row['error']}")
-    registry.promote(row["candidate_version"], reason="manual", actor="bench")
+    registry.promote(row["candidate_version"], expected=registry.store.versions.champion_version(), reason="manual", actor="bench")
     return row
 
 

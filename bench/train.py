@@ -115,7 +115,7 @@ def plain_loop(
 
 
 def run_once(store: Store, settings: Settings) -> dict:
-    row = execute_run(store, settings, runs.create_run(store, settings, trigger="bench"))
+    row = execute_run(store, settings, create_run(store, settings, trigger="bench"))
     if row["status"] != "succeeded":
         raise RuntimeError(f"run {row['id']} {row['status']}: {row['error']}")
     return row
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                 store.insert(batch[i : i + 1000])
             if phase == 0:
                 bootstrap = run_once(store, settings)
-                registry.promote(bootstrap["candidate_version"], reason="manual", actor="bench")
+                registry.promote(bootstrap["candidate_version"], expected=registry.store.versions.champion_version(), reason="manual", actor="bench")
         # This machine is shared: alternate the two loops and keep each one's best round.
         reals, plains, reals_wall, plains_wall, bare = [], [], [], [], []
         for _ in range(args.rounds):

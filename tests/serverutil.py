@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from testkit import merge, to_toml
 
 # A tiny vector model: starts fast, no weights to download.
 BASE_CONFIG: dict[str, Any] = {
@@ -42,27 +42,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
-    return out
-
-
-def to_toml(data: Mapping[str, Any], prefix: str = "") -> str:
-    """Nested dicts of scalars and lists -> TOML (JSON scalars are valid TOML values)."""
-    lines, tables = [], []
-    for k, v in data.items():
-        if isinstance(v, Mapping):
-            tables.append((k, v))
-        else:
-            lines.append(f"{k} = {json.dumps(v.as_posix() if isinstance(v, Path) else v)}")
-    out = (f"[{prefix}]\n" if prefix and lines else "") + "".join(line + "\n" for line in lines)
-    for k, v in tables:
-        out += "\n" + to_toml(v, f"{prefix}.{k}" if prefix else k)
-    return out
 
 
 class ServerProcess:

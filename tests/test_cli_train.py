@@ -37,7 +37,7 @@ def test_train_wait_follows_a_requested_run_to_the_gate(tmp_path: Path) -> None:
             capture_output=True, text=True, env=server.env, cwd=server.workdir, timeout=400,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        run = runs.list_runs(store, limit=1)[0]
+        run = store.runs.recent(limit=1)[0]
         assert run["trigger"] == "manual: cli" and run["status"] == "succeeded", run
         decision = decision_for_run(store, run["id"])
         assert decision is not None and decision["candidate"] == run["candidate_version"]
@@ -60,7 +60,7 @@ def test_train_cancel_stops_the_running_worker_and_the_service_goes_on(tmp_path:
             client.feedback(digits("original", stop=300), batch_size=100)
             run_id = client.train()["run_id"]
         deadline = time.monotonic() + 180
-        while (row := runs.get_run(store, run_id))["status"] != "running" or not (row["progress"] or {}).get("step"):
+        while (row := store.runs.get(run_id))["status"] != "running" or not (row["progress"] or {}).get("step"):
             assert time.monotonic() < deadline and row["status"] in runs.ACTIVE, row
             time.sleep(0.2)
         pid = int(row["pid"])
@@ -68,7 +68,7 @@ def test_train_cancel_stops_the_running_worker_and_the_service_goes_on(tmp_path:
         proc = server.cli("train", "--cancel", check=False)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert f"training run {run_id}: cancelled" in proc.stdout
-        row = runs.get_run(store, run_id)
+        row = store.runs.get(run_id)
         assert row["status"] == "cancelled" and row["candidate_version"] is None, row
         deadline = time.monotonic() + 30  # the row says cancelled just before the worker exits
         while process_alive(pid):

@@ -64,19 +64,19 @@ def wait_champion(url: str, other_than: str | None = None, timeout: float = 180)
 
 def wait_run_finished(store: Store, run_id: int, timeout: float = 180) -> dict[str, Any]:
     return wait_for(
-        lambda: (r := runs.get_run(store, run_id))["status"] in runs.FINISHED and r, timeout, f"run {run_id} finishing"
+        lambda: (r := store.runs.get(run_id))["status"] in FINISHED and r, timeout, f"run {run_id} finishing"
     )
 
 
 def phase_of(store: Store, run_id: int) -> str | None:
     try:
-        return (runs.get_run(store, run_id).get("progress") or {}).get("phase")
-    except runs.RunNotFound:
+        return (store.runs.get(run_id).get("progress") or {}).get("phase")
+    except RunNotFound:
         return None
 
 
 def active_runs(store: Store) -> list[dict[str, Any]]:
-    return [r for r in runs.list_runs(store, limit=50) if r["status"] in runs.ACTIVE]
+    return [r for r in store.runs.recent(limit=50) if r["status"] in runs.ACTIVE]
 
 
 def pid_alive(pid: int) -> bool:
@@ -128,8 +128,8 @@ def restart_and_check(server: ServerProcess, store: Store, left: list[dict[str, 
     server.start()
     data_dir = Path(server.env["CONTINUAL_SERVICE__DATA_DIR"])
     for r in left:
-        after = runs.get_run(store, r["id"])
-        if r["status"] == "pending" and runs.is_request(r["trigger"] or "") and not r["host"]:
+        after = store.runs.get(r["id"])
+        if r["status"] == "pending" and is_request(r["trigger"] or "") and not r["host"]:
             # A request no trainer had claimed survives the restart and runs (tests/test_loop.py
             # checks that); one claimed in the instant after this snapshot was interrupted.
             continue
@@ -267,7 +267,7 @@ def test_crash_during_the_promotion_transaction(tmp_path: Path, server: ServerPr
     assert server.proc is not None
     server.proc.wait(timeout=180)  # SIGKILLed by the crash point inside the promotion
     assert server.proc.returncode == -signal.SIGKILL, server.log_tail()
-    run = runs.get_run(store, run_id)
+    run = store.runs.get(run_id)
     assert run["status"] == "succeeded", run
     candidate = run["candidate_version"]
     assert_pointer_consistent(store)

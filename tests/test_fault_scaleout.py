@@ -98,7 +98,7 @@ def test_two_services_share_the_store_and_one_trains(tmp_path: Path, pg_schema: 
             feed = digit_samples("t", 0, 200)
             assert httpx.post(b.url + "/v1/feedback", json={"samples": feed}).status_code == 200
             run_id = httpx.post(a.url + "/v1/train", timeout=30).json()["run_id"]
-            wait_for(lambda: runs.get_run(store, run_id)["status"] == "running", 120, "the run starting")
+            wait_for(lambda: store.runs.get(run_id)["status"] == "running", 120, "the run starting")
             trainer = next(s for s in servers if s.proc is not None and s.proc.pid == _lease_pid(store))
             other = b if trainer is a else a
             other.kill()
@@ -106,9 +106,9 @@ def test_two_services_share_the_store_and_one_trains(tmp_path: Path, pg_schema: 
             assert other.proc is not None
             pids.add(other.proc.pid)
             # The restarted process's recovery left the other's run alone.
-            assert runs.get_run(store, run_id)["status"] == "running", runs.get_run(store, run_id)
+            assert store.runs.get(run_id)["status"] == "running", store.runs.get(run_id)
             row = wait_for(
-                lambda: (r := runs.get_run(store, run_id))["status"] in runs.FINISHED and r, 180, "the run finishing"
+                lambda: (r := store.runs.get(run_id))["status"] in FINISHED and r, 180, "the run finishing"
             )
             assert row["status"] == "succeeded", row
             assert (

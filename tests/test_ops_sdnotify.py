@@ -22,7 +22,7 @@ from continual import lifecycle
 from continual.api import AppContext
 from continual.config import settings_from_dict
 from continual.metrics import Metrics
-from continual.sdnotify import Notifier, NotifySocketError, socket_address, watchdog_interval
+from continual.service.sdnotify import Notifier, NotifySocketError, socket_address, watchdog_interval
 from continual.store import Store
 
 

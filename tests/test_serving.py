@@ -67,7 +67,7 @@ def test_predictions_match_the_champion_and_follow_the_pointer(reg: Registry, me
     a, model_a = new_version(reg, 1)
     b, model_b = new_version(reg, 2)
     serving = Serving(SETTINGS, metrics)
-    reg.promote(a, reason="import")
+    reg.promote(a, expected=reg.store.versions.champion_version(), reason="import")
     assert serving.sync(reg) is True and serving.version() == a
     assert serving.sync(reg) is False  # pointer did not move
     assert metrics.registry.get_sample_value("continual_model_info", {"version": a, "architecture": "mlp"}) == 1
@@ -82,7 +82,7 @@ def test_predictions_match_the_champion_and_follow_the_pointer(reg: Registry, me
         assert p.label == ("a", "b", "c")[int(row.argmax())] and p.confidence == pytest.approx(float(row.max()))
         assert sum(p.scores.values()) == pytest.approx(1.0)
 
-    reg.promote(b, reason="manual")
+    reg.promote(b, expected=reg.store.versions.champion_version(), reason="manual")
     assert serving.sync(reg) is True
     version, preds = serving.predict([vec(*x[0].tolist())])
     with torch.no_grad():
@@ -94,9 +94,9 @@ def test_a_corrupt_champion_is_never_swapped_in(reg: Registry, metrics: Metrics)
     a, _ = new_version(reg, 1)
     b, _ = new_version(reg, 2)
     serving = Serving(SETTINGS, metrics)
-    reg.promote(a, reason="import")
+    reg.promote(a, expected=reg.store.versions.champion_version(), reason="import")
     serving.sync(reg)
-    reg.promote(b, reason="gate")
+    reg.promote(b, expected=reg.store.versions.champion_version(), reason="gate")
     path = reg.root / b / "weights.safetensors"
     raw = bytearray(path.read_bytes())
     raw[-3] ^= 0xFF
@@ -114,10 +114,10 @@ def test_requests_in_flight_keep_the_model_they_started_with(reg: Registry, metr
     a, _ = new_version(reg, 1)
     b, _ = new_version(reg, 2)
     serving = Serving(SETTINGS, metrics)
-    reg.promote(a, reason="import")
+    reg.promote(a, expected=reg.store.versions.champion_version(), reason="import")
     serving.sync(reg)
     live = serving.live
-    reg.promote(b, reason="gate")
+    reg.promote(b, expected=reg.store.versions.champion_version(), reason="gate")
     serving.sync(reg)
     assert serving.predict([vec(0, 0, 0, 1)], live=live)[0] == a
     assert serving.predict([vec(0, 0, 0, 1)])[0] == b
@@ -126,7 +126,7 @@ def test_requests_in_flight_keep_the_model_they_started_with(reg: Registry, metr
 def test_concurrent_predicts_during_swaps_always_answer(reg: Registry, metrics: Metrics) -> None:
     versions = [new_version(reg, i)[0] for i in range(2)]
     serving = Serving(SETTINGS, metrics)
-    reg.promote(versions[0], reason="import")
+    reg.promote(versions[0], expected=reg.store.versions.champion_version(), reason="import")
     serving.sync(reg)
     stop, seen, errors = threading.Event(), set(), []
 
@@ -141,7 +141,7 @@ def test_concurrent_predicts_during_swaps_always_answer(reg: Registry, metrics: 
     for t in threads:
         t.start()
     for i in range(10):
-        reg.promote(versions[(i + 1) % 2], reason="manual")
+        reg.promote(versions[(i + 1) % 2], expected=reg.store.versions.champion_version(), reason="manual")
         serving.sync(reg)
     stop.set()
     for t in threads:
@@ -153,7 +153,7 @@ def test_the_reservoir_keeps_recent_embeddings_of_the_serving_model(reg: Registr
     a, model_a = new_version(reg, 1)
     b, _ = new_version(reg, 2)
     serving = Serving(SETTINGS, metrics)
-    reg.promote(a, reason="import")
+    reg.promote(a, expected=reg.store.versions.champion_version(), reason="import")
     serving.sync(reg)
     inputs = [vec(float(i), 0, 0, 1) for i in range(14)]
     serving.predict(inputs[:6])
@@ -164,7 +164,7 @@ def test_the_reservoir_keeps_recent_embeddings_of_the_serving_model(reg: Registr
     with torch.no_grad():
         assert np.allclose(emb, model_a.embed(x).numpy(), atol=1e-6)  # the newest 10, oldest first
         assert (pred == model_a(x).argmax(1).numpy()).all()
-    reg.promote(b, reason="gate")
+    reg.promote(b, expected=reg.store.versions.champion_version(), reason="gate")
     serving.sync(reg)
     serving.predict(inputs[:2])
     emb, _, _, version = serving.reservoir_snapshot()

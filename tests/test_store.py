@@ -146,8 +146,8 @@ def test_migration_from_empty_and_refusal_when_behind(store_url: str) -> None:
 
 
 def test_events(store: Store) -> None:
-    store.record_event("test", "hello", {"n": 1})
-    [event] = store.recent_events()
+    store.records.add_event("test", "hello", {"n": 1})
+    [event] = store.records.events()
     assert event["kind"] == "test" and event["data"] == {"n": 1}
 
 

@@ -20,6 +20,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from continual.drift.check import DriftDecision, run_check
 from continual.learn.run import create_run
+from continual.metrics import Metrics
 from continual.registry import VersionNotFound
 from continual.service import recovery
 from continual.service.context import TRAINER_LEASE, ServiceContext
@@ -103,17 +104,18 @@ def _drift_check(ctx: ServiceContext, champion: str) -> bool:
         log.exception("drift check failed")
         return False
     if decision.check_id is not None:
-        mirror_drift(ctx, decision)
+        mirror_drift(ctx.metrics, decision)
     return decision.detected
 
 
-def mirror_drift(ctx: ServiceContext, decision: DriftDecision) -> None:
+def mirror_drift(metrics: Metrics, decision: DriftDecision) -> None:
+    """A recorded check's outcome in ``continual_drift_*``."""
     for r in decision.results:
-        ctx.metrics.set_drift(r.detector, effect=r.effect, p_value=r.p_value, detected=r.detected)
+        metrics.set_drift(r.detector, effect=r.effect, p_value=r.p_value, detected=r.detected)
     for name in decision.skipped:
         # A detector that could not run reports no drift rather than a stale alarm.
-        ctx.metrics.set_drift(name, effect=None, p_value=None, detected=False)
-    ctx.metrics.drift_checked()
+        metrics.set_drift(name, effect=None, p_value=None, detected=False)
+    metrics.drift_checked()
 
 
 def sync_champion(ctx: ServiceContext) -> bool:
