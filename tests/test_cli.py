@@ -10,7 +10,7 @@ import pytest
 from continual import __version__
 from continual.cli import main
 from continual.config import load_settings
-from continual.learn import runs
+from continual.learn.run import create_run
 from continual.store import NewSample, Store
 
 

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from looputil import LOOP_CONFIG, digits
-from serverutil import ServerProcess, merge
+from looputil import LOOP_CONFIG
+from serverutil import ServerProcess
+from testkit import digit_samples, merge
 
 from continual.client import Client
-from continual.learn import runs
 from continual.procutil import process_alive
-from continual.status import decision_for_run
 from continual.store import Store
+from continual.store.runs import ACTIVE
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ def test_train_wait_follows_a_requested_run_to_the_gate(tmp_path: Path) -> None:
     store = Store(f"sqlite:///{tmp_path / 'data' / 'continual.db'}")
     try:
         with Client(url, timeout=60) as client:
-            client.feedback(digits("original", stop=300), batch_size=100)
+            client.feedback(digit_samples("original", stop=300), batch_size=100)
             assert client.status()["active_run"] is None
         proc = subprocess.run(
             [sys.executable, "-m", "continual.cli", "train", "--wait", "--quiet", "--timeout", "300"],
@@ -39,7 +39,7 @@ def test_train_wait_follows_a_requested_run_to_the_gate(tmp_path: Path) -> None:
         assert proc.returncode == 0, proc.stdout + proc.stderr
         run = store.runs.recent(limit=1)[0]
         assert run["trigger"] == "manual: cli" and run["status"] == "succeeded", run
-        decision = decision_for_run(store, run["id"])
+        decision = store.records.decision_for_run(run["id"])
         assert decision is not None and decision["candidate"] == run["candidate_version"]
         assert f"training run {run['id']}: succeeded" in proc.stdout
         assert f"gate: {decision['outcome']} (rule {decision['rule']})" in proc.stdout, proc.stdout
@@ -57,11 +57,11 @@ def test_train_cancel_stops_the_running_worker_and_the_service_goes_on(tmp_path:
     store = Store(f"sqlite:///{tmp_path / 'data' / 'continual.db'}")
     try:
         with Client(url, timeout=60) as client:
-            client.feedback(digits("original", stop=300), batch_size=100)
+            client.feedback(digit_samples("original", stop=300), batch_size=100)
             run_id = client.train()["run_id"]
         deadline = time.monotonic() + 180
         while (row := store.runs.get(run_id))["status"] != "running" or not (row["progress"] or {}).get("step"):
-            assert time.monotonic() < deadline and row["status"] in runs.ACTIVE, row
+            assert time.monotonic() < deadline and row["status"] in ACTIVE, row
             time.sleep(0.2)
         pid = int(row["pid"])
 

@@ -18,14 +18,15 @@ from typing import Any
 
 import httpx
 import pytest
-from loadutil import Load, digit_samples, stored_id_counts, wait_for
+from loadutil import Load, stored_id_counts
 from looputil import LOOP_CONFIG
-from serverutil import ServerProcess, merge
+from serverutil import ServerProcess
 from sqlalchemy import text
+from testkit import digit_samples, merge, wait_for
 
-from continual.learn import runs
 from continual.registry import CRASH_ENV, TMP_PREFIX
-from continual.store import Store
+from continual.store import RunNotFound, Store
+from continual.store.runs import ACTIVE, FINISHED, is_request
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +44,10 @@ def db_url(tmp_path: Path) -> str:
 def feed(url: str, prefix: str, n: int, start: int = 0) -> None:
     with httpx.Client(base_url=url, timeout=30) as http:
         for k in range(start, start + n, 100):
-            r = http.post("/v1/feedback", json={"samples": digit_samples(prefix, k, min(100, start + n - k))})
+            r = http.post(
+                "/v1/feedback",
+                json={"samples": digit_samples(prefix=prefix, start=k, stop=k + min(100, start + n - k))},
+            )
             assert r.status_code == 200, r.text
 
 
@@ -76,7 +80,7 @@ def phase_of(store: Store, run_id: int) -> str | None:
 
 
 def active_runs(store: Store) -> list[dict[str, Any]]:
-    return [r for r in store.runs.recent(limit=50) if r["status"] in runs.ACTIVE]
+    return [r for r in store.runs.recent(limit=50) if r["status"] in ACTIVE]
 
 
 def pid_alive(pid: int) -> bool:
@@ -119,7 +123,7 @@ def kill_and_inspect(server: ServerProcess, store: Store) -> list[dict[str, Any]
         wait_for(lambda: not any(pid_alive(p) for p in workers), 30, f"workers {workers} exiting after their service")
     finally:
         for p in workers:  # never leave one running past the test (and never kill a reused pid)
-            if pid_alive(p) and b"continual.learn.worker" in Path(f"/proc/{p}/cmdline").read_bytes():
+            if pid_alive(p) and b"continual.service.worker" in Path(f"/proc/{p}/cmdline").read_bytes():
                 os.kill(p, signal.SIGKILL)
     return left
 
@@ -260,7 +264,7 @@ def test_crash_during_the_promotion_transaction(tmp_path: Path, server: ServerPr
     server.env[CRASH_ENV] = "promote"
     server.start()
     with httpx.Client(base_url=server.url, timeout=30) as http:
-        x = [dict(s, x=[1.0 - v for v in s["x"]]) for s in digit_samples("inv", 0, 600)]
+        x = [dict(s, x=[1.0 - v for v in s["x"]]) for s in digit_samples(prefix="inv", stop=600)]
         for k in range(0, 600, 100):
             assert http.post("/v1/feedback", json={"samples": x[k : k + 100]}).status_code == 200
         run_id = http.post("/v1/train").json()["run_id"]

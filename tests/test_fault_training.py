@@ -9,15 +9,15 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from loadutil import digit_samples, wait_for
 from looputil import LOOP_CONFIG
 from safetensors.torch import save_file
-from serverutil import ServerProcess, merge
+from serverutil import ServerProcess
+from testkit import digit_samples, merge, wait_for
 
 from continual.config import settings_from_dict
-from continual.learn import runs
 from continual.models import build_model
 from continual.store import Store
+from continual.store.runs import FINISHED
 
 pytestmark = pytest.mark.slow
 
@@ -43,12 +43,17 @@ def test_worker_killed_fails_the_run_service_serves_next_run_works(tmp_path: Pat
     server.start()
     http = httpx.Client(base_url=server.url, timeout=60)
     store = Store(f"sqlite:///{tmp_path / 'data' / 'continual.db'}")
-    probe = {"inputs": [{"x": s["x"]} for s in digit_samples("probe", 0, 4)]}
+    probe = {"inputs": [{"x": s["x"]} for s in digit_samples(prefix="probe", stop=4)]}
     try:
         assert http.get("/readyz").status_code == 200
         champion = http.post("/v1/predict", json=probe).json()["model_version"]
         for k in (0, 100, 200):
-            assert http.post("/v1/feedback", json={"samples": digit_samples("s", k, 100)}).status_code == 200
+            assert (
+                http.post(
+                    "/v1/feedback", json={"samples": digit_samples(prefix="s", start=k, stop=k + 100)}
+                ).status_code
+                == 200
+            )
         run_id = http.post("/v1/train").json()["run_id"]
         # The worker records its pid when it starts; kill it at once, mid-run.
         row = wait_for(lambda: (r := store.runs.get(run_id))["pid"] and r, 120, "the worker starting", 0.02)

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from learnutil import digits, fill, settings_dict, write_config
+from learnutil import fill, settings_dict
+from testkit import digit_arrays, write_toml
 
 from continual.config import load_settings
-from continual.learn import runs
 from continual.learn.evaluate import evaluate
 from continual.learn.launch import describe_exit, launch_run, wait_for_progress, worker_command
+from continual.learn.run import create_run
 from continual.registry import Registry
 from continual.store import Store
 
@@ -23,10 +24,10 @@ from continual.store import Store
 def _setup(tmp_path: Path, n: int = 600, **training: object) -> tuple[Path, Store]:
     data_dir = tmp_path / "data"
     url = f"sqlite:///{tmp_path / 'store.db'}"
-    cfg = write_config(tmp_path / "config.toml", settings_dict(data_dir, url, **training))
+    cfg = write_toml(tmp_path / "config.toml", settings_dict(data_dir, url, **training))
     store = Store(url)
     store.upgrade()
-    x, y = digits()
+    x, y = digit_arrays()
     fill(store, x[:n], y[:n], "s")
     return cfg, store
 
@@ -39,7 +40,14 @@ def _versions(data_dir: Path) -> list[str]:
 def test_worker_command_local_and_torchrun(tmp_path: Path) -> None:
     cfg, _ = _setup(tmp_path, n=0)
     settings = load_settings(cfg)
-    assert worker_command(settings, 7, cfg)[1:] == ["-m", "continual.learn.worker", "--run", "7", "--config", str(cfg)]
+    assert worker_command(settings, 7, cfg)[1:] == [
+        "-m",
+        "continual.service.worker",
+        "--run",
+        "7",
+        "--config",
+        str(cfg),
+    ]
     tr = settings.model_copy(
         update={"training": settings.training.model_copy(update={"launcher": "torchrun", "nproc_per_node": 4})}
     )
@@ -86,7 +94,7 @@ def test_sigkill_mid_epoch_fails_the_run_and_the_service_keeps_serving(tmp_path:
     server.start()
     try:
         store = Store(url)
-        x, y = digits()
+        x, y = digit_arrays()
         fill(store, x[:500], y[:500], "s")
         settings = load_settings(server.config_path)
         run_id = create_run(store, settings, trigger="test")

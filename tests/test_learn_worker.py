@@ -239,9 +239,7 @@ def test_mark_interrupted_runs(store, tmp_path) -> None:
     assert store.runs.claim(claimed) and not store.runs.claim(claimed)
     assert sorted(store.runs.interrupt_all()) == [a, b, claimed]
     assert store.runs.get(a)["status"] == store.runs.get(b)["status"] == "interrupted"
-    assert (
-        store.runs.get(waiting)["status"] == "pending" and store.runs.get(claimed)["status"] == "interrupted"
-    )
+    assert store.runs.get(waiting)["status"] == "pending" and store.runs.get(claimed)["status"] == "interrupted"
     assert store.runs.claim(waiting) and not store.runs.claim(a)  # only a pending run is claimed
     assert store.runs.get(c)["status"] == "succeeded"
     # A finished run is never moved again.

@@ -4,7 +4,6 @@ import threading
 from datetime import UTC, datetime, timedelta
 
 from continual.store import Store
-from continual.store.lease import holder_of, release, try_acquire
 
 
 def test_one_holder_at_a_time_and_expiry(store: Store) -> None:

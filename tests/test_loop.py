@@ -229,3 +229,14 @@ def test_excluded_samples_never_reach_training(tmp_path: Path) -> None:
     excluded = {s["id"] for s in poison}
     used = loop.store.train_index(upto=run["data_cutoff"])
     assert used and not excluded & {external_id for _seq, external_id, _label in used}
+
+
+def test_stop_ends_the_ticks_marks_stopping_and_frees_the_lease(tmp_path: Path) -> None:
+    loop = make_loop(tmp_path)
+    assert loop.hold_trainer_lease()
+    jobs.stop(loop, None)
+    assert loop.state.current == "stopping"
+    assert loop.metrics.registry.get_sample_value("continual_state", {"state": "stopping"}) == 1
+    assert loop.store.leases.holder_of("trainer") is None
+    assert jobs.check(loop) == {"skipped": "stopping"}
+    loop.store.dispose()

@@ -11,7 +11,8 @@ import httpx
 import pytest
 import torch
 from safetensors.torch import save_file
-from serverutil import BASE_CONFIG, ServerProcess, merge
+from serverutil import BASE_CONFIG, ServerProcess
+from testkit import merge
 
 from continual.config import settings_from_dict
 from continual.models import build_model

@@ -39,25 +39,18 @@ def metrics() -> Metrics:
 
 @pytest.fixture
 def reg(store, tmp_path: Path, metrics: Metrics) -> Registry:  # type: ignore[no-untyped-def]
-    return Registry(tmp_path / "models", store, metrics)
+    return Registry(tmp_path / "models", store, on_refused=metrics.model_refused)
 
 
 def new_version(reg: Registry, seed: int) -> tuple[str, torch.nn.Module]:
     torch.manual_seed(seed)
     model = build_model(SETTINGS.model).eval()
-    m = reg.write_version(
-        model.state_dict(),
-        architecture="mlp",
-        classes=SETTINGS.model.classes,
-        input_spec=SETTINGS.model.input.model_dump(mode="json"),
-        parent=None,
-        data_cutoff=0,
-    )
+    m = reg.import_model(model, input_spec=SETTINGS.model.input.model_dump(mode="json"), promote=False)
     return m.version, model
 
 
 def test_no_model_until_a_champion_exists(reg: Registry, metrics: Metrics) -> None:
-    serving = Serving(SETTINGS, metrics)
+    serving = Serving(SETTINGS, events=metrics)
     assert not serving.loaded() and serving.sync(reg) is False
     with pytest.raises(NoModel):
         serving.predict([vec(1, 2, 3, 4)])
@@ -66,7 +59,7 @@ def test_no_model_until_a_champion_exists(reg: Registry, metrics: Metrics) -> No
 def test_predictions_match_the_champion_and_follow_the_pointer(reg: Registry, metrics: Metrics) -> None:
     a, model_a = new_version(reg, 1)
     b, model_b = new_version(reg, 2)
-    serving = Serving(SETTINGS, metrics)
+    serving = Serving(SETTINGS, events=metrics)
     reg.promote(a, expected=reg.store.versions.champion_version(), reason="import")
     assert serving.sync(reg) is True and serving.version() == a
     assert serving.sync(reg) is False  # pointer did not move
@@ -93,7 +86,7 @@ def test_predictions_match_the_champion_and_follow_the_pointer(reg: Registry, me
 def test_a_corrupt_champion_is_never_swapped_in(reg: Registry, metrics: Metrics) -> None:
     a, _ = new_version(reg, 1)
     b, _ = new_version(reg, 2)
-    serving = Serving(SETTINGS, metrics)
+    serving = Serving(SETTINGS, events=metrics)
     reg.promote(a, expected=reg.store.versions.champion_version(), reason="import")
     serving.sync(reg)
     reg.promote(b, expected=reg.store.versions.champion_version(), reason="gate")
@@ -113,7 +106,7 @@ def test_a_corrupt_champion_is_never_swapped_in(reg: Registry, metrics: Metrics)
 def test_requests_in_flight_keep_the_model_they_started_with(reg: Registry, metrics: Metrics) -> None:
     a, _ = new_version(reg, 1)
     b, _ = new_version(reg, 2)
-    serving = Serving(SETTINGS, metrics)
+    serving = Serving(SETTINGS, events=metrics)
     reg.promote(a, expected=reg.store.versions.champion_version(), reason="import")
     serving.sync(reg)
     live = serving.live
@@ -125,7 +118,7 @@ def test_requests_in_flight_keep_the_model_they_started_with(reg: Registry, metr
 
 def test_concurrent_predicts_during_swaps_always_answer(reg: Registry, metrics: Metrics) -> None:
     versions = [new_version(reg, i)[0] for i in range(2)]
-    serving = Serving(SETTINGS, metrics)
+    serving = Serving(SETTINGS, events=metrics)
     reg.promote(versions[0], expected=reg.store.versions.champion_version(), reason="import")
     serving.sync(reg)
     stop, seen, errors = threading.Event(), set(), []
@@ -152,13 +145,14 @@ def test_concurrent_predicts_during_swaps_always_answer(reg: Registry, metrics: 
 def test_the_reservoir_keeps_recent_embeddings_of_the_serving_model(reg: Registry, metrics: Metrics) -> None:
     a, model_a = new_version(reg, 1)
     b, _ = new_version(reg, 2)
-    serving = Serving(SETTINGS, metrics)
+    serving = Serving(SETTINGS, events=metrics)
     reg.promote(a, expected=reg.store.versions.champion_version(), reason="import")
     serving.sync(reg)
     inputs = [vec(float(i), 0, 0, 1) for i in range(14)]
     serving.predict(inputs[:6])
     serving.predict(inputs[6:])
-    emb, pred, conf, version = serving.reservoir_snapshot()
+    snap = serving.reservoir_snapshot()
+    emb, pred, conf, version = snap.embeddings, snap.predicted, snap.confidence, snap.version
     assert version == a and emb.shape == (10, 8) and pred.shape == conf.shape == (10,)
     x = torch.tensor([[float(i), 0, 0, 1] for i in range(4, 14)])
     with torch.no_grad():
@@ -167,14 +161,14 @@ def test_the_reservoir_keeps_recent_embeddings_of_the_serving_model(reg: Registr
     reg.promote(b, expected=reg.store.versions.champion_version(), reason="gate")
     serving.sync(reg)
     serving.predict(inputs[:2])
-    emb, _, _, version = serving.reservoir_snapshot()
-    assert version == b and len(emb) == 2  # the old model's embedding space is dropped
+    snap = serving.reservoir_snapshot()
+    assert snap.version == b and len(snap.embeddings) == 2  # the old model's embedding space is dropped
 
 
 def test_reservoir_wraps_around_in_one_large_batch() -> None:
     r = Reservoir(3)
     r.add("v", np.arange(7, dtype=np.float32).reshape(7, 1), np.arange(7), np.ones(7))
-    emb, pred, _, _ = r.snapshot()
-    assert emb[:, 0].tolist() == [4, 5, 6] and pred.tolist() == [4, 5, 6]
+    snap = r.snapshot()
+    assert snap.embeddings[:, 0].tolist() == [4, 5, 6] and snap.predicted.tolist() == [4, 5, 6]
     with pytest.raises(ValueError):
         Reservoir(0)

@@ -178,7 +178,9 @@ def test_reservoir_of_another_version_is_not_used(tmp_path: Path, store: Store) 
     first = env.champion(store.max_seq())
     serving = Serving(env.settings, events=env.metrics)
     serving.sync(env.registry)
-    serving.predict([Decoded("vector", np.asarray(s["x"], "<f4").tobytes()) for s in digit_samples("inverted", stop=200)])
+    serving.predict(
+        [Decoded("vector", np.asarray(s["x"], "<f4").tobytes()) for s in digit_samples("inverted", stop=200)]
+    )
     second = env.champion(store.max_seq())  # promoted, but serving has not followed yet
     d = env.check(second, serving)
     assert d.results == [] and "too few samples" in d.reasons[0]
