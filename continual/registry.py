@@ -11,6 +11,9 @@ its manifest is never loaded.
 Rows live in the store (``store.versions``): the version's row, and the champion
 pointer, which moves by compare-and-swap. :meth:`Registry.promote` verifies the
 files and then moves the pointer; the store refuses a stale expectation.
+
+One module on purpose: writing (temporary name, fsync, rename, manifest last),
+verifying, and cleaning up after a crashed writer must agree on one on-disk layout.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from continual.store import IdConflict, NewSample, PayloadTooLarge, SchemaOutOfDate, Store, split_of
-from continual.store.samples import balanced_quotas
+from continual.store.sampling import balanced_quotas
 
 CLASSES = [str(i) for i in range(10)]
 

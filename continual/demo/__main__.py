@@ -24,7 +24,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -161,7 +161,7 @@ class Observer:
     def feed(self, phase: Phase) -> None:
         sent = 0
 
-        def progress(batch: Any, _result: Any) -> None:
+        def progress(batch: Sequence[object], _result: object) -> None:
             nonlocal sent
             sent += len(batch)
             print(f"\r    {phase.name}: {sent}/{len(phase.ids)} samples sent", end="", flush=True)
@@ -291,7 +291,7 @@ def _read(settings: Settings, query: Callable[[Store], list[dict[str, Any]]]) ->
         store.dispose()
 
 
-def _num(v: Any, spec: str) -> str:
+def _num(v: object, spec: str) -> str:
     return format(v, spec) if isinstance(v, int | float) else "-"
 
 

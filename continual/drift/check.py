@@ -141,7 +141,7 @@ def results_json(results: list[DriftResult], skipped: dict[str, str], reasons: l
     return json_safe({"detectors": rows, "reasons": list(reasons)})
 
 
-def json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:  # Any: any JSON-ish value, numpy scalars and arrays included
     """NaN/inf → None, numpy scalars/arrays → Python: the row must be valid JSON on both stores."""
     if isinstance(value, dict):
         return {str(k): json_safe(v) for k, v in value.items()}

@@ -34,7 +34,7 @@ class BatchTooLarge(ValueError):
         super().__init__(f"{n} samples in one request exceeds ingest.max_batch_samples = {limit}; split the batch")
 
 
-def parse_json(body: bytes) -> Any:
+def parse_json(body: bytes) -> Any:  # Any: parsed JSON, validated by the caller
     try:
         # orjson parses number-heavy batches ~10x faster; anything it refuses (NaN literals,
         # huge integers, lone surrogates, bad UTF-8) goes through the stdlib for a precise answer.
@@ -63,7 +63,7 @@ def derived_id(label: str, kind: str, payload: bytes) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def feedback_samples(doc: Any, settings: Settings, *, source: str = "api") -> list[NewSample]:
+def feedback_samples(doc: Any, settings: Settings, *, source: str = "api") -> list[NewSample]:  # Any: JSON
     """Validate a parsed ``{"samples": [...]}`` document; every bad sample is named in one ValidationFailed."""
     if not isinstance(doc, dict):
         raise ValidationFailed([{"index": None, "field": "", "message": 'expected a JSON object {"samples": [...]}'}])
@@ -94,7 +94,7 @@ def feedback_samples(doc: Any, settings: Settings, *, source: str = "api") -> li
     return out
 
 
-def _id_problem(value: Any) -> str:
+def _id_problem(value: Any) -> str:  # Any: JSON value under validation
     if not isinstance(value, str) or not value.strip() or len(value) > MAX_ID_LENGTH:
         return f"must be a non-empty string of at most {MAX_ID_LENGTH} characters"
     # Control characters and lone surrogates (legal in JSON escapes) cannot be stored as text everywhere
@@ -104,7 +104,7 @@ def _id_problem(value: Any) -> str:
     return ""
 
 
-def _metadata_problem(value: Any, limit: int) -> str:
+def _metadata_problem(value: Any, limit: int) -> str:  # Any: JSON value under validation
     if not isinstance(value, dict):
         return "must be a JSON object"
     try:
@@ -122,7 +122,7 @@ class _FieldErrors(Exception):
         self.errors = errors
 
 
-def _sample(item: Any, settings: Settings, source: str) -> NewSample:
+def _sample(item: Any, settings: Settings, source: str) -> NewSample:  # Any: JSON value under validation
     if not isinstance(item, dict):
         raise InputError("", "expected a sample object {id, label, x|image, metadata}")
     # Every field is checked so one response lists all that is wrong with the sample.

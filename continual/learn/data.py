@@ -241,7 +241,7 @@ class TensorBatches(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return self.x[t], self.y[t]
 
 
-def _as_batch(batch: Any) -> Any:
+def _as_batch(batch: Any) -> Any:  # Any: the collate hook passes through whatever __getitems__ built
     # __getitems__ returns a collated batch already.
     return batch
 

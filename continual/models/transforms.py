@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ class DecodedLike(Protocol):
 
     kind: str
     payload: bytes
-    image: Any
+    image: Image.Image | None
 
 
 class TransformError(ValueError):

@@ -18,6 +18,7 @@ from sqlalchemy.engine import make_url
 
 from continual.config import Settings, StoreSettings, read_secret_file
 from continual.store import samples as _samples
+from continual.store import sampling as _reads
 from continual.store.engine import StoreUnavailable, make_engine, read_tx
 from continual.store.lease import Leases
 from continual.store.migrate import SchemaOutOfDate, check_schema, current_revision, head_revision, upgrade
@@ -31,8 +32,8 @@ from continual.store.samples import (
     PayloadTooLarge,
     SampleRow,
     split_of,
-    vector_from_payload,
 )
+from continual.store.sampling import vector_from_payload
 from continual.store.versions import Champion, ChampionMoved, NoPreviousChampion, VersionNotFound, Versions
 
 __all__ = [
@@ -139,20 +140,20 @@ class Store:
         return split_of(external_id, self.holdout_fraction)
 
     def max_seq(self) -> int:
-        return _samples.max_seq(self.engine)
+        return _reads.max_seq(self.engine)
 
     def count(
         self, *, after: int | None = None, upto: int | None = None, split: str | None = None, label: str | None = None
     ) -> int:
-        return _samples.count(self.engine, after=after, upto=upto, split=split, label=label)
+        return _reads.count(self.engine, after=after, upto=upto, split=split, label=label)
 
     def label_counts(
         self, *, after: int | None = None, upto: int | None = None, split: str | None = None
     ) -> dict[str, int]:
-        return _samples.label_counts(self.engine, after=after, upto=upto, split=split)
+        return _reads.label_counts(self.engine, after=after, upto=upto, split=split)
 
     def split_label_counts(self) -> dict[tuple[str, str], int]:
-        return _samples.split_label_counts(self.engine)
+        return _reads.split_label_counts(self.engine)
 
     def draw(
         self,
@@ -164,10 +165,10 @@ class Store:
         balanced: bool = False,
         seed: int = 0,
     ) -> np.ndarray:
-        return _samples.draw(self.engine, k, after=after, upto=upto, split=split, balanced=balanced, seed=seed)
+        return _reads.draw(self.engine, k, after=after, upto=upto, split=split, balanced=balanced, seed=seed)
 
     def newest(self, n: int, *, after: int | None = None, split: str | None = None) -> np.ndarray:
-        return _samples.newest(self.engine, n, after=after, split=split)
+        return _reads.newest(self.engine, n, after=after, split=split)
 
     def iter_samples(
         self,
@@ -178,23 +179,23 @@ class Store:
         split: str | None = None,
         batch_size: int = 500,
     ) -> Iterator[list[SampleRow]]:
-        return _samples.iter_samples(self.engine, seqs=seqs, after=after, upto=upto, split=split, batch_size=batch_size)
+        return _reads.iter_samples(self.engine, seqs=seqs, after=after, upto=upto, split=split, batch_size=batch_size)
 
     def exclude(self, external_ids: Sequence[str]) -> tuple[int, list[str]]:
         """Take samples out of play (training, holdouts, drift, pending); returns (changed, unknown ids)."""
         return _samples.exclude(self.engine, external_ids)
 
     def get_samples(self, seqs: Iterable[int]) -> list[SampleRow]:
-        return _samples.get_samples(self.engine, seqs)
+        return _reads.get_samples(self.engine, seqs)
 
     def train_index(
         self, *, seqs: Sequence[int] | None = None, after: int | None = None, upto: int | None = None
     ) -> list[tuple[int, str, str]]:
         """(seq, external_id, label) of the train-split samples in play, by seqs or by range."""
-        return _samples.train_index(self.engine, seqs=seqs, after=after, upto=upto)
+        return _reads.train_index(self.engine, seqs=seqs, after=after, upto=upto)
 
     def payloads(self, seqs: Sequence[int], *, chunk: int = 500) -> Iterator[list[PayloadRow]]:
-        return _samples.payloads(self.engine, seqs, chunk=chunk)
+        return _reads.payloads(self.engine, seqs, chunk=chunk)
 
     def hashes_and_labels(self, seqs: Sequence[int]) -> dict[int, tuple[str, str]]:
-        return _samples.hashes_and_labels(self.engine, seqs)
+        return _reads.hashes_and_labels(self.engine, seqs)

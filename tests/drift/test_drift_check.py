@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from driftutil import feed, import_champion
 from looputil import write_config
+from modelutil import feed, import_champion
 from prometheus_client import CollectorRegistry
 from testkit import digit_samples
 

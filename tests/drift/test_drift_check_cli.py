@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from driftutil import feed, import_champion
 from looputil import write_config
+from modelutil import feed, import_champion
 from testkit import digit_samples
 
 from continual.cli import main

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from driftutil import feed, import_champion
 from looputil import make_loop
+from modelutil import feed, import_champion
 from testkit import digit_samples
 
 from continual.service import jobs

@@ -1,4 +1,4 @@
-"""Helpers of the drift-check tests: feedback into a store, and a fitted tiny champion."""
+"""A fitted tiny champion on the digits, and vector feedback straight into a store."""
 
 from __future__ import annotations
 
