@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from looputil import LOOP_CONFIG
 from serverutil import ServerProcess
-from testkit import digit_samples, merge
+from testkit import digit_samples, merge, wait_for
 
 from continual.client import Client
 from continual.procutil import process_alive
@@ -59,10 +58,13 @@ def test_train_cancel_stops_the_running_worker_and_the_service_goes_on(tmp_path:
         with Client(url, timeout=60) as client:
             client.feedback(digit_samples("original", stop=300), batch_size=100)
             run_id = client.train()["run_id"]
-        deadline = time.monotonic() + 180
-        while (row := store.runs.get(run_id))["status"] != "running" or not (row["progress"] or {}).get("step"):
-            assert time.monotonic() < deadline and row["status"] in ACTIVE, row
-            time.sleep(0.2)
+
+        def training() -> dict[str, object] | None:
+            row = store.runs.get(run_id)
+            assert row["status"] in ACTIVE, row  # it must not end before it is cancelled
+            return row if row["status"] == "running" and (row["progress"] or {}).get("step") else None
+
+        row = wait_for(training, 180, f"run {run_id} training")
         pid = int(row["pid"])
 
         proc = server.cli("train", "--cancel", check=False)
@@ -70,17 +72,17 @@ def test_train_cancel_stops_the_running_worker_and_the_service_goes_on(tmp_path:
         assert f"training run {run_id}: cancelled" in proc.stdout
         row = store.runs.get(run_id)
         assert row["status"] == "cancelled" and row["candidate_version"] is None, row
-        deadline = time.monotonic() + 30  # the row says cancelled just before the worker exits
-        while process_alive(pid):
-            assert time.monotonic() < deadline, f"worker {pid} still running after its run was cancelled"
-            time.sleep(0.1)
+        # The row says cancelled just before the worker exits.
+        wait_for(lambda: not process_alive(pid), 30, f"worker {pid} exiting after its run was cancelled", 0.1)
 
         # The service goes on: healthy, no failure counted, a new request is accepted.
         assert httpx.get(url + "/healthz", timeout=10).status_code == 200
-        deadline = time.monotonic() + 30
-        while 'continual_state{state="idle"} 1.0' not in (text := httpx.get(url + "/metrics", timeout=10).text):
-            assert time.monotonic() < deadline, "the service did not return to idle"
-            time.sleep(0.2)
+
+        def idle() -> str | None:
+            text = httpx.get(url + "/metrics", timeout=10).text
+            return text if 'continual_state{state="idle"} 1.0' in text else None
+
+        text = wait_for(idle, 30, "the service returning to idle")
         assert "continual_training_failures_total 0.0" in text
         assert httpx.post(url + "/v1/train", timeout=30).status_code == 202
     finally:

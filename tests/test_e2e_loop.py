@@ -12,7 +12,7 @@ import pytest
 from looputil import LOOP_CONFIG
 from prometheus_client.parser import text_string_to_metric_families
 from serverutil import ServerProcess
-from testkit import digit_samples
+from testkit import digit_samples, wait_for
 
 from continual.client import Client
 
@@ -20,13 +20,11 @@ pytestmark = pytest.mark.slow
 
 
 def wait(client: Client, what: str, done: Callable[[dict[str, Any]], bool], timeout: float = 180) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def reached() -> dict[str, Any] | None:
         st = client.status()
-        if done(st):
-            return st
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}; last status: {st}")
+        return st if done(st) else None
+
+    return wait_for(reached, timeout, what, 0.5)
 
 
 def champion(st: dict[str, Any]) -> str | None:

@@ -18,6 +18,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from serverutil import ServerProcess, free_port
+from testkit import wait_for
 
 from continual.config import settings_from_dict
 from continual.metrics import Metrics
@@ -268,17 +269,18 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(tmp_path: Path
             _sigterm_self()
             seen["signalled"] = True
             listener.wait_for("STOPPING=1", 10)
+
             # The request is still held: the port must close to newcomers meanwhile.
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
+            def refused() -> bool:
                 try:
                     httpx.get(url + "/ping", timeout=1)
                 except httpx.ConnectError:
-                    seen["refused"] = True
-                    break
+                    return True
                 except httpx.TransportError:
                     pass  # accepted just before the listener closed, then dropped: try again
-                time.sleep(0.05)
+                return False
+
+            seen["refused"] = wait_for(refused, 10, "the port refusing new connections", 0.05)
         finally:
             release.set()
             if not seen.get("signalled"):  # a second SIGTERM would skip the drain under test

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from serverutil import BASE_CONFIG, ServerProcess
-from testkit import merge
+from testkit import merge, wait_for
 
 from continual.config import settings_from_dict
 from continual.models import build_model
@@ -61,13 +61,11 @@ def import_version(server: ServerProcess, path: Path, *, promote: bool = True) -
 
 
 def wait_for_version(url: str, version: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def serving() -> bool:
         r = httpx.post(url + "/v1/predict", json={"inputs": [{"x": X[0]}]}, headers=HI, timeout=10)
-        if r.status_code == 200 and r.json()["model_version"] == version:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{url} never served {version}")
+        return r.status_code == 200 and r.json()["model_version"] == version
+
+    wait_for(serving, timeout, f"{url} serving {version}", 0.1)
 
 
 @pytest.fixture
