@@ -22,10 +22,11 @@ import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the test suite's ServerProcess: one way to run a real server
+
+from serverutil import ServerProcess  # noqa: E402
 
 from continual.store import split_of  # noqa: E402
-from tests.serverutil import ServerProcess  # noqa: E402
 
 N, BATCH, THREADS, DIM = 20_000, 100, 4, 64
 

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from continual.config import Settings, settings_from_dict
+from continual.demo.digits import digit_vectors
 from continual.learn.evaluate import evaluate
 from continual.learn.run import create_run, execute_run
 from continual.registry import Registry
@@ -56,10 +57,8 @@ TRAINING: dict[str, Any] = {
 
 
 def load_digits_xy() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    return (x / 16.0).astype(np.float32), y.astype(np.int64)
+    x, y = digit_vectors()
+    return x, y.astype(np.int64)
 
 
 def load_dataset(spec: str) -> Callable[[], tuple[np.ndarray, np.ndarray]]:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from continual.config import Settings, settings_from_dict
+from continual.demo.digits import digit_vectors
 from continual.learn.run import create_run, execute_run
 from continual.models import build_model
 from continual.registry import Registry
@@ -33,11 +34,8 @@ from continual.store import NewSample, Store
 
 
 def data(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """load_digits, repeated with small noise up to ``n`` samples."""
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32)
+    """The digits, repeated with small noise up to ``n`` samples."""
+    x, y = digit_vectors()
     reps = -(-n // len(x))
     rng = np.random.default_rng(0)
     xs = np.concatenate([x + rng.normal(0, 0.05, x.shape).astype(np.float32) for _ in range(reps)])[:n]
