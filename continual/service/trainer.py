@@ -124,7 +124,7 @@ def _promote(ctx: ServiceContext, run_id: int, candidate: str, parent: str | Non
         )
     except ChampionMoved as e:
         return Decision(
-            "deferred",
+            "superseded",
             "champion_changed",
             [
                 *decision.reasons,

@@ -11,7 +11,7 @@ from sqlalchemy import Connection, Engine, Table, insert, select
 from continual.store.engine import read_tx, write_tx
 from continual.store.schema import drift_checks, events, gate_decisions
 
-OUTCOMES = ("promoted", "rejected", "deferred")
+OUTCOMES = ("promoted", "rejected", "deferred", "superseded")
 
 
 class Records:
