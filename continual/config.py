@@ -66,6 +66,12 @@ class StoreSettings(_Section):
     max_payload_bytes: int = Field(1_048_576, ge=64)
     busy_timeout_ms: int = Field(5_000, ge=0)
     pool_size: int = Field(8, ge=1)
+    # How long a request may wait for the database before it answers 503 (PostgreSQL).
+    pool_timeout_seconds: float = Field(10.0, gt=0)
+    connect_timeout_seconds: float = Field(10.0, gt=0)
+    statement_timeout_seconds: float = Field(60.0, ge=0)  # 0: no limit
+    # FULL: a 2xx survives a power cut. NORMAL: faster, survives a process crash only.
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
 
 
 class IngestSettings(_Section):

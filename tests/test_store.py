@@ -168,3 +168,22 @@ def test_excluded_samples_count_for_nothing(store: Store) -> None:
     # Re-sending an excluded sample is a duplicate, not a new sample.
     assert store.insert([vec_sample(1)]).duplicates == 1
     assert store.count() == 97
+
+
+def test_an_exhausted_pool_is_store_unavailable_not_a_crash(store_url: str) -> None:
+    from continual.store import StoreUnavailable
+    from continual.store.engine import EngineOptions
+
+    if store_url.startswith("sqlite"):
+        pytest.skip("SQLite opens a connection per use; the pool limit is PostgreSQL's")
+    store = Store(store_url, options=EngineOptions(pool_size=1, pool_timeout=0.5))
+    store.upgrade()
+    held = [store.engine.connect(), store.engine.connect()]  # pool_size + overflow
+    try:
+        with pytest.raises(StoreUnavailable, match="no free store connection"):
+            store.count()
+    finally:
+        for c in held:
+            c.close()
+    assert store.count() == 0
+    store.dispose()
