@@ -223,6 +223,9 @@ class TrainingSettings(_Section):
     nnodes: int = Field(1, ge=1)
     rdzv_endpoint: str = ""
     max_duration_seconds: float = Field(3_600.0, gt=0)
+    # The worker stops itself at max_duration_seconds between steps; the service kills one still
+    # running this much later (stuck outside the training steps), recording the phase it was in.
+    deadline_grace_seconds: float = Field(60.0, gt=0)
     feature_cache_items: int = Field(100_000, ge=0)
     seed: int = 0
     # Samples of the run's training data used to estimate the EWC Fisher diagonal.
