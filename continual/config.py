@@ -258,6 +258,20 @@ class ServingSettings(_Section):
     _device = field_validator("device")(classmethod(lambda cls, v: _check_device(v)))
 
 
+class RetentionSettings(_Section):
+    """What the hourly retention job prunes (model versions: ``[model] keep_versions``)."""
+
+    # The event log and the drift checks: older than N days, and beyond the newest M rows.
+    events_days: float = Field(90.0, gt=0)
+    events_max_rows: int = Field(100_000, ge=1)
+    drift_checks_days: float = Field(30.0, gt=0)
+    drift_checks_max_rows: int = Field(50_000, ge=1)
+    # Training runs keep their row (the audit trail); their worker log (<data_dir>/runs/<id>.log)
+    # and their settings snapshot go after this long. Gate decisions and the champion history stay.
+    run_logs_days: float = Field(30.0, gt=0)
+    run_specs_days: float = Field(90.0, gt=0)
+
+
 class Settings(_Section):
     service: ServiceSettings = ServiceSettings()
     auth: AuthSettings = AuthSettings()
@@ -269,6 +283,7 @@ class Settings(_Section):
     training: TrainingSettings = TrainingSettings()
     gate: GateSettings = GateSettings()
     serving: ServingSettings = ServingSettings()
+    retention: RetentionSettings = RetentionSettings()
 
     def resolved_store(self) -> StoreSettings:
         """The store section with the URL filled in (the SQLite default in the data dir); no password in it."""

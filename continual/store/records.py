@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, insert, select
+from sqlalchemy import Connection, Engine, Table, delete, insert, select
 
 from continual.store.engine import read_tx, write_tx
 from continual.store.schema import drift_checks, events, gate_decisions
@@ -117,6 +117,28 @@ class Records:
             q = q.where(events.c.kind == kind)
         with read_tx(self.engine) as conn:
             return [dict(r._mapping) for r in conn.execute(q)]
+
+    # -- retention -------------------------------------------------------------------------------
+    def prune_events(self, *, older_than_days: float, keep_rows: int) -> int:
+        return self._prune(events, older_than_days, keep_rows)
+
+    def prune_drift_checks(self, *, older_than_days: float, keep_rows: int) -> int:
+        return self._prune(drift_checks, older_than_days, keep_rows)
+
+    def _prune(self, table: Table, older_than_days: float, keep_rows: int) -> int:
+        """Delete rows older than ``older_than_days`` and any beyond the newest ``keep_rows``; returns how many."""
+        if keep_rows < 1:
+            raise ValueError(f"keep_rows must be >= 1, got {keep_rows}")
+        cutoff = datetime.now(UTC) - timedelta(days=older_than_days)
+        with write_tx(self.engine) as conn:
+            # The id of the newest row beyond the kept ones (ids grow with time).
+            boundary = conn.execute(
+                select(table.c.id).order_by(table.c.id.desc()).offset(keep_rows).limit(1)
+            ).scalar_one_or_none()
+            n = conn.execute(delete(table).where(table.c.created_at < cutoff)).rowcount
+            if boundary is not None:
+                n += conn.execute(delete(table).where(table.c.id <= boundary)).rowcount
+        return int(n)
 
     # -- helpers -----------------------------------------------------------------------------------
     def _newest(self, table: Table) -> dict[str, Any] | None:
