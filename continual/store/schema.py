@@ -148,3 +148,12 @@ leases = Table(
     Column("holder", String(255), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=False),
 )
+
+# Secrets generated once per install (e.g. the salt of token fingerprints), shared by every process.
+install_secrets = Table(
+    "install_secrets",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", String(128), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
