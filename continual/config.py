@@ -147,6 +147,17 @@ class ModelSettings(_Section):
     keep_versions: int = Field(10, ge=1)
     input: InputSettings = InputSettings()
 
+    @model_validator(mode="after")
+    def _no_frozen_random_base(self) -> ModelSettings:
+        # A user factory ("package.module:function") brings its own weights; "none" is its business.
+        if self.weights == "none" and self.mode == "feature_extraction" and ":" not in self.architecture:
+            raise ValueError(
+                'weights = "none" with mode = "feature_extraction" would freeze a randomly initialised '
+                'backbone and train only a head on random features: set mode = "all" (train everything '
+                'from scratch) or use pretrained weights (weights = "imagenet" or a file)'
+            )
+        return self
+
     @field_validator("classes")
     @classmethod
     def _classes(cls, v: tuple[str, ...]) -> tuple[str, ...]:

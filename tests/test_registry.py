@@ -31,6 +31,7 @@ SETTINGS = Settings(
     model=ModelSettings(
         architecture="mlp",
         weights="none",
+        mode="all",
         classes=("a", "b"),
         hidden=(4,),
         input=InputSettings(kind="vector", shape=(3,)),

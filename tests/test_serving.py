@@ -19,6 +19,7 @@ SETTINGS = Settings(
     model=ModelSettings(
         architecture="mlp",
         weights="none",
+        mode="all",
         classes=("a", "b", "c"),
         hidden=(8,),
         input=InputSettings(kind="vector", shape=(4,)),
