@@ -55,6 +55,7 @@ def config(data_dir: Path, image: bool, image_size: int) -> dict[str, Any]:
         else {
             "architecture": "mlp",
             "weights": "none",
+            "mode": "all",
             "hidden": [256, 256],
             "input": {"kind": "vector", "shape": [64]},
         }

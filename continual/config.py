@@ -66,6 +66,12 @@ class StoreSettings(_Section):
     max_payload_bytes: int = Field(1_048_576, ge=64)
     busy_timeout_ms: int = Field(5_000, ge=0)
     pool_size: int = Field(8, ge=1)
+    # How long a request may wait for the database before it answers 503 (PostgreSQL).
+    pool_timeout_seconds: float = Field(10.0, gt=0)
+    connect_timeout_seconds: float = Field(10.0, gt=0)
+    statement_timeout_seconds: float = Field(60.0, ge=0)  # 0: no limit
+    # FULL: a 2xx survives a power cut. NORMAL: faster, survives a process crash only.
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
 
 
 class IngestSettings(_Section):
@@ -140,6 +146,17 @@ class ModelSettings(_Section):
     # Registry retention: the newest N versions plus every version that was ever champion.
     keep_versions: int = Field(10, ge=1)
     input: InputSettings = InputSettings()
+
+    @model_validator(mode="after")
+    def _no_frozen_random_base(self) -> ModelSettings:
+        # A user factory ("package.module:function") brings its own weights; "none" is its business.
+        if self.weights == "none" and self.mode == "feature_extraction" and ":" not in self.architecture:
+            raise ValueError(
+                'weights = "none" with mode = "feature_extraction" would freeze a randomly initialised '
+                'backbone and train only a head on random features: set mode = "all" (train everything '
+                'from scratch) or use pretrained weights (weights = "imagenet" or a file)'
+            )
+        return self
 
     @field_validator("classes")
     @classmethod
@@ -217,6 +234,9 @@ class TrainingSettings(_Section):
     nnodes: int = Field(1, ge=1)
     rdzv_endpoint: str = ""
     max_duration_seconds: float = Field(3_600.0, gt=0)
+    # The worker stops itself at max_duration_seconds between steps; the service kills one still
+    # running this much later (stuck outside the training steps), recording the phase it was in.
+    deadline_grace_seconds: float = Field(60.0, gt=0)
     feature_cache_items: int = Field(100_000, ge=0)
     seed: int = 0
     # Samples of the run's training data used to estimate the EWC Fisher diagonal.
@@ -249,6 +269,20 @@ class ServingSettings(_Section):
     _device = field_validator("device")(classmethod(lambda cls, v: _check_device(v)))
 
 
+class RetentionSettings(_Section):
+    """What the hourly retention job prunes (model versions: ``[model] keep_versions``)."""
+
+    # The event log and the drift checks: older than N days, and beyond the newest M rows.
+    events_days: float = Field(90.0, gt=0)
+    events_max_rows: int = Field(100_000, ge=1)
+    drift_checks_days: float = Field(30.0, gt=0)
+    drift_checks_max_rows: int = Field(50_000, ge=1)
+    # Training runs keep their row (the audit trail); their worker log (<data_dir>/runs/<id>.log)
+    # and their settings snapshot go after this long. Gate decisions and the champion history stay.
+    run_logs_days: float = Field(30.0, gt=0)
+    run_specs_days: float = Field(90.0, gt=0)
+
+
 class Settings(_Section):
     service: ServiceSettings = ServiceSettings()
     auth: AuthSettings = AuthSettings()
@@ -260,6 +294,7 @@ class Settings(_Section):
     training: TrainingSettings = TrainingSettings()
     gate: GateSettings = GateSettings()
     serving: ServingSettings = ServingSettings()
+    retention: RetentionSettings = RetentionSettings()
 
     def resolved_store(self) -> StoreSettings:
         """The store section with the URL filled in (the SQLite default in the data dir); no password in it."""

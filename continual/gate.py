@@ -19,7 +19,8 @@ from continual.models.device import resolve_device
 from continual.models.manifest import ModelSource
 from continual.store import Store
 
-Outcome = Literal["promoted", "rejected", "deferred"]
+# superseded: the candidate passed, but the champion it was measured against moved before its promotion.
+Outcome = Literal["promoted", "rejected", "deferred", "superseded"]
 # Accuracies are ratios of counts; compare with a tolerance so that an exactly
 # equal accuracy never fails a ">=" rule through float rounding.
 _EPS = 1e-9

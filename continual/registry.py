@@ -402,18 +402,16 @@ class Registry:
         champions = self.store.versions.past_champions()
         live = [v["version"] for v in self.store.versions.rows() if v["status"] != "deleted"]
         keep = set(live[-keep_last:]) | champions
-        deleted = []
-        for version in live:
-            if version in keep:
-                continue
+        # Rows first, files after: the store refuses to mark a version that became champion
+        # since the listing above, and refuses to promote one it marked (see Versions.mark_deleted).
+        deleted = self.store.versions.mark_deleted([v for v in live if v not in keep])
+        for version in deleted:
             path = self.root / version
             if path.exists():
                 # Rename first so a half-deleted directory never looks like a version.
                 trash = self.root / f"{TMP_PREFIX}deleted-{version}-{os.getpid()}@{socket.gethostname()}"
                 os.rename(path, trash)
                 shutil.rmtree(trash, ignore_errors=True)
-            self.store.versions.mark_deleted([version])
-            deleted.append(version)
         if deleted:
             log.info("retention deleted model versions: %s", ", ".join(deleted))
         return deleted

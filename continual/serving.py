@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -32,6 +33,27 @@ log = logging.getLogger("continual.serving")
 
 class NoModel(RuntimeError):
     """No champion has been loaded yet."""
+
+
+# A champion that failed to load is tried again after 5 s, 10 s, 20 s, ... at most 5 min apart.
+RETRY_FIRST_SECONDS = 5.0
+RETRY_MAX_SECONDS = 300.0
+
+
+@dataclass(frozen=True)
+class LoadFailure:
+    version: str
+    error: str
+    attempts: int
+    retry_at: float  # time.monotonic()
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "version": self.version,
+            "error": self.error,
+            "attempts": self.attempts,
+            "retry_in_seconds": round(max(0.0, self.retry_at - time.monotonic()), 1),
+        }
 
 
 class ServingEvents(Protocol):
@@ -128,7 +150,7 @@ class Serving:
         self.device = resolve_device(settings.serving.device)
         self.max_batch = settings.serving.max_batch
         self._live: LiveModel | None = None
-        self._failed: str | None = None  # a version refused at load; not retried until the pointer moves
+        self._failed: LoadFailure | None = None  # the champion this process could not load, retried with backoff
         self._swap_lock = threading.Lock()  # serialises loads; predict never takes it
         self._reservoir = Reservoir(settings.drift.reservoir_size)
 
@@ -208,7 +230,7 @@ class Serving:
         except StoreUnavailable as e:
             log.warning("cannot read the champion pointer (%s); still serving %s", e, self.version())
             return False
-        if target is None or target == self.version() or target == self._failed:
+        if target is None or target == self.version() or self._backing_off(target):
             return False
         with self._swap_lock:
             # Read the pointer again under the lock: a caller that read it before a
@@ -217,21 +239,36 @@ class Serving:
                 target = registry.store.versions.champion_version()
             except StoreUnavailable:
                 return False
-            if target is None or target == self.version() or target == self._failed:
+            if target is None or target == self.version() or self._backing_off(target):
                 return False
             try:
                 live = self.build(registry, target)
             except ChecksumMismatch as e:  # the registry already counted and recorded it
-                self._failed = target
+                self._fail(target, e)
                 log.error("NOT serving champion %s: %s; still serving %s", target, e, self.version())
                 return False
             except (VersionNotFound, ModelError, OSError, RuntimeError) as e:
-                self._failed = target
+                # A transient cause (a CUDA out-of-memory while another model loads, a file
+                # still being copied) must not leave this process behind for good.
+                self._fail(target, e)
                 self._count_failure(registry, target, e)
                 return False
             self._failed = None
             self.swap(live)
             return True
+
+    def load_failure(self) -> LoadFailure | None:
+        """The champion this process could not load (it serves the previous model meanwhile), or None."""
+        return self._failed
+
+    def _backing_off(self, target: str) -> bool:
+        f = self._failed
+        return f is not None and f.version == target and time.monotonic() < f.retry_at
+
+    def _fail(self, version: str, err: Exception) -> None:
+        attempts = self._failed.attempts + 1 if self._failed is not None and self._failed.version == version else 1
+        wait = min(RETRY_FIRST_SECONDS * 2 ** (attempts - 1), RETRY_MAX_SECONDS)
+        self._failed = LoadFailure(version, f"{type(err).__name__}: {err}", attempts, time.monotonic() + wait)
 
     def _count_failure(self, registry: Registry, version: str, err: Exception) -> None:
         log.error("NOT serving champion %s: cannot load it (%s); still serving %s", version, err, self.version())

@@ -37,6 +37,12 @@ def pg_schema() -> Iterator[str]:
         admin.dispose()
 
 
+@pytest.fixture
+def pg_url(pg_schema: str) -> str:
+    """A fresh, empty PostgreSQL schema's URL (skips without a server)."""
+    return pg_schema_url(pg_schema)
+
+
 @pytest.fixture(params=BACKENDS)
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A fresh, empty database URL for each backend under test."""

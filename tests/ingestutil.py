@@ -24,6 +24,7 @@ def vector_settings(tmp_path: Path, **over: Any) -> Settings:
         "model": {
             "architecture": "mlp",
             "weights": "none",
+            "mode": "all",
             "classes": CLASSES,
             "input": {"kind": "vector", "shape": [4]},
         },
@@ -35,7 +36,13 @@ def image_settings(tmp_path: Path, **over: Any) -> Settings:
     base = {
         "service": {"data_dir": str(tmp_path / "data")},
         "auth": {"enabled": False},
-        "model": {"architecture": "mlp", "weights": "none", "classes": CLASSES, "input": {"kind": "image"}},
+        "model": {
+            "architecture": "mlp",
+            "weights": "none",
+            "mode": "all",
+            "classes": CLASSES,
+            "input": {"kind": "image"},
+        },
     }
     return settings_from_dict(merge(base, over))
 

@@ -30,6 +30,7 @@ BASE_CONFIG: dict[str, Any] = {
     "model": {
         "architecture": "mlp",
         "weights": "none",
+        "mode": "all",
         "classes": [str(i) for i in range(10)],
         "hidden": [16],
         "input": {"kind": "vector", "shape": [64]},

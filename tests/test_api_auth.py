@@ -111,3 +111,29 @@ def test_enabled_auth_without_tokens_refuses_everyone(tmp_path: Path) -> None:
     client, _, _ = make_client(s, f"sqlite:///{tmp_path / 'store.db'}")
     assert client.post("/v1/feedback", content=BODY, headers=bearer("")).status_code == 401
     assert client.post("/v1/feedback", content=BODY, headers=bearer("anything")).status_code == 401
+
+
+def test_the_audit_trail_names_a_token_by_a_salted_fingerprint(tmp_path: Path, store_url: str) -> None:
+    import hashlib
+
+    from continual.store import Store
+
+    token = "admin-token-0123456789"
+    s = vector_settings(tmp_path, auth={"enabled": True, "admin_tokens": [token]})
+
+    def exclude_as_admin(url: str) -> str:
+        client, store, _ = make_client(s, url)
+        r = client.post("/v1/samples/exclude", json={"ids": ["x"], "reason": "test"}, headers=bearer(token))
+        assert r.status_code == 200, r.text
+        who = store.records.events(kind="samples_excluded")[0]["data"]["actor"]
+        store.dispose()
+        return who
+
+    first = exclude_as_admin(store_url)
+    assert first.startswith("token:") and len(first) == len("token:") + 12
+    assert token not in first and first != "token:" + hashlib.sha256(token.encode()).hexdigest()[:12]
+    assert exclude_as_admin(store_url) == first  # the same install: the same name, across processes and restarts
+    other = Store(f"sqlite:///{tmp_path / 'other.db'}")
+    other.upgrade()
+    assert exclude_as_admin(other.url) != first  # another install's salt: not comparable, not guessable
+    other.dispose()

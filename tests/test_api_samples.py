@@ -31,7 +31,7 @@ def test_exclude_by_id_needs_admin_and_takes_samples_out(tmp_path: Path, store_u
 def test_cli_exclude(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     cfg = tmp_path / "config.toml"
     cfg.write_text(
-        f'[service]\ndata_dir = "{tmp_path}"\n[model]\narchitecture = "mlp"\nweights = "none"\n'
+        f'[service]\ndata_dir = "{tmp_path}"\n[model]\narchitecture = "mlp"\nweights = "none"\nmode = "all"\n'
         'classes = ["a", "b"]\n[model.input]\nkind = "vector"\nshape = [4]\n'
     )
     assert main(["db", "upgrade", "--config", str(cfg)]) == 0

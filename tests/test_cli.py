@@ -23,6 +23,7 @@ data_dir = "{tmp_path / "data"}"
 [model]
 architecture = "mlp"
 weights = "none"
+mode = "all"
 classes = ["a", "b"]
 [model.input]
 kind = "vector"

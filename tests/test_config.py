@@ -132,3 +132,19 @@ def test_password_file_goes_into_the_store_url(tmp_path: Path) -> None:
     settings = load_settings(p, env={})
     assert store_url(settings.resolved_store()) == "postgresql+psycopg://app:s3cret@db/continual"
     assert "s3cret" not in settings.resolved_store().url  # what goes to a worker names the file, not the secret
+
+
+def test_a_frozen_random_backbone_is_refused_naming_both_keys_and_the_ways_out(tmp_path: Path) -> None:
+    p = write(tmp_path, '[model]\narchitecture = "mlp"\nweights = "none"\n[model.input]\nkind = "vector"\n')
+    with pytest.raises(ConfigError) as e:
+        load_settings(p, env={})
+    msg = str(e.value)
+    assert 'weights = "none"' in msg and 'mode = "feature_extraction"' in msg
+    assert 'mode = "all"' in msg and "pretrained weights" in msg
+    ok = write(
+        tmp_path, '[model]\narchitecture = "mlp"\nweights = "none"\nmode = "all"\n[model.input]\nkind = "vector"\n'
+    )
+    assert load_settings(ok, env={}).model.mode == "all"
+    # A user factory brings its own weights: "none" only means "do not load ours".
+    factory = write(tmp_path, '[model]\narchitecture = "pkg.mod:backbone"\nweights = "none"\n')
+    assert load_settings(factory, env={}).model.mode == "feature_extraction"

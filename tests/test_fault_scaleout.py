@@ -12,7 +12,6 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import pg_schema_url
 from looputil import LOOP_CONFIG
 from serverutil import ServerProcess
 from sqlalchemy import text
@@ -65,8 +64,8 @@ def pid_of(holder: str) -> int:
     return int(holder.rpartition(":")[2])
 
 
-def test_two_services_share_the_store_and_one_trains(tmp_path: Path, pg_schema: str) -> None:
-    url = pg_schema_url(pg_schema)
+def test_two_services_share_the_store_and_one_trains(tmp_path: Path, pg_url: str) -> None:
+    url = pg_url
     config = merge(
         LOOP_CONFIG,
         {

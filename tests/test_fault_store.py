@@ -111,3 +111,71 @@ def test_store_down_feedback_503_predict_200_then_recovers(tmp_path: Path, backe
         if backend == "postgresql":
             pg_admin(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
             pg_admin(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+
+
+def test_a_database_that_stops_answering_gets_503s_not_hung_threads_then_nothing_is_lost(tmp_path: Path) -> None:
+    """A session holds a lock on the samples table: writes wait on it. Every request must still be answered.
+
+    Before statement and pool timeouts existed, these requests hung until the lock was released.
+    """
+    import threading
+
+    if not PG_URL:
+        pytest.skip("CONTINUAL_TEST_PG_URL is not set")
+    dbname, url = pg_database()
+    pg_admin(f'CREATE DATABASE "{dbname}"')
+    config = merge(
+        CONFIG,
+        {"store": {"pool_size": 1, "pool_timeout_seconds": 1, "statement_timeout_seconds": 2}},
+    )
+    server = ServerProcess(config, workdir=tmp_path, env={"CONTINUAL_STORE__URL": url})
+    http = httpx.Client(base_url=server.url, timeout=30)  # far above both timeouts: a hang fails the test
+    locker = create_engine(url).connect()
+    try:
+        server.start()
+        assert http.post("/v1/feedback", json={"samples": digit_samples(prefix="before", stop=10)}).status_code == 200
+
+        tx = locker.begin()
+        locker.execute(text("LOCK TABLE samples IN ACCESS EXCLUSIVE MODE"))
+        answers: list[httpx.Response | Exception] = []
+
+        def send(k: int) -> None:
+            try:
+                answers.append(http.post("/v1/feedback", json={"samples": digit_samples(prefix=f"held{k}", stop=5)}))
+            except Exception as e:  # a timeout here is the failure under test
+                answers.append(e)
+
+        threads = [threading.Thread(target=send, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert all(isinstance(a, httpx.Response) for a in answers), answers
+        assert [a.status_code for a in answers] == [503] * 4, [a.text for a in answers]  # type: ignore[union-attr]
+        for a in answers:
+            body = a.json()["error"]  # type: ignore[union-attr]
+            assert body["code"] == "store_unavailable" and int(a.headers["Retry-After"]) > 0  # type: ignore[union-attr]
+            # The database's error names hosts, ports and databases: the log gets it, the client does not.
+            assert "5432" not in body["message"] and dbname not in body["message"], body
+        assert http.get("/healthz").status_code == 200
+        tx.rollback()
+
+        for k in range(4):  # the clients resend (the Python client does so by itself on 503)
+            r = wait_for(
+                lambda k=k: (
+                    (
+                        r := http.post("/v1/feedback", json={"samples": digit_samples(prefix=f"held{k}", stop=5)})
+                    ).status_code
+                    == 200
+                    and r
+                ),
+                30,
+                "feedback accepted again",
+            )
+            assert r.json() == {"accepted": 5, "duplicates": 0}
+        counts = stored_id_counts(url)
+        assert len(counts) == 30 and set(counts.values()) == {1}
+    finally:
+        locker.close()
+        http.close()
+        server.stop()

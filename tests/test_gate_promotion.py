@@ -62,11 +62,11 @@ def test_a_rollback_between_the_gates_decision_and_its_promotion_wins(
     monkeypatch.setattr(gate, "evaluate", decide_then_an_operator_rolls_back)
     decision = trainer.gate_run(ctx, 1, candidate, parent)
 
-    assert (decision.outcome, decision.rule) == ("deferred", "champion_changed")
+    assert (decision.outcome, decision.rule) == ("superseded", "champion_changed")
     assert f"moved from {parent} to {first}" in decision.reasons[-1]
     assert ctx.store.versions.champion_version() == first  # the rollback stands
     assert ctx.store.versions.history()[0]["reason"] == "rollback"
     recorded = ctx.store.records.last_decision()
-    assert recorded is not None and (recorded["outcome"], recorded["rule"]) == ("deferred", "champion_changed")
+    assert recorded is not None and (recorded["outcome"], recorded["rule"]) == ("superseded", "champion_changed")
     assert ctx.store.versions.get(candidate)["status"] == "candidate"  # neither champion nor rejected
     assert ctx.metrics.registry.get_sample_value("continual_promotions_total") == 0

@@ -173,3 +173,44 @@ def test_cli_reports_unusable_paths_without_a_traceback(tmp_path: Path) -> None:
         timeout=60,
     )
     assert r.returncode == 1 and "no such file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_csv_image_paths_cannot_leave_the_csvs_directory(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / "imgs").mkdir(parents=True)
+    (data / "imgs" / "ok.png").write_bytes(image_bytes())
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(image_bytes(seed=1))
+    (data / "imgs" / "link.png").symlink_to(secret)
+    p = data / "d.csv"
+    p.write_text(
+        f"image,label\nimgs/ok.png,cat\n{secret},cat\n../secret.png,cat\nimgs/../../secret.png,cat\nimgs/link.png,cat\n"
+    )
+    got = list(open_source(p, images=True).items)
+    assert [type(g).__name__ for g in got] == ["Item", "Skipped", "Skipped", "Skipped", "Skipped"]
+    for g, line in zip(got[1:], (3, 4, 5, 6), strict=True):
+        assert g.where == f"d.csv line {line}" and "outside" in g.reason, g  # type: ignore[union-attr]
+
+
+def test_the_token_comes_from_a_file_or_the_environment_and_a_command_line_token_warns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+
+    from continual.cli.common import UserError
+    from continual.cli.ingest import ingest_token
+
+    def args(**kw: object) -> argparse.Namespace:
+        return argparse.Namespace(**{"token": None, "token_file": None, **kw})
+
+    monkeypatch.setenv("CONTINUAL_TOKEN", "from-env")
+    assert ingest_token(args()) == "from-env"
+    (tmp_path / "tok").write_text("from-file\nignored\n")
+    assert ingest_token(args(token_file=str(tmp_path / "tok"))) == "from-file"
+    assert capsys.readouterr().err == ""
+    assert ingest_token(args(token="on-the-command-line")) == "on-the-command-line"
+    assert "--token shows in `ps`" in capsys.readouterr().err
+    with pytest.raises(UserError, match="not both"):
+        ingest_token(args(token="a", token_file="b"))
+    with pytest.raises(UserError, match="no-such-file"):
+        ingest_token(args(token_file=str(tmp_path / "no-such-file")))

@@ -149,7 +149,9 @@ def test_vectorized_and_per_sample_loop_fisher_agree() -> None:
 
     torch.manual_seed(1)
     model = build_model(
-        ModelSettings(architecture="mlp", weights="none", hidden=(8, 8), input={"kind": "vector", "shape": [6]})
+        ModelSettings(
+            architecture="mlp", weights="none", mode="all", hidden=(8, 8), input={"kind": "vector", "shape": [6]}
+        )
     )
     x, y = torch.randn(24, 6), torch.randint(0, 10, (24,))
     fast, n1 = fisher_diagonal(model, [(x, y)], max_samples=24, vectorized=True)

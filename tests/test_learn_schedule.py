@@ -14,8 +14,11 @@ from continual.models import build_model
 
 def _model(**kw: object) -> nn.Module:
     settings = ModelSettings(
-        architecture="mlp", weights="none", hidden=(16, 8, 8), input={"kind": "vector", "shape": [6]}, **kw
+        architecture="mlp", weights="none", mode="all", hidden=(16, 8, 8), input={"kind": "vector", "shape": [6]}
     )
+    # What trains in each mode does not depend on the weights; the config refuses a frozen random
+    # base (weights "none" + feature_extraction) only because training one is pointless.
+    settings = settings.model_copy(update={"mode": "feature_extraction", **kw})
     return build_model(settings), settings
 
 

@@ -155,7 +155,17 @@ def test_progress_is_written_to_the_run_row(store, tmp_path) -> None:
 def test_feature_extraction_caches_base_outputs(store, tmp_path) -> None:
     x, y = digit_arrays()
     settings = make_settings(tmp_path, store.url, strategy="replay+ewc", epochs=3, head_learning_rate=1e-2)
-    settings = settings.model_copy(update={"model": settings.model.model_copy(update={"mode": "feature_extraction"})})
+    # A frozen base needs weights of its own (a random frozen one is refused): a "pretrained" MLP from a file.
+    from safetensors.torch import save_file
+
+    import continual.models as models
+
+    torch.manual_seed(5)
+    save_file(models.build_model(settings.model).state_dict(), tmp_path / "pretrained.safetensors")
+    model = settings.model.model_copy(
+        update={"mode": "feature_extraction", "weights": str(tmp_path / "pretrained.safetensors")}
+    )
+    settings = settings.model_copy(update={"model": model})
     fill(store, x[:400], y[:400], "p1")
     first = _run(store, settings)
     assert first["status"] == "succeeded", first["error"]
@@ -163,8 +173,6 @@ def test_feature_extraction_caches_base_outputs(store, tmp_path) -> None:
     registry = Registry(settings.models_dir, store)
     v1 = first["candidate_version"]
     # The base did not move; only the head did.
-    import continual.models as models
-
     fresh = models.build_model(settings.model)
     torch.manual_seed(0)
     registry.promote(v1, expected=registry.store.versions.champion_version(), reason="manual")

@@ -3,6 +3,8 @@ from __future__ import annotations
 import threading
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from continual.store import Store
 
 
@@ -38,3 +40,32 @@ def test_racing_holders_never_both_win(store: Store) -> None:
             t.join()
         assert len(wins) == 1, wins
         assert store.leases.holder_of(name) == wins[0]
+
+
+def test_hosts_with_wrong_clocks_still_agree_because_the_database_keeps_the_time(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One host's clock an hour fast, another's an hour slow: neither steals nor hoards the lease."""
+    import time
+
+    real = datetime
+
+    class Skewed(datetime):
+        offset = timedelta(0)
+
+        @classmethod
+        def now(cls, tz=None):  # type: ignore[no-untyped-def]
+            return real.now(tz) + cls.offset
+
+    import continual.store.lease as lease_module
+
+    monkeypatch.setattr(lease_module, "datetime", Skewed)
+    Skewed.offset = timedelta(hours=-1)  # a slow host takes the lease ...
+    assert store.leases.try_acquire("trainer", "slow-host", 1.5)
+    Skewed.offset = timedelta(hours=1)  # ... a fast host cannot take it while it runs
+    assert not store.leases.try_acquire("trainer", "fast-host", 1.5)
+    assert store.leases.holder_of("trainer") == "slow-host"
+    time.sleep(2.0)  # real time: the lease ran out by the database's clock
+    assert store.leases.try_acquire("trainer", "fast-host", 1.5)
+    Skewed.offset = timedelta(hours=-1)
+    assert not store.leases.try_acquire("trainer", "slow-host", 1.5)  # nor the slow one, from the fast one

@@ -29,7 +29,7 @@ VEC = InputSettings(kind="vector", shape=(4, 3))
 
 
 def settings(arch: str = "mlp", **kw: object) -> ModelSettings:
-    base: dict[str, object] = {"architecture": arch, "weights": "none", "classes": ("a", "b", "c")}
+    base: dict[str, object] = {"architecture": arch, "weights": "none", "mode": "all", "classes": ("a", "b", "c")}
     base["input"] = VEC if arch == "mlp" else IMG
     base.update(kw)
     return ModelSettings(**base)

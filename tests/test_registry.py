@@ -31,6 +31,7 @@ SETTINGS = Settings(
     model=ModelSettings(
         architecture="mlp",
         weights="none",
+        mode="all",
         classes=("a", "b"),
         hidden=(4,),
         input=InputSettings(kind="vector", shape=(3,)),
@@ -260,3 +261,44 @@ def test_retention_keeps_the_newest_and_every_champion(reg: Registry) -> None:
     assert reg.apply_retention(keep_last=2) == []  # idempotent
     with pytest.raises(ValueError, match="keep_last"):
         reg.apply_retention(0)
+
+
+def test_retention_racing_promotions_never_leaves_a_champion_without_files(reg: Registry) -> None:
+    import contextlib
+    import random
+    import threading
+    import time
+
+    from continual.store import ChampionMoved
+
+    versions = [write(reg, i) for i in range(12)]
+    reg.promote(versions[0], expected=None, reason="import")
+    stop = time.monotonic() + 3.0
+    problems: list[str] = []
+
+    def promoter() -> None:
+        rng = random.Random(0)
+        while time.monotonic() < stop:
+            current = reg.store.versions.champion_version()
+            # Moved meanwhile, or retention got there first: refused, nothing half-done.
+            with contextlib.suppress(ChampionMoved, VersionNotFound, ChecksumMismatch):
+                reg.promote(rng.choice(versions), expected=current, reason="manual")
+            champion = reg.store.versions.champion_version()
+            if champion is not None and not (reg.root / champion / MANIFEST).is_file():
+                problems.append(f"champion {champion} has no files")
+
+    def pruner() -> None:
+        while time.monotonic() < stop:
+            reg.apply_retention(keep_last=1)
+
+    threads = [threading.Thread(target=promoter), threading.Thread(target=pruner)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not problems, problems[:3]
+    rows = {v["version"]: v["status"] for v in reg.store.versions.rows()}
+    champion = reg.store.versions.champion_version()
+    assert rows[champion] == "champion" and reg.verify(champion)
+    for h in reg.store.versions.history():
+        assert rows[h["version"]] != "deleted", f"past champion {h['version']} was deleted"

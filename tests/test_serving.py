@@ -19,6 +19,7 @@ SETTINGS = Settings(
     model=ModelSettings(
         architecture="mlp",
         weights="none",
+        mode="all",
         classes=("a", "b", "c"),
         hidden=(8,),
         input=InputSettings(kind="vector", shape=(4,)),
@@ -172,3 +173,44 @@ def test_reservoir_wraps_around_in_one_large_batch() -> None:
     assert snap.embeddings[:, 0].tolist() == [4, 5, 6] and snap.predicted.tolist() == [4, 5, 6]
     with pytest.raises(ValueError):
         Reservoir(0)
+
+
+def test_a_load_that_failed_is_retried_with_backoff_and_readyz_says_so(
+    reg: Registry, metrics: Metrics, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from ingestutil import make_client
+
+    import continual.serving as serving_module
+
+    a, _ = new_version(reg, 1)
+    b, _ = new_version(reg, 2)
+    serving = Serving(SETTINGS, events=metrics)
+    reg.promote(a, expected=None, reason="import")
+    serving.sync(reg)
+    reg.promote(b, expected=a, reason="gate")
+    monkeypatch.setattr(serving_module, "RETRY_FIRST_SECONDS", 0.2)
+    build, calls = serving.build, []
+
+    def out_of_memory_once(registry: Registry, version: str):  # type: ignore[no-untyped-def]
+        calls.append(version)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")  # transient
+        return build(registry, version)
+
+    monkeypatch.setattr(serving, "build", out_of_memory_once)
+    assert serving.sync(reg) is False and serving.version() == a
+    failure = serving.load_failure()
+    assert failure is not None and (failure.version, failure.attempts) == (b, 1) and "out of memory" in failure.error
+    assert serving.sync(reg) is False and calls == [b]  # within the backoff: not tried again
+
+    client, _store, _ = make_client(SETTINGS, reg.store.url)
+    client.app.state.ctx.serving = serving
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["champion_not_loaded"]["version"] == b
+
+    time.sleep(0.25)
+    assert serving.sync(reg) is True and serving.version() == b  # retried without the pointer moving
+    assert serving.load_failure() is None and calls == [b, b]
+    assert "champion_not_loaded" not in client.get("/readyz").json()

@@ -3,6 +3,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,3 +169,63 @@ def test_excluded_samples_count_for_nothing(store: Store) -> None:
     # Re-sending an excluded sample is a duplicate, not a new sample.
     assert store.insert([vec_sample(1)]).duplicates == 1
     assert store.count() == 97
+
+
+def test_an_exhausted_pool_is_store_unavailable_not_a_crash(store_url: str) -> None:
+    from continual.store import StoreUnavailable
+    from continual.store.engine import EngineOptions
+
+    if store_url.startswith("sqlite"):
+        pytest.skip("SQLite opens a connection per use; the pool limit is PostgreSQL's")
+    store = Store(store_url, options=EngineOptions(pool_size=1, pool_timeout=0.5))
+    store.upgrade()
+    held = [store.engine.connect(), store.engine.connect()]  # pool_size + overflow
+    try:
+        with pytest.raises(StoreUnavailable, match="no free store connection"):
+            store.count()
+    finally:
+        for c in held:
+            c.close()
+    assert store.count() == 0
+    store.dispose()
+
+
+def test_a_small_draw_from_a_large_range_probes_instead_of_reading_it(store: Store) -> None:
+    fill(store, 20_000)
+    excluded = [f"s{i}" for i in range(0, 20_000, 7)]
+    store.exclude(excluded)
+    out = store.draw(300, split=None, seed=3)
+    assert len(out) == len(set(out.tolist())) == 300 and np.all(np.diff(out) > 0)
+    in_play = {r.seq for batch in store.iter_samples(seqs=out.tolist()) for r in batch}
+    assert in_play == set(out.tolist())  # every drawn seq is stored and not excluded
+    np.testing.assert_array_equal(out, store.draw(300, split=None, seed=3))  # seeded
+    assert not np.array_equal(out, store.draw(300, split=None, seed=4))
+    # Uniform over the range: ten equal bins of seqs each get about a tenth.
+    counts = np.histogram(out, bins=10, range=(1, store.max_seq() + 1))[0]
+    assert counts.min() >= 12 and counts.max() <= 50, counts
+    holdout = store.draw(200, split="holdout", upto=15_000, seed=1)
+    assert len(holdout) == 200 and holdout.max() <= 15_000
+    assert {r.split for b in store.iter_samples(seqs=holdout.tolist()) for r in b} == {"holdout"}
+
+
+def test_a_draw_costs_about_the_same_from_2k_and_from_40k_rows(tmp_path: Path) -> None:
+    from sqlalchemy import event
+
+    def steps(n: int) -> int:
+        s = Store(f"sqlite:///{tmp_path / f'{n}.db'}")
+        s.upgrade()
+        fill(s, n, batch=2_000)
+        count = [0]
+
+        def on_checkout(dbapi_conn, _record, _proxy) -> None:  # type: ignore[no-untyped-def]
+            dbapi_conn.set_progress_handler(lambda: count.__setitem__(0, count[0] + 1) or 0, 100)
+
+        s.engine.dispose()
+        event.listen(s.engine, "checkout", on_checkout)
+        assert len(s.draw(200, split=None, seed=0)) == 200
+        s.dispose()
+        return count[0]
+
+    small, large = steps(2_000), steps(40_000)
+    # SQLite VM steps (x100): the work, not the wall clock. Reading 40k rows would cost ~20x 2k.
+    assert large <= small * 1.5 + 20, (small, large)

@@ -17,7 +17,9 @@ from continual.metrics import Metrics
 def create_app(ctx: AppContext) -> FastAPI:
     app = FastAPI(title="continual", version="1", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ctx = ctx
-    app.state.auth = Auth.from_settings(ctx.settings)
+    app.state.auth = Auth.from_settings(
+        ctx.settings, salt=lambda: ctx.store.records.install_secret("token-fingerprint")
+    )
     app.add_middleware(RequestMetrics, metrics=ctx.metrics)
     errors.install(app, ctx.metrics)
     for routes in (status, feedback, predict, models, admin):

@@ -6,8 +6,10 @@ every candidate, so timing tells nothing about which token almost matched.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,19 +35,29 @@ class Forbidden(PermissionError):
 
 @dataclass(frozen=True)
 class Auth:
-    """Bearer tokens of both scopes, loaded once when the app is built."""
+    """Bearer tokens of both scopes, loaded once when the app is built.
+
+    ``salt()`` keys the fingerprints that name a token in the audit trail (a secret of
+    this install, kept in the store, read at the first use): stable across processes
+    and restarts, useless for guessing a token offline.
+    """
 
     enabled: bool
     ingest: tuple[bytes, ...] = ()
     admin: tuple[bytes, ...] = ()
+    salt: Callable[[], str] = lambda: ""
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Auth:
+    def from_settings(cls, settings: Settings, salt: Callable[[], str] = lambda: "") -> Auth:
         return cls(
             enabled=settings.auth.enabled,
             ingest=tuple(t.encode() for t in sorted(settings.tokens("ingest"))),
             admin=tuple(t.encode() for t in sorted(settings.tokens("admin"))),
+            salt=functools.cache(salt),
         )
+
+    def fingerprint(self, token: str) -> str:
+        return "token:" + hmac.new(self.salt().encode(), token.encode(), hashlib.sha256).hexdigest()[:12]
 
     def scopes(self, token: str) -> frozenset[str]:
         """The scopes a token holds (admin implies ingest); empty for an unknown token."""
@@ -85,8 +97,9 @@ def require(scope: Scope) -> DependsMarker:
 
 
 def actor(request: Request) -> str:
-    """Who acted, for the audit trail: a token fingerprint, never the token itself."""
+    """Who acted, for the audit trail: a salted token fingerprint, never the token itself."""
     kind, _, token = (request.headers.get("authorization") or "").partition(" ")
     if kind.lower() != "bearer" or not token.strip():
         return "anonymous"
-    return "token:" + hashlib.sha256(token.strip().encode()).hexdigest()[:12]
+    auth: Auth = request.app.state.auth
+    return auth.fingerprint(token.strip())

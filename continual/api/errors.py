@@ -39,6 +39,7 @@ from continual.store import (
 log = logging.getLogger("continual.api")
 
 RETRY_AFTER = {"Retry-After": "5"}
+STORE_DOWN = "the store is unavailable or did not answer in time; nothing was stored, retry later"
 Details = list[dict[str, Any]]
 
 

@@ -127,6 +127,29 @@ def default_url(args: argparse.Namespace) -> str:
     return f"http://{host}:{s.port}"
 
 
+def ingest_token(args: argparse.Namespace) -> str | None:
+    """``--token-file``, else ``$CONTINUAL_TOKEN``, else ``--token`` (which other users can read in ``ps``)."""
+    if args.token is not None and args.token_file is not None:
+        raise UserError("pass --token or --token-file, not both")
+    if args.token_file is not None:
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                token = f.readline().strip()
+        except OSError as e:
+            raise UserError(f"--token-file {args.token_file}: {e.strerror or e}") from None
+        if not token:
+            raise UserError(f"--token-file {args.token_file}: the first line is empty")
+        return token
+    if args.token is not None:
+        print(
+            "continual: warning: --token shows in `ps` and in shell history; "
+            "use $CONTINUAL_TOKEN or --token-file instead",
+            file=sys.stderr,
+        )
+        return str(args.token)
+    return os.environ.get("CONTINUAL_TOKEN")
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -137,7 +160,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     except ImportFormatError as e:
         raise UserError(str(e)) from None
     url = args.url or default_url(args)
-    token = args.token if args.token is not None else os.environ.get("CONTINUAL_TOKEN")
+    token = ingest_token(args)
     with (
         Client(url, token, retries=args.retries, timeout=args.timeout) as client,
         tqdm(total=source.total, unit="sample", disable=args.quiet, file=sys.stderr) as bar,
@@ -162,7 +185,10 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     )
     p.add_argument("path", help="PATH/<class>/<file>.png|jpg, a .npz with x and y, or a .csv with a label column")
     p.add_argument("--url", default=None, help="service URL (default: $CONTINUAL_URL, else host:port from the config)")
-    p.add_argument("--token", default=None, help="ingest token (default: $CONTINUAL_TOKEN)")
+    p.add_argument(
+        "--token", default=None, help="ingest token; shows in `ps` and shell history: prefer $CONTINUAL_TOKEN"
+    )
+    p.add_argument("--token-file", default=None, metavar="PATH", help="read the ingest token from this file")
     p.add_argument("--batch-size", type=int, default=100, help="samples per request (default: 100)")
     p.add_argument("--images", action="store_true", help=".npz only: send x rows as PNG images, not vectors")
     p.add_argument("--retries", type=int, default=5, help="retries per batch on 503/connection errors")

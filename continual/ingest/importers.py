@@ -213,7 +213,10 @@ def _csv_image(
     rel = (row.get("image") or "").strip()
     if not rel:
         return Skipped(where, "empty 'image' column")
-    file = path.parent / rel
+    base = path.parent.resolve()
+    file = (base / rel).resolve()  # symlinks followed: where the bytes really are
+    if Path(rel).is_absolute() or not file.is_relative_to(base):
+        return Skipped(where, f"image {rel!r} is outside {base} (paths are relative to the CSV's directory)")
     try:
         data = file.read_bytes()
     except OSError as e:

@@ -100,9 +100,10 @@ def build_candidate(
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
-    progress({"phase": "loading"})
+    progress({"phase": "planning"})
     data_start, data_cpu = time.perf_counter(), time.process_time()
     data = plan_run_data(store, settings, parent_cutoff=parent_cutoff, data_cutoff=data_cutoff, seed=seed)
+    progress({"phase": "loading"})
     # Bootstrap: the pretrained base with a fresh head. Update: a copy of the parent.
     model = files.load_model(parent, settings) if parent else build_model(settings.model)
     if tuple(model.classes) != tuple(settings.model.classes):
@@ -114,7 +115,7 @@ def build_candidate(
     anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
     ewc = EwcTerm(model, anchor, parent_fisher) if parent_fisher else None
 
-    net, train_ds, val_ds, cache_info = _datasets(store, settings, model, data, device)
+    net, train_ds, val_ds, cache_info = _datasets(store, settings, model, data, device, progress)
     cache_info["data_seconds"] = round(time.perf_counter() - data_start, 3)
     cache_info["data_cpu_seconds"] = round(time.process_time() - data_cpu, 3)
     sampler = MixedBatchSampler(
@@ -186,7 +187,12 @@ TrainSet = Dataset[tuple[torch.Tensor, torch.Tensor]]
 
 
 def _datasets(
-    store: Store, settings: Settings, model: Classifier, data: RunData, device: torch.device
+    store: Store,
+    settings: Settings,
+    model: Classifier,
+    data: RunData,
+    device: torch.device,
+    progress: Callable[[dict[str, Any]], None],
 ) -> tuple[nn.Module, TrainSet, TrainSet | None, dict[str, Any]]:
     """(net, train dataset, validation dataset or None, cache info).
 
@@ -199,6 +205,7 @@ def _datasets(
     n_all = len(data.train) + len(data.validation)
     frozen_base = m.mode == "feature_extraction" and not spec.augment
     if frozen_base and 0 < n_all <= t.feature_cache_items:
+        progress({"phase": "embedding", "samples": n_all})
         model.eval()
         cache = FeatureCache(
             backbone_hash(model), t.feature_cache_items, settings.service.data_dir / "cache" / "features"
@@ -233,6 +240,7 @@ def _datasets(
         else None
     )  # fmt: skip
     # DataLoader worker processes keep their own copies: preloading here would only help epoch 1's fork.
+    progress({"phase": "preloading", "samples": n_all})
     preloaded = t.num_workers == 0 and train_ds.preload()
     if val_ds is not None and t.num_workers == 0:
         val_ds.preload()

@@ -99,6 +99,24 @@ class RunHandle:
         self._record(code)
         return code
 
+    def abort(self, reason: str, grace: float = 10.0) -> int:
+        """Fail the run with ``reason`` (recorded first), then SIGTERM, then SIGKILL after ``grace`` seconds.
+
+        For a worker past its hard deadline: whatever it is stuck in, it goes, and the
+        run says why — a worker that still records its own outcome afterwards changes nothing.
+        """
+        self.store.runs.finish(self.run_id, "failed", error=reason)
+        self._recorded = True
+        if self.process.poll() is None:
+            self._signal(signal.SIGTERM)
+            try:
+                self.process.wait(grace)
+            except subprocess.TimeoutExpired:
+                self._signal(signal.SIGKILL)
+                self.process.wait()
+        self._signal(signal.SIGKILL)  # its DataLoader workers or torchrun ranks too
+        return self.process.returncode
+
     def _signal(self, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, sig)

@@ -13,6 +13,7 @@ outcome. Every training failure ends up as ``failed`` or ``cancelled`` on the ro
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import traceback
@@ -29,6 +30,9 @@ from continual.store import Store
 from continual.store.runs import REQUEST, RunActive, RunNotPending
 
 log = logging.getLogger("continual.learn.run")
+
+# Test hook: the worker hangs (ignoring SIGTERM, as a stuck C call would) when it reports this phase.
+HANG_ENV = "CONTINUAL_TEST_HANG_AT"
 
 # Sections of the settings copied into the run spec; auth and store hold secrets
 # and the worker takes the store connection from its own process.
@@ -126,6 +130,8 @@ def execute_run(
         progress_writer(p)
         if on_progress is not None:
             on_progress(p)
+        if os.environ.get(HANG_ENV) and os.environ.get(HANG_ENV) == p.get("phase"):
+            _hang()
 
     # Rank 0 fixes the data set (parent, cutoffs) and records it before any training.
     fixed: tuple[str | None, int, int] | None = None
@@ -172,6 +178,12 @@ def execute_run(
             log.debug("%s", traceback.format_exc())
     # Only rank 0 records; the other ranks report their own outcome.
     return store.runs.get(run_id) if dist.is_main else local
+
+
+def _hang() -> None:
+    log.warning("%s: hanging on purpose", HANG_ENV)
+    while True:
+        time.sleep(3600)
 
 
 def describe_error(e: BaseException) -> str:

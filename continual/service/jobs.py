@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -131,9 +134,45 @@ def sync_champion(ctx: ServiceContext) -> bool:
     return changed
 
 
-def retention(ctx: ServiceContext) -> list[str]:
-    """Delete all but the newest ``[model] keep_versions`` versions (every past champion stays)."""
-    return ctx.registry.apply_retention(ctx.settings.model.keep_versions)
+@dataclass(frozen=True)
+class Pruned:
+    versions: list[str]
+    events: int
+    drift_checks: int
+    run_specs: int
+    run_logs: list[str]
+
+
+def retention(ctx: ServiceContext) -> Pruned:
+    """Keep what grows bounded: model versions (``[model] keep_versions``; every past champion
+    stays), the event log, drift checks, old runs' settings snapshots and worker logs (``[retention]``)."""
+    r = ctx.settings.retention
+    pruned = Pruned(
+        versions=ctx.registry.apply_retention(ctx.settings.model.keep_versions),
+        events=ctx.store.records.prune_events(older_than_days=r.events_days, keep_rows=r.events_max_rows),
+        drift_checks=ctx.store.records.prune_drift_checks(
+            older_than_days=r.drift_checks_days, keep_rows=r.drift_checks_max_rows
+        ),
+        run_specs=len(ctx.store.runs.prune_specs(older_than_days=r.run_specs_days)),
+        run_logs=_prune_run_logs(ctx.settings.service.data_dir / "runs", r.run_logs_days),
+    )
+    if any((pruned.versions, pruned.events, pruned.drift_checks, pruned.run_specs, pruned.run_logs)):
+        log.info("retention: %s", pruned)
+    return pruned
+
+
+def _prune_run_logs(directory: Path, older_than_days: float) -> list[str]:
+    """Worker logs (``<id>.log``) not written to for ``older_than_days``."""
+    if not directory.is_dir():
+        return []
+    cutoff = time.time() - older_than_days * 86_400
+    gone = []
+    for path in sorted(directory.glob("*.log")):
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                gone.append(path.name)
+    return gone
 
 
 # -- the scheduler ----------------------------------------------------------------------------------

@@ -68,8 +68,16 @@ def train_and_gate(ctx: ServiceContext, run_id: int) -> RunOutcome:
 
 
 def _run_child(ctx: ServiceContext, run_id: int) -> dict[str, Any]:
+    """Wait for the worker, renewing the lease; cancel it on shutdown, kill it past its hard deadline.
+
+    The worker stops itself at ``max_duration_seconds`` between training steps; a worker
+    stuck elsewhere (planning, embedding, preloading, validation, a hung C call) would
+    hold the trainer forever, so the parent ends it ``deadline_grace_seconds`` later.
+    """
+    t = ctx.settings.training
     handle = launch_run(ctx.settings, ctx.store, run_id, ctx.config_path)
     ctx.handle = handle
+    deadline = time.monotonic() + t.max_duration_seconds + t.deadline_grace_seconds
     try:
         while handle.wait(timeout=2.0) is None:
             try:
@@ -78,6 +86,15 @@ def _run_child(ctx: ServiceContext, run_id: int) -> dict[str, Any]:
                 log.warning("could not renew the trainer lease: store unavailable")
             if ctx.stop.is_set():
                 handle.cancel()
+                break
+            if time.monotonic() > deadline:
+                phase = (ctx.store.runs.get(run_id).get("progress") or {}).get("phase", "unknown")
+                reason = (
+                    f"killed: still in phase {phase!r} after training.max_duration_seconds = "
+                    f"{t.max_duration_seconds:g} + deadline_grace_seconds = {t.deadline_grace_seconds:g}"
+                )
+                log.error("training run %d %s", run_id, reason)
+                handle.abort(reason)
                 break
     finally:
         ctx.handle = None
@@ -124,7 +141,7 @@ def _promote(ctx: ServiceContext, run_id: int, candidate: str, parent: str | Non
         )
     except ChampionMoved as e:
         return Decision(
-            "deferred",
+            "superseded",
             "champion_changed",
             [
                 *decision.reasons,

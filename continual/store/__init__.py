@@ -19,7 +19,7 @@ from sqlalchemy.engine import make_url
 from continual.config import Settings, StoreSettings, read_secret_file
 from continual.store import samples as _samples
 from continual.store import sampling as _reads
-from continual.store.engine import StoreUnavailable, make_engine, read_tx
+from continual.store.engine import EngineOptions, StoreUnavailable, make_engine, read_tx
 from continual.store.lease import Leases
 from continual.store.migrate import SchemaOutOfDate, check_schema, current_revision, head_revision, upgrade
 from continual.store.records import Records
@@ -77,13 +77,15 @@ class Store:
         max_payload_bytes: int = 1_048_576,
         busy_timeout_ms: int = 5_000,
         pool_size: int = 8,
+        options: EngineOptions | None = None,
     ) -> None:
         if not 0 < holdout_fraction < 1:
             raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
         self.url = url
         self.holdout_fraction = holdout_fraction
         self.max_payload_bytes = max_payload_bytes
-        self.engine: Engine = make_engine(url, busy_timeout_ms=busy_timeout_ms, pool_size=pool_size)
+        opts = options or EngineOptions(busy_timeout_ms=busy_timeout_ms, pool_size=pool_size)
+        self.engine: Engine = make_engine(url, opts)
         self.versions = Versions(self.engine)
         self.runs = Runs(self.engine)
         self.records = Records(self.engine)
@@ -97,8 +99,14 @@ class Store:
             store_url(s),
             holdout_fraction=s.holdout_fraction,
             max_payload_bytes=s.max_payload_bytes,
-            busy_timeout_ms=s.busy_timeout_ms,
-            pool_size=s.pool_size,
+            options=EngineOptions(
+                busy_timeout_ms=s.busy_timeout_ms,
+                pool_size=s.pool_size,
+                pool_timeout=s.pool_timeout_seconds,
+                connect_timeout=s.connect_timeout_seconds,
+                statement_timeout=s.statement_timeout_seconds,
+                sqlite_synchronous=s.sqlite_synchronous,
+            ),
         )
 
     # -- schema ---------------------------------------------------------------

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, insert, select
+from sqlalchemy import Connection, Engine, Table, delete, insert, select
+from sqlalchemy.exc import IntegrityError
 
 from continual.store.engine import read_tx, write_tx
-from continual.store.schema import drift_checks, events, gate_decisions
+from continual.store.schema import drift_checks, events, gate_decisions, install_secrets
 
-OUTCOMES = ("promoted", "rejected", "deferred")
+OUTCOMES = ("promoted", "rejected", "deferred", "superseded")
 
 
 class Records:
@@ -117,6 +119,43 @@ class Records:
             q = q.where(events.c.kind == kind)
         with read_tx(self.engine) as conn:
             return [dict(r._mapping) for r in conn.execute(q)]
+
+    # -- per-install secrets -------------------------------------------------------------------------
+    def install_secret(self, name: str) -> str:
+        """A random secret made the first time it is asked for, then the same for every process of this install."""
+        query = select(install_secrets.c.value).where(install_secrets.c.name == name)
+        try:
+            with write_tx(self.engine) as conn:
+                value = conn.execute(query).scalar_one_or_none()
+                if value is None:
+                    value = secrets.token_hex(32)
+                    conn.execute(insert(install_secrets).values(name=name, value=value, created_at=datetime.now(UTC)))
+        except IntegrityError:  # another process made it at the same moment: theirs it is
+            with read_tx(self.engine) as conn:
+                value = conn.execute(query).scalar_one()
+        return str(value)
+
+    # -- retention -------------------------------------------------------------------------------
+    def prune_events(self, *, older_than_days: float, keep_rows: int) -> int:
+        return self._prune(events, older_than_days, keep_rows)
+
+    def prune_drift_checks(self, *, older_than_days: float, keep_rows: int) -> int:
+        return self._prune(drift_checks, older_than_days, keep_rows)
+
+    def _prune(self, table: Table, older_than_days: float, keep_rows: int) -> int:
+        """Delete rows older than ``older_than_days`` and any beyond the newest ``keep_rows``; returns how many."""
+        if keep_rows < 1:
+            raise ValueError(f"keep_rows must be >= 1, got {keep_rows}")
+        cutoff = datetime.now(UTC) - timedelta(days=older_than_days)
+        with write_tx(self.engine) as conn:
+            # The id of the newest row beyond the kept ones (ids grow with time).
+            boundary = conn.execute(
+                select(table.c.id).order_by(table.c.id.desc()).offset(keep_rows).limit(1)
+            ).scalar_one_or_none()
+            n = conn.execute(delete(table).where(table.c.created_at < cutoff)).rowcount
+            if boundary is not None:
+                n += conn.execute(delete(table).where(table.c.id <= boundary)).rowcount
+        return int(n)
 
     # -- helpers -----------------------------------------------------------------------------------
     def _newest(self, table: Table) -> dict[str, Any] | None:

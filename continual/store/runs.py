@@ -17,10 +17,10 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Engine, insert, null, select, update
 
 from continual.store.engine import read_tx, write_tx
 from continual.store.schema import training_runs
@@ -242,6 +242,27 @@ class Runs:
             return None
         when: datetime = row.finished_at or row.created_at
         return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+    def prune_specs(self, *, older_than_days: float) -> list[int]:
+        """Drop the settings snapshot of finished runs older than ``older_than_days``; returns their ids.
+
+        The row stays (the audit trail: trigger, status, candidate, metrics, error).
+        """
+        cutoff = _now() - timedelta(days=older_than_days)
+        with write_tx(self.engine) as conn:
+            ids = [
+                int(i)
+                for i in conn.execute(
+                    select(training_runs.c.id).where(
+                        training_runs.c.status.in_(FINISHED),
+                        training_runs.c.created_at < cutoff,
+                        training_runs.c.spec.is_not(None),
+                    )
+                ).scalars()
+            ]
+            for i in range(0, len(ids), 500):
+                conn.execute(update(training_runs).where(training_runs.c.id.in_(ids[i : i + 500])).values(spec=null()))
+        return ids
 
     def last_gated_cutoff(self) -> int | None:
         """The data cutoff of the newest run that succeeded (its candidate went to the gate)."""

@@ -91,9 +91,17 @@ def draw(
     Only (seq, label) pairs are read — 16 bytes a row, never payloads. With
     ``balanced`` every label gets an equal share (rare labels give all they have,
     and their unused share goes to the others), so rare old classes survive replay.
+    An unbalanced draw from a range much larger than ``k`` reads only about ``k``
+    rows (:func:`_draw_sparse`), so its cost does not grow with the store.
     """
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
+    if not balanced and k > 0:
+        lo, hi = _seq_range(engine, after, upto)
+        if hi - lo + 1 > _SPARSE_FACTOR * k:
+            drawn = _draw_sparse(engine, k, lo, hi, split, np.random.default_rng(seed))
+            if drawn is not None:
+                return drawn
     with read_tx(engine) as conn:
         rows = conn.execute(
             select(samples.c.seq, samples.c.label).where(_where(after, upto, split)).order_by(samples.c.seq)
@@ -111,6 +119,61 @@ def draw(
     quotas = balanced_quotas([len(g) for g in groups], k)
     picked = [rng.choice(g, size=q, replace=False) for g, q in zip(groups, quotas, strict=True) if q]
     return np.sort(np.concatenate(picked))
+
+
+# Above this many seqs per wanted sample, probing random seqs beats reading the range.
+_SPARSE_FACTOR = 8
+
+
+def _seq_range(engine: Engine, after: int | None, upto: int | None) -> tuple[int, int]:
+    """The seqs a range can hold: (after, upto], clipped to what was ever stored (index lookups only)."""
+    with read_tx(engine) as conn:
+        top = int(conn.execute(select(func.coalesce(func.max(samples.c.seq), 0))).scalar_one())
+        bottom = int(conn.execute(select(func.coalesce(func.min(samples.c.seq), 1))).scalar_one())
+    lo = max(bottom, (after or 0) + 1)
+    hi = top if upto is None else min(top, upto)
+    return lo, hi
+
+
+def _draw_sparse(
+    engine: Engine, k: int, lo: int, hi: int, split: str | None, rng: np.random.Generator
+) -> np.ndarray | None:
+    """Uniform random seqs of ``[lo, hi]`` that are in play (and in ``split``), found by probing random seqs.
+
+    Seqs are dense (excluded, deleted or other-split rows leave holes), so each probe
+    is a hit with a steady probability: about ``k / hit rate`` rows are looked up by
+    primary key instead of the whole range read. Rejection sampling without
+    replacement keeps the draw uniform over the rows that are in play. None when
+    the range is mostly holes (reading it is then the cheaper way).
+    """
+    span = hi - lo + 1
+    tried: set[int] = set()
+    found: list[int] = []
+    hit_rate = 1.0
+    while len(found) < k:
+        want = k - len(found)
+        probes = max(64, int(want / hit_rate * 1.2))
+        if len(tried) + probes > span // 2:
+            return None  # probing would revisit most of the range
+        batch: list[int] = []
+        while len(batch) < probes:
+            for seq in (lo + rng.integers(0, span, size=2 * (probes - len(batch)))).tolist():
+                if seq not in tried:
+                    tried.add(seq)
+                    batch.append(seq)
+                    if len(batch) == probes:
+                        break
+        hits: list[int] = []
+        with read_tx(engine) as conn:
+            for i in range(0, len(batch), 500):
+                q = select(samples.c.seq).where(samples.c.seq.in_(batch[i : i + 500]), _where(split=split))
+                hits.extend(int(v) for v in conn.execute(q).scalars())
+        hit_rate = len(hits) / len(batch)
+        if hit_rate < 1 / _SPARSE_FACTOR:
+            return None
+        order = {seq: n for n, seq in enumerate(batch)}
+        found.extend(sorted(hits, key=order.__getitem__)[:want])  # in probe order: the draw, not the ids, decides
+    return np.sort(np.asarray(found, dtype=np.int64))
 
 
 def balanced_quotas(available: Sequence[int], k: int) -> list[int]:

@@ -109,7 +109,7 @@ gate_decisions = Table(
     Column("run_id", BigInteger, nullable=True),
     Column("candidate", String(64), nullable=False),
     Column("champion", String(64), nullable=True),
-    Column("outcome", String(16), nullable=False),  # promoted | rejected | deferred
+    Column("outcome", String(16), nullable=False),  # promoted | rejected | deferred | superseded
     Column("rule", String(64), nullable=False),
     Column("reasons", JSON, nullable=True),
     Column("metrics", JSON, nullable=True),
@@ -147,4 +147,13 @@ leases = Table(
     Column("name", String(64), primary_key=True),
     Column("holder", String(255), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=False),
+)
+
+# Secrets generated once per install (e.g. the salt of token fingerprints), shared by every process.
+install_secrets = Table(
+    "install_secrets",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", String(128), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
 )

@@ -101,8 +101,7 @@ class Versions:
         hook that kills the process there: the pointer must stay where it was).
         """
         with write_tx(self.engine) as conn:
-            if conn.dialect.name == "postgresql":
-                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MOVE_LOCK})
+            _serialise_moves(conn)
             current = _champion(conn)
             actual = current.version if current else None
             if actual != expected:
@@ -205,10 +204,30 @@ class Versions:
             if changed.rowcount == 0:
                 raise VersionNotFound(version)
 
-    def mark_deleted(self, versions: Iterable[str]) -> None:
+    def mark_deleted(self, versions: Iterable[str]) -> list[str]:
+        """Mark versions deleted, except any that is or was champion; returns the ones marked.
+
+        Serialised with :meth:`move`: a version promoted an instant ago is never marked,
+        and a version marked here can no longer be promoted, so retention and a promote
+        racing for the same version cannot leave a champion without files.
+        """
+        marked = []
         with write_tx(self.engine) as conn:
+            _serialise_moves(conn)
+            champions = select(champion_history.c.version)
             for version in versions:
-                conn.execute(update(model_versions).where(model_versions.c.version == version).values(status="deleted"))
+                changed = conn.execute(
+                    update(model_versions)
+                    .where(
+                        model_versions.c.version == version,
+                        model_versions.c.status != "deleted",
+                        model_versions.c.version.not_in(champions),
+                    )
+                    .values(status="deleted")
+                ).rowcount
+                if changed:
+                    marked.append(version)
+        return marked
 
     def rows(self) -> list[dict[str, Any]]:
         """Every version row, oldest first."""
@@ -219,6 +238,15 @@ class Versions:
     def names(self) -> set[str]:
         with read_tx(self.engine) as conn:
             return set(conn.execute(select(model_versions.c.version)).scalars())
+
+
+def _serialise_moves(conn: Connection) -> None:
+    """One champion move (or retention mark) at a time, cluster-wide, for the rest of this transaction.
+
+    SQLite writers already hold the database's write lock from ``BEGIN IMMEDIATE``.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MOVE_LOCK})
 
 
 def _champion(conn: Connection) -> Champion | None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 
 from continual.api.auth import actor, require
 from continual.api.context import AppContext
@@ -14,6 +14,7 @@ from continual.registry import Registry
 
 router = APIRouter()
 HISTORY_SHOWN = 50
+MAX_HISTORY_PAGE = 1_000
 
 
 def _registry(ctx: AppContext) -> Registry:
@@ -33,14 +34,20 @@ def _sync_now(ctx: AppContext, registry: Registry) -> None:
 
 
 @router.get("/v1/models", dependencies=[require("ingest")])
-def models(ctx: Ctx) -> dict[str, Any]:
+def models(
+    ctx: Ctx,
+    history_limit: Annotated[int, Query(ge=1, le=MAX_HISTORY_PAGE)] = HISTORY_SHOWN,
+    history_offset: Annotated[int, Query(ge=0)] = 0,
+) -> dict[str, Any]:
+    """Versions (newest first) and one page of the champion history (newest first; ``history_total`` in all)."""
     versions = ctx.store.versions
     champion = versions.champion_version()
     return {
         "champion": champion,
         "serving": _serving_version(ctx),
         "versions": [{**v, "champion": v["version"] == champion} for v in reversed(versions.rows())],
-        "history": versions.history(limit=HISTORY_SHOWN),
+        "history": versions.history(limit=history_limit, offset=history_offset),
+        "history_total": versions.history_size(),
     }
 
 

@@ -26,7 +26,12 @@ def readyz(ctx: Ctx) -> JSONResponse:
     ctx.metrics.store_up.set(1 if store_ok else 0)
     model_ok = ctx.serving.loaded() if ctx.serving is not None else True
     ready = store_ok and model_ok
-    return JSONResponse({"ready": ready, "store": store_ok, "model": model_ok}, status_code=200 if ready else 503)
+    body: dict[str, object] = {"ready": ready, "store": store_ok, "model": model_ok}
+    failure = ctx.serving.load_failure() if ctx.serving is not None else None
+    if failure is not None:
+        # Still ready when an older model serves: but say which champion this process could not load.
+        body["champion_not_loaded"] = failure.to_dict()
+    return JSONResponse(body, status_code=200 if ready else 503)
 
 
 @router.get("/metrics")
