@@ -3,7 +3,8 @@
 - :func:`check` (every ``check_interval_seconds``, trainer roles): lease, pending
   count, drift check, trigger, and — when one fires — train → gate → promote.
 - :func:`sync_champion` (every ``poll_interval_seconds``, serving roles): follow the pointer.
-- :func:`retention` (hourly, trainer roles): prune model versions.
+- :func:`retention` (hourly, trainer roles): prune model versions, the event log, drift checks, and old
+  runs' settings snapshots and worker logs.
 
 Nothing is kept only in memory: the trigger state is recomputed from the store every tick.
 """
