@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from continual.config import Settings
+from continual.learn.calibrate import calibrate
 from continual.learn.data import (
     RunData,
     SampleDataset,
@@ -157,6 +158,12 @@ def build_candidate(
     should_stop()  # a SIGTERM before the write: nothing is written (every rank asks: it is a collective)
     if not dist.is_main:
         return Candidate(None, metrics)
+    calibration = None
+    if settings.accuracy.calibrate:
+        # Served confidences use this temperature once the version is champion (see continual.learn.calibrate).
+        progress({"phase": "calibrating"})
+        calibration = calibrate(model, store, settings, device, upto=data_cutoff, seed=seed)
+        metrics["temperature"] = calibration["temperature"]
     progress({"phase": "writing"})
     manifest = files.write_version(
         {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -177,6 +184,7 @@ def build_candidate(
             "unfreeze_last": settings.model.unfreeze_last,
             "world_size": dist.world_size,
             "data": data.summary(),
+            **({"calibration": calibration} if calibration is not None else {}),
         },
     )
     return Candidate(manifest.version, metrics)

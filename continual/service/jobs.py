@@ -3,7 +3,10 @@
 - :func:`check` (every ``check_interval_seconds``, trainer roles): lease, pending
   count, drift check, trigger, and — when one fires — train → gate → promote.
 - :func:`sync_champion` (every ``poll_interval_seconds``, serving roles): follow the pointer.
-- :func:`retention` (hourly, trainer roles): prune model versions.
+- :func:`accuracy` (every ``[accuracy] interval_seconds``, trainer roles): close windows of the
+  champion's logged predictions with their label-free estimates, score windows and versions
+  against the labels that arrived, mirror it all into the metrics.
+- :func:`retention` (hourly, trainer roles): prune model versions and the prediction log.
 
 Nothing is kept only in memory: the trigger state is recomputed from the store every tick.
 """
@@ -13,20 +16,22 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from continual.drift.check import DriftDecision, run_check
+from continual.drift.estimate import estimate_window, unknown_labels_flag, window_flags
 from continual.learn.run import create_run
 from continual.metrics import Metrics
-from continual.registry import VersionNotFound
+from continual.registry import ChecksumMismatch, VersionNotFound
 from continual.service import recovery
 from continual.service.context import TRAINER_LEASE, ServiceContext
 from continual.service.trainer import train_and_gate
+from continual.status import live_accuracy
 from continual.store import StoreUnavailable
-from continual.triggers import TriggerInput, trigger_reason
+from continual.triggers import TriggerInput, estimate_low, labels_needed, pick_estimate, trigger_reason
 
 log = logging.getLogger("continual.service.jobs")
 
@@ -60,18 +65,22 @@ def check(ctx: ServiceContext) -> dict[str, Any]:
         failures = ctx.store.runs.consecutive_failures()
         ctx.metrics.training_failures_in_a_row.set(failures)
         last_cutoff = ctx.store.runs.last_gated_cutoff()
-        reason = trigger_reason(
-            TriggerInput(
-                champion is not None,
-                pending,
-                _seconds_since(ctx.store.runs.last_finished_at()),
-                drift_detected,
-                requested=requested is not None,
-                new_since_last_run=last_cutoff is None or ctx.store.max_seq() > last_cutoff,
-                consecutive_failures=failures,
-            ),
-            ctx.settings.triggers,
+        window = ctx.store.predictions.last_window(champion.version) if champion is not None else None
+        estimate = pick_estimate(window["estimates"], ctx.settings.accuracy.estimator) if window else None
+        inputs = TriggerInput(
+            champion is not None,
+            pending,
+            _seconds_since(ctx.store.runs.last_finished_at()),
+            drift_detected,
+            requested=requested is not None,
+            new_since_last_run=last_cutoff is None or ctx.store.max_seq() > last_cutoff,
+            consecutive_failures=failures,
+            estimated_accuracy=estimate,
         )
+        ctx.metrics.labels_needed.set(labels_needed(inputs, ctx.settings.triggers))
+        if window is not None and estimate_low(estimate, ctx.settings.triggers):
+            _record_low_estimate(ctx, window, estimate, pending)  # type: ignore[arg-type]
+        reason = trigger_reason(inputs, ctx.settings.triggers)
         if reason is None:
             return {"pending": pending, "drift": drift_detected, "run": None}
         run_id = int(requested["id"]) if requested else create_run(ctx.store, ctx.settings, trigger=reason)
@@ -84,6 +93,26 @@ def check(ctx: ServiceContext) -> dict[str, Any]:
 
 def _seconds_since(when: datetime | None) -> float | None:
     return None if when is None else (datetime.now(UTC) - when).total_seconds()
+
+
+LOW_ESTIMATE_EVENT = "estimated_accuracy_low"
+
+
+def _record_low_estimate(ctx: ServiceContext, window: dict[str, Any], estimate: float, pending: int) -> None:
+    """One event per window whose estimate is below ``min_estimated_accuracy`` (the trigger may start a run)."""
+    last = ctx.store.records.events(kind=LOW_ESTIMATE_EVENT, limit=1)
+    if last and (last[0]["data"] or {}).get("window_id") == window["id"]:
+        return
+    trig = ctx.settings.triggers
+    needed = max(0, trig.min_new_samples - pending)
+    ctx.store.records.add_event(
+        LOW_ESTIMATE_EVENT,
+        f"estimated accuracy {estimate:.3f} ({ctx.settings.accuracy.estimator}) of {window['model_version']} < "
+        f"min_estimated_accuracy {trig.min_estimated_accuracy:g} over {window['n']} predictions; "
+        + (f"{needed} more labeled samples needed for a run" if needed else f"{pending} new samples: a run may start"),
+        {"window_id": window["id"], "version": window["model_version"], "estimate": estimate,
+         "estimates": window["estimates"], "flags": window["flags"], "pending": pending, "labels_needed": needed},
+    )  # fmt: skip
 
 
 def _drift_check(ctx: ServiceContext, champion: str) -> bool:
@@ -131,9 +160,131 @@ def sync_champion(ctx: ServiceContext) -> bool:
     return changed
 
 
-def retention(ctx: ServiceContext) -> list[str]:
-    """Delete all but the newest ``[model] keep_versions`` versions (every past champion stays)."""
-    return ctx.registry.apply_retention(ctx.settings.model.keep_versions)
+def retention(ctx: ServiceContext) -> dict[str, Any]:
+    """Delete all but the newest ``[model] keep_versions`` versions (every past champion stays), and
+    predictions older than ``[serving] prediction_retention_days`` or beyond ``prediction_retention_rows``."""
+    versions = ctx.registry.apply_retention(ctx.settings.model.keep_versions)
+    s = ctx.settings.serving
+    deleted = ctx.store.predictions.apply_retention(
+        max_age_seconds=s.prediction_retention_days * 86_400, max_rows=s.prediction_retention_rows
+    )
+    if deleted:
+        log.info("retention deleted %d logged predictions", deleted)
+    return {"versions": versions, "predictions": deleted}
+
+
+# -- live and estimated accuracy --------------------------------------------------------------------
+MAX_WINDOWS_PER_TICK = 50  # a backlog (a restart after a long stop) is caught up over a few ticks
+REALIZE_WINDOWS = 50  # the newest windows whose realized accuracy is refreshed every tick
+
+
+def accuracy(ctx: ServiceContext) -> dict[str, Any]:
+    """Close windows of the champion's predictions (estimates), score recent windows and versions by their labels."""
+    role = ctx.settings.service.role
+    if role == "api" or ctx.stop.is_set():
+        return {"skipped": "role api" if role == "api" else "stopping"}
+    if not ctx.hold_trainer_lease():
+        return {"skipped": "another process holds the trainer lease"}
+    champion = ctx.store.versions.champion()
+    closed = _close_windows(ctx, champion.version) if champion is not None else []
+    windows = _realize(ctx)
+    versions = live_accuracy(ctx.settings, ctx.store)
+    ctx.metrics.set_live_accuracy([(v.version, v.n, v.accuracy, v.lower, v.upper, v.gate_accuracy) for v in versions])
+    mirror_estimates(ctx, champion.version if champion else None, windows)
+    return {"closed": closed, "versions": [v.version for v in versions]}
+
+
+def _calibration(ctx: ServiceContext, version: str) -> dict[str, Any] | None:
+    try:
+        cal = ctx.registry.manifest(version).extra.get("calibration")
+    except (VersionNotFound, ChecksumMismatch, OSError):
+        return None
+    return cal if isinstance(cal, dict) else None
+
+
+def _classes(ctx: ServiceContext, version: str) -> tuple[str, ...] | None:
+    try:
+        return tuple(ctx.registry.manifest(version).classes)
+    except (VersionNotFound, ChecksumMismatch, OSError):
+        return None
+
+
+def _drifted(ctx: ServiceContext, version: str) -> list[tuple[str, float]]:
+    """Detectors that reported drift in the newest drift check against ``version``, with their effect."""
+    row = ctx.store.records.last_drift_check()
+    if row is None or row["champion"] != version or not row["detected"]:
+        return []
+    return [
+        (str(d["detector"]), float(d["effect"]))
+        for d in (row["results"] or {}).get("detectors", [])
+        if d.get("detected") and d.get("effect") is not None
+    ]
+
+
+def _close_windows(ctx: ServiceContext, version: str) -> list[int]:
+    """Every complete window of ``estimate_window`` predictions since the last one, with its estimates and flags."""
+    size = ctx.settings.accuracy.estimate_window
+    last = ctx.store.predictions.last_window(version)
+    # Another replica's writer may still hold predictions of the last moments (it flushes every
+    # log_flush_seconds): only predictions older than a few of those go into a window.
+    settle = max(2.0, 4 * ctx.settings.serving.log_flush_seconds)
+    rows = ctx.store.predictions.unwindowed(
+        version,
+        after_id=last["last_id"] if last else None,
+        before=datetime.now(UTC) - timedelta(seconds=settle),
+        limit=size * MAX_WINDOWS_PER_TICK,
+    )
+    if len(rows) < size:
+        return []
+    calibration = _calibration(ctx, version)
+    flags = window_flags(calibration, _drifted(ctx, version))
+    closed = []
+    for start in range(0, len(rows) - size + 1, size):
+        chunk = rows[start : start + size]
+        closed.append(
+            ctx.store.predictions.add_window(
+                version=version,
+                ids=(chunk[0][0], chunk[-1][0]),
+                times=(chunk[0][1], chunk[-1][1]),
+                n=len(chunk),
+                estimates=estimate_window([c for _, _, c in chunk], calibration),
+                flags=flags,
+            )
+        )
+    return closed
+
+
+def _realize(ctx: ServiceContext) -> list[dict[str, Any]]:
+    """Refresh the labeled and correct counts of the newest windows; returns them, newest first."""
+    windows = ctx.store.predictions.windows(limit=REALIZE_WINDOWS)
+    outcomes = ctx.store.predictions.window_outcomes(windows)
+    classes: dict[str, tuple[str, ...] | None] = {}
+    updates = {}
+    for w in windows:
+        o = outcomes[int(w["id"])]
+        if w["model_version"] not in classes:
+            classes[w["model_version"]] = _classes(ctx, w["model_version"])
+        known = classes[w["model_version"]]
+        unknown = sorted(o.true_labels - set(known)) if known is not None else []
+        if (o.n_labeled, o.n_correct, unknown) != (w["n_labeled"], w["n_correct"], w["unknown_labels"] or []):
+            updates[int(w["id"])] = (o, unknown)
+            w.update(n_labeled=o.n_labeled, n_correct=o.n_correct, unknown_labels=unknown or None)
+    ctx.store.predictions.set_outcomes(updates)
+    return windows
+
+
+def mirror_estimates(ctx: ServiceContext, champion: str | None, windows: list[dict[str, Any]]) -> None:
+    """The champion's newest estimates, the error of the newest window with enough labels, and whether it is flagged."""
+    newest = next((w for w in windows if w["model_version"] == champion), None)
+    realized = next((w for w in windows if w["n_labeled"] >= ctx.settings.accuracy.min_labels), None)
+    errors: dict[str, float | None] = {}
+    if realized is not None:
+        acc = realized["n_correct"] / realized["n_labeled"]
+        errors = {m: (e - acc if e is not None else None) for m, e in realized["estimates"].items()}
+    flagged = newest is not None and bool(
+        [*(newest["flags"] or []), *unknown_labels_flag(newest["unknown_labels"] or [])]
+    )
+    ctx.metrics.set_estimates(newest["estimates"] if newest else {}, errors, flagged)
 
 
 # -- the scheduler ----------------------------------------------------------------------------------
@@ -146,6 +297,7 @@ def start(ctx: ServiceContext) -> BackgroundScheduler:
         every(_guarded(check, ctx), "interval", id="check", seconds=s.triggers.check_interval_seconds,
               next_run_time=datetime.now(UTC))  # fmt: skip
         every(_guarded(retention, ctx), "interval", id="retention", hours=1)
+        every(_guarded(accuracy, ctx), "interval", id="accuracy", seconds=s.accuracy.interval_seconds)
     if ctx.serving is not None:
         every(_guarded(sync_champion, ctx), "interval", id="sync_champion", seconds=s.serving.poll_interval_seconds)
     scheduler.start()
@@ -161,6 +313,8 @@ def stop(ctx: ServiceContext, scheduler: BackgroundScheduler | None) -> None:
         handle.cancel()
     if scheduler is not None:
         scheduler.shutdown(wait=False)
+    if ctx.serving is not None and ctx.serving.log is not None:
+        ctx.serving.log.stop()  # writes what it holds first
     with contextlib.suppress(StoreUnavailable):
         ctx.store.leases.release(TRAINER_LEASE, ctx.holder)
 

@@ -1,0 +1,143 @@
+"""Accuracy without labels, and the interval around accuracy with them. Pure functions on arrays.
+
+Both estimators read the confidences the service served (top-class probabilities,
+calibrated by the version's temperature, see ``continual.learn.calibrate``):
+
+- ``confidence``: the mean confidence. For a calibrated model P(correct | confidence p) = p,
+  so the expected accuracy of a window is its mean confidence — the multiclass form of
+  confidence-based performance estimation (CBPE).
+- ``atc``: average thresholded confidence (Garg et al., 2022). On the holdout, pick the
+  threshold t for which the share of predictions with confidence > t equals the holdout
+  accuracy; a window's estimate is its share above t. It needs only the ranking of
+  confidences to carry over, not their calibration.
+
+Where they break: both assume that how confident the model is still says how right it
+is. Inputs far from the training data (an inverted or transposed image) can get wrong
+answers with high confidence, so the estimate falls by less than the accuracy; inputs of
+a class the model does not have are always wrong and say nothing about it. The service
+flags such windows (:func:`window_flags`): drift detected by the detectors, labels outside
+the model's classes, or a version without calibration.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+METHODS = ("atc", "confidence")
+
+
+def mean_confidence(confidence: Sequence[float] | np.ndarray) -> float:
+    """The expected accuracy of a calibrated model: the mean of its top-class probabilities.
+
+    >>> mean_confidence([0.9, 0.8, 0.7, 1.0])
+    0.85
+    """
+    c = _confidences(confidence)
+    return round(float(c.mean()), 12)
+
+
+def atc_threshold(holdout_confidence: Sequence[float] | np.ndarray, holdout_accuracy: float) -> float:
+    """The threshold t with share(confidence > t) = ``holdout_accuracy`` on the holdout.
+
+    ``holdout_confidence`` may be the holdout's confidences or evenly spaced quantiles of
+    them (what a manifest keeps); t is their ``1 - accuracy`` quantile.
+
+    >>> atc_threshold([0.2, 0.4, 0.6, 0.8, 0.9], 0.6)
+    0.52
+    """
+    c = _confidences(holdout_confidence)
+    if not 0.0 <= holdout_accuracy <= 1.0:
+        raise ValueError(f"holdout_accuracy must be in [0, 1], got {holdout_accuracy}")
+    return round(float(np.quantile(c, 1.0 - holdout_accuracy)), 12)
+
+
+def atc(confidence: Sequence[float] | np.ndarray, threshold: float) -> float:
+    """The estimated accuracy: the share of confidences above ``threshold``.
+
+    >>> atc([0.3, 0.55, 0.7, 0.95], 0.52)
+    0.75
+    """
+    c = _confidences(confidence)
+    return float(np.mean(c > threshold))
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The Wilson score interval for a proportion ``correct / n`` (95% by default); (0, 1) for n = 0.
+
+    Unlike the normal approximation it stays inside [0, 1] and is sensible for small n
+    and proportions near 0 or 1.
+
+    >>> lo, hi = wilson_interval(45, 50)
+    >>> round(lo, 4), round(hi, 4)
+    (0.7864, 0.9565)
+    >>> wilson_interval(0, 0)
+    (0.0, 1.0)
+    """
+    if n < 0 or not 0 <= correct <= n:
+        raise ValueError(f"need 0 <= correct <= n, got correct={correct}, n={n}")
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def estimate_window(
+    confidence: Sequence[float] | np.ndarray, calibration: Mapping[str, Any] | None
+) -> dict[str, float | None]:
+    """Both estimates for one window; ``atc`` is None when the version kept no holdout confidences.
+
+    >>> cal = {"accuracy": 0.6, "confidence_quantiles": [0.2, 0.4, 0.6, 0.8, 0.9]}
+    >>> estimate_window([0.3, 0.55, 0.7, 0.95], cal)
+    {'atc': 0.75, 'confidence': 0.625}
+    """
+    out: dict[str, float | None] = {"atc": None, "confidence": mean_confidence(confidence)}
+    quantiles = (calibration or {}).get("confidence_quantiles")
+    accuracy = (calibration or {}).get("accuracy")
+    if quantiles and isinstance(accuracy, (int, float)):
+        out["atc"] = atc(confidence, atc_threshold(quantiles, float(accuracy)))
+    return out
+
+
+def window_flags(
+    calibration: Mapping[str, Any] | None,
+    drifted: Iterable[tuple[str, float]] = (),
+    unknown_labels: Iterable[str] = (),
+) -> list[str]:
+    """Why a window's estimates may not hold: no calibration, drift (detector, effect), labels the model lacks.
+
+    >>> window_flags({"temperature": 1.3, "confidence_quantiles": [0.5, 1.0]}, [("mmd", 0.31)], ["cat"])
+    ['drift: mmd effect 0.31 (inputs unlike the training data: confidence may not track accuracy)', "labels outside the model's classes: cat (always wrong, invisible to the estimates)"]
+    """
+    flags = []
+    if not calibration or "confidence_quantiles" not in calibration:
+        flags.append("uncalibrated: the version has no holdout calibration (temperature 1, no ATC threshold)")
+    for detector, effect in drifted:
+        flags.append(
+            f"drift: {detector} effect {effect:.3g} (inputs unlike the training data: confidence may not track accuracy)"
+        )
+    return flags + unknown_labels_flag(unknown_labels)
+
+
+def unknown_labels_flag(unknown_labels: Iterable[str]) -> list[str]:
+    """The flag for true labels the version does not know (known once labels arrive), or none."""
+    unknown = sorted(set(unknown_labels))
+    if not unknown:
+        return []
+    shown = ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else "")
+    return [f"labels outside the model's classes: {shown} (always wrong, invisible to the estimates)"]
+
+
+def _confidences(values: Sequence[float] | np.ndarray) -> np.ndarray:
+    c = np.asarray(values, dtype=np.float64).ravel()
+    if not len(c):
+        raise ValueError("no confidences")
+    if not np.all((c >= 0) & (c <= 1)):
+        raise ValueError("confidences must be probabilities in [0, 1]")
+    return c
