@@ -105,10 +105,10 @@ class Metrics:
         )
 
         # the prediction log, delayed labels, live and estimated accuracy
-        self.prediction_log_written = Counter(
+        self.log_written = Counter(
             f"{PREFIX}_prediction_log_written", "Predictions written to the prediction log", registry=r
         )
-        self.prediction_log_dropped = Counter(
+        self.log_dropped = Counter(
             f"{PREFIX}_prediction_log_dropped",
             "Predictions not logged: the writer's queue was full, or the store refused the batch",
             ["reason"],
@@ -197,10 +197,10 @@ class Metrics:
 
     # ``continual.predlog.LogEvents``
     def prediction_log_written(self, n: int) -> None:
-        self.prediction_log_written.inc(n)
+        self.log_written.inc(n)
 
     def prediction_log_dropped(self, n: int, reason: str) -> None:
-        self.prediction_log_dropped.labels(reason=reason if reason in LOG_DROP_REASONS else "store_error").inc(n)
+        self.log_dropped.labels(reason=reason if reason in LOG_DROP_REASONS else "store_error").inc(n)
 
     def set_live_accuracy(
         self, rows: list[tuple[str, int, float | None, float | None, float | None, float | None]]

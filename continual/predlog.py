@@ -32,18 +32,32 @@ _DECODE = {c: i for i, c in enumerate(_CROCKFORD)}
 ID_LENGTH = 26
 
 
+_last = [0, 0]  # (ms, random part) of the newest id this process made
+_id_lock = threading.Lock()
+
+
 def new_prediction_id(now: float | None = None) -> str:
     """A ULID: 48 bits of Unix milliseconds, then 80 random bits, as 26 Crockford base-32 characters.
 
     Ids sort by creation time (to the millisecond) and never collide in practice, whatever
-    process or host made them.
+    process or host made them. Within one process, ids from the clock strictly increase: one
+    in the same millisecond as the one before (or after the clock stepped back) continues
+    from it, +1. ``now`` (seconds) makes one for that moment, outside that sequence.
 
     >>> a, b = new_prediction_id(1_700_000_000.0), new_prediction_id(1_700_000_000.001)
     >>> len(a), a < b, a[:10]
     (26, True, '01HF7YAT00')
     """
-    ms = int((time.time() if now is None else now) * 1000)
-    n = (ms << 80) | secrets.randbits(80)
+    if now is not None:
+        n = (int(now * 1000) << 80) | secrets.randbits(80)
+    else:
+        ms = int(time.time() * 1000)
+        with _id_lock:
+            if ms > _last[0]:
+                _last[0], _last[1] = ms, secrets.randbits(80)
+            else:
+                ms, _last[1] = _last[0], (_last[1] + 1) & ((1 << 80) - 1)
+            n = (ms << 80) | _last[1]
     out = []
     for _ in range(ID_LENGTH):
         n, r = divmod(n, 32)
@@ -161,8 +175,8 @@ class PredictionLog:
                 # Wake the writer only when there is something new for it to decide on.
                 if was_empty or self._buffered >= self.flush_rows:
                     self._cond.notify_all()
-        if dropped and self.events is not None:
-            self.events.prediction_log_dropped(dropped, "queue_full")
+        if dropped:
+            self._report("prediction_log_dropped", dropped, "queue_full")
         return dropped
 
     # -- the writer -----------------------------------------------------------------------
@@ -232,19 +246,30 @@ class PredictionLog:
             batch = self._take()
             if batch is None:
                 return
-            records = self._records(batch)
+            n = sum(len(e.ids) for e in batch)
             try:
-                self.sink.insert(records)
-            except Exception as e:  # store down or refusing: the log loses these, the service goes on
-                log.warning("prediction log: %d records dropped: %s", len(records), e)
-                if self.events is not None:
-                    self.events.prediction_log_dropped(len(records), "store_error")
-            else:
-                if self.events is not None:
-                    self.events.prediction_log_written(len(records))
-            with self._cond:
-                self._done += len(records)
-                self._cond.notify_all()
+                self._write(batch, n)
+            finally:
+                with self._cond:
+                    self._done += n
+                    self._cond.notify_all()
+
+    def _write(self, batch: Sequence[_Entry], n: int) -> None:
+        try:
+            self.sink.insert(self._records(batch))
+        except Exception as e:  # store down or refusing: the log loses these, the service goes on
+            log.warning("prediction log: %d records dropped: %s", n, e)
+            self._report("prediction_log_dropped", n, "store_error")
+        else:
+            self._report("prediction_log_written", n)
+
+    def _report(self, event: str, *args: object) -> None:
+        if self.events is None:
+            return
+        try:
+            getattr(self.events, event)(*args)
+        except Exception:  # a metrics bug must not stop the writer
+            log.exception("prediction log: reporting %s failed", event)
 
     def _records(self, batch: Sequence[_Entry]) -> list[PredictionRecord]:
         out = []
