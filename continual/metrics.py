@@ -22,7 +22,8 @@ _TRAINING_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 # Label delays: seconds (a hook right after the answer) to weeks (a customer's complaint).
 _DELAY_BUCKETS = (1, 10, 60, 300, 900, 3600, 4 * 3600, 86_400, 3 * 86_400, 7 * 86_400, 30 * 86_400)
 LOG_DROP_REASONS = ("queue_full", "store_error")
-ESTIMATORS = ("atc", "confidence")
+# "*_plain": without counting predictions far from the holdout at chance (see continual/drift/estimate.py).
+ESTIMATORS = ("atc", "confidence", "atc_plain", "confidence_plain")
 
 __all__ = ["CONTENT_TYPE_LATEST", "STATES", "Metrics"]
 
@@ -161,7 +162,7 @@ class Metrics:
         )
         self.estimate_flagged = Gauge(
             f"{PREFIX}_estimate_flagged",
-            "1 when the newest window is flagged: the estimates may not hold (drift, unknown labels, no calibration)",
+            "1 when the newest window is flagged: the estimates may not hold (far inputs, drift, unknown labels, no calibration)",
             registry=r,
         )
         self.labels_needed = Gauge(

@@ -87,6 +87,9 @@ class Answered(Protocol):
     @property
     def scores(self) -> Mapping[str, float]: ...
 
+    @property
+    def distance(self) -> float | None: ...
+
 
 class Input(Protocol):
     """What the log needs of one decoded input (``continual.ingest.Decoded``)."""
@@ -289,6 +292,7 @@ class PredictionLog:
                         sha256=hashlib.sha256(payload).hexdigest(),
                         payload=payload if self._keep(payload) else None,
                         input_policy=self.policy,
+                        distance=answer.distance,
                     )
                 )
         return out

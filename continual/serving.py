@@ -29,6 +29,7 @@ from continual.models import Classifier, ModelError, input_shape, make_transform
 from continual.models.device import resolve_device
 from continual.models.manifest import model_settings_for
 from continual.models.transforms import DecodedLike
+from continual.models.typicality import Typicality
 from continual.predlog import PredictionLog, new_prediction_id
 from continual.registry import ChecksumMismatch, Manifest, Registry, VersionNotFound
 from continual.store import StoreUnavailable
@@ -54,6 +55,13 @@ class Prediction:
     confidence: float
     scores: dict[str, float]
     prediction_id: str = ""
+    # Embedding distance from the version's holdout / its 99th percentile (> 1: far); None without one.
+    distance: float | None = None
+
+
+def _typicality(registry: Registry, version: str) -> Typicality | None:
+    tensors = registry.load_tensors(version, "typicality")
+    return Typicality.from_tensors(tensors) if tensors else None
 
 
 def temperature_of(manifest: Manifest) -> float:
@@ -75,6 +83,7 @@ class LiveModel:
     input: InputSettings
     device: torch.device
     temperature: float = 1.0  # served probabilities are softmax(logits / temperature)
+    typicality: Typicality | None = None  # how far inputs are from the version's holdout
 
     def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(embeddings, uncalibrated probabilities): the backbone runs once, the head on its output."""
@@ -189,8 +198,9 @@ class Serving:
                 self._reservoir.add(live.version, emb.float().cpu().numpy(), pred.cpu().numpy(), conf.cpu().numpy())
                 probs = raw if live.temperature == 1.0 else torch.softmax(logits / live.temperature, dim=1)
                 probs_np = probs.cpu().numpy()
+                far = live.typicality.ratio(emb.float().cpu().numpy()) if live.typicality is not None else None
             pred_np = pred.cpu().numpy()
-            for row, p in zip(probs_np, pred_np, strict=True):
+            for i, (row, p) in enumerate(zip(probs_np, pred_np, strict=True)):
                 scores = {cls: float(v) for cls, v in zip(live.classes, row, strict=True)}
                 out.append(
                     Prediction(
@@ -198,6 +208,7 @@ class Serving:
                         confidence=float(row[int(p)]),
                         scores=scores,
                         prediction_id=new_prediction_id(),
+                        distance=None if far is None else float(far[i]),
                     )
                 )
         if self.log is not None:
@@ -222,6 +233,7 @@ class Serving:
             input=spec,
             device=self.device,
             temperature=temperature_of(manifest),
+            typicality=_typicality(registry, version),
         )
         if self.settings.serving.warmup:
             # The first forward allocates and picks kernels; do it before traffic sees the model.

@@ -10,10 +10,20 @@ import torch
 from learnutil import fill, make_settings, run_here
 from testkit import digit_arrays
 
-from continual.drift.estimate import atc, atc_threshold, estimate_window, mean_confidence, wilson_interval, window_flags
+from continual.demo.digits import PHASES, shift
+from continual.drift.estimate import (
+    atc,
+    atc_threshold,
+    estimate_window,
+    far_share,
+    mean_confidence,
+    wilson_interval,
+    window_flags,
+)
 from continual.ingest import Decoded
 from continual.learn.calibrate import QUANTILES, calibration_of, confidence, fit_temperature, nll
 from continual.learn.run import create_run
+from continual.models.typicality import Typicality, ledoit_wolf
 from continual.registry import Registry
 from continual.serving import Serving
 from continual.store import Store
@@ -76,7 +86,16 @@ def test_estimators_golden() -> None:
     t = atc_threshold(conf, 0.8)
     assert t == pytest.approx(float(np.quantile(conf, 0.2)))
     assert atc(conf, t) == pytest.approx(0.8, abs=1e-3)
-    assert estimate_window(conf[:100], None) == {"atc": None, "confidence": mean_confidence(conf[:100])}
+    plain = mean_confidence(conf[:100])
+    assert estimate_window(conf[:100], None) == {
+        "atc": None, "confidence": pytest.approx(plain), "atc_plain": None, "confidence_plain": plain
+    }  # fmt: skip
+    # Far predictions (distance > 1) count at chance; unknown distances (None) do not count as far.
+    est = estimate_window([0.9, 0.9, 0.9, 0.9], {"accuracy": 0.9, "confidence_quantiles": [0.5, 0.8]},
+                          [0.2, None, 5.0, 2.0], n_classes=10)  # fmt: skip
+    assert est == {"atc": pytest.approx(0.55), "confidence": pytest.approx(0.5), "atc_plain": 1.0,
+                   "confidence_plain": 0.9}  # fmt: skip
+    assert far_share([0.2, None, 5.0, 2.0]) == 0.5 and far_share(None) is None and far_share([None]) is None
     with pytest.raises(ValueError, match="probabilities"):
         mean_confidence([1.2])
     with pytest.raises(ValueError, match="no confidences"):
@@ -134,4 +153,34 @@ def test_a_trained_candidate_is_calibrated_and_serves_calibrated_confidences(tmp
     # The drift reservoir keeps the uncalibrated confidences the drift check compares with.
     raw = torch.softmax(logits, dim=1).max(1).values.numpy()
     assert np.allclose(serving.reservoir_snapshot().confidence[-20:], raw, atol=1e-5)
+
+    # Each prediction says how far it is from the holdout: digits like the training data are near,
+    # inverted and transposed ones (confidently misclassified) are far.
+    assert live.typicality is not None and cal["typicality"]["threshold"] == pytest.approx(live.typicality.threshold)
+    images = x[900:1100].reshape(-1, 8, 8)
+    far = {}
+    for phase in PHASES:
+        shifted = shift(images, phase).reshape(len(images), -1)
+        _, preds = serving.predict([Decoded("vector", v.astype("<f4").tobytes()) for v in shifted])
+        far[phase] = float(np.mean([p.distance > 1 for p in preds]))
+    assert far["original"] < 0.1 and far["inverted"] > 0.9 and far["transposed"] > 0.5, far
     store.dispose()
+
+
+def test_typicality_fits_stores_and_scores() -> None:
+    from sklearn.covariance import LedoitWolf
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 30)) @ rng.normal(size=(30, 30))
+    assert np.allclose(ledoit_wolf(x), LedoitWolf().fit(x).covariance_)
+    emb = rng.normal(size=(500, 20))
+    labels = rng.integers(0, 3, 500)
+    emb += labels[:, None] * 2.0
+    t = Typicality.fit(emb, labels, dims=10)
+    fresh = rng.normal(size=(2_000, 20)) + rng.integers(0, 3, 2_000)[:, None] * 2.0
+    assert 0.0 < np.mean(t.ratio(fresh) > 1) < 0.04  # the out-of-fold 99th percentile holds on new data
+    assert np.all(t.ratio(fresh + 6.0) > 1)
+    back = Typicality.from_tensors(t.tensors())
+    assert np.allclose(back.ratio(fresh[:50]), t.ratio(fresh[:50]), rtol=1e-4)
+    with pytest.raises(ValueError, match="at least"):
+        Typicality.fit(emb[:5], labels[:5])

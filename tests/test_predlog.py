@@ -23,6 +23,7 @@ class Answer:
     label: str
     confidence: float
     scores: dict[str, float]
+    distance: float | None = None
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,16 @@ calibrated by the version's temperature, see ``continual.learn.calibrate``):
   confidences to carry over, not their calibration.
 
 Where they break: both assume that how confident the model is still says how right it
-is. Inputs far from the training data (an inverted or transposed image) can get wrong
-answers with high confidence, so the estimate falls by less than the accuracy; inputs of
-a class the model does not have are always wrong and say nothing about it. The service
-flags such windows (:func:`window_flags`): drift detected by the detectors, labels outside
-the model's classes, or a version without calibration.
+is. Inputs far from the training data (an inverted or transposed image) get wrong
+answers with high confidence, so the plain estimates fall by far less than the accuracy
+(``bench/delayed.py`` measures it). So each prediction also carries how far its
+embedding lies from the version's holdout (``continual.models.typicality``: > 1 is
+farther than 99% of the holdout), and both estimates count a far prediction at chance
+(1 / number of classes) instead of at its confidence; ``*_plain`` keep the uncorrected
+values. Inputs of a class the model does not have are always wrong and, when they look
+like a known class, invisible to both. The service flags windows where the estimates
+may not hold (:func:`window_flags`): many far inputs, drift detected by the detectors,
+labels outside the model's classes, or a version without calibration.
 """
 
 from __future__ import annotations
@@ -26,8 +31,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-
-METHODS = ("atc", "confidence")
 
 
 def mean_confidence(confidence: Sequence[float] | np.ndarray) -> float:
@@ -91,36 +94,74 @@ def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple
     return lower, upper
 
 
+def far_share(distance: Sequence[float | None] | np.ndarray | None) -> float | None:
+    """The share of predictions farther from the holdout than its 99th percentile (None: no distances known).
+
+    >>> far_share([0.5, 1.5, None, 0.9])
+    0.25
+    """
+    if distance is None:
+        return None
+    d = np.asarray([np.nan if v is None else v for v in distance], dtype=np.float64)
+    return None if np.all(np.isnan(d)) else float(np.mean(d > 1.0))
+
+
 def estimate_window(
-    confidence: Sequence[float] | np.ndarray, calibration: Mapping[str, Any] | None
+    confidence: Sequence[float] | np.ndarray,
+    calibration: Mapping[str, Any] | None,
+    distance: Sequence[float | None] | np.ndarray | None = None,
+    n_classes: int = 10,
 ) -> dict[str, float | None]:
-    """Both estimates for one window; ``atc`` is None when the version kept no holdout confidences.
+    """The estimates for one window: ``atc`` and ``confidence`` count far predictions (distance > 1) at
+    chance, ``*_plain`` do not. ``atc*`` are None when the version kept no holdout confidences.
 
     >>> cal = {"accuracy": 0.6, "confidence_quantiles": [0.2, 0.4, 0.6, 0.8, 0.9]}
-    >>> estimate_window([0.3, 0.55, 0.7, 0.95], cal)
-    {'atc': 0.75, 'confidence': 0.625}
+    >>> estimate_window([0.3, 0.55, 0.7, 0.95], cal, [0.5, 0.5, 3.0, 0.5], n_classes=4)
+    {'atc': 0.5625, 'confidence': 0.5125, 'atc_plain': 0.75, 'confidence_plain': 0.625}
     """
-    out: dict[str, float | None] = {"atc": None, "confidence": mean_confidence(confidence)}
+    c = _confidences(confidence)
+    far = np.zeros(len(c), bool)
+    if distance is not None:
+        d = np.asarray([np.nan if v is None else v for v in distance], dtype=np.float64)
+        if len(d) != len(c):
+            raise ValueError(f"{len(d)} distances for {len(c)} confidences")
+        far = d > 1.0  # NaN (unknown) compares False: not far
+    chance = 1.0 / n_classes
+    out: dict[str, float | None] = {
+        "atc": None,
+        "confidence": round(float(np.mean(np.where(far, chance, c))), 12),
+        "atc_plain": None,
+        "confidence_plain": mean_confidence(c),
+    }
     quantiles = (calibration or {}).get("confidence_quantiles")
     accuracy = (calibration or {}).get("accuracy")
     if quantiles and isinstance(accuracy, (int, float)):
-        out["atc"] = atc(confidence, atc_threshold(quantiles, float(accuracy)))
+        above = c > atc_threshold(quantiles, float(accuracy))
+        out["atc"] = round(float(np.mean(np.where(far, chance, above))), 12)
+        out["atc_plain"] = float(np.mean(above))
     return out
+
+
+# Above this share of far predictions a window is flagged: ~1% of in-distribution inputs are far by construction.
+FAR_FLAG = 0.1
 
 
 def window_flags(
     calibration: Mapping[str, Any] | None,
     drifted: Iterable[tuple[str, float]] = (),
     unknown_labels: Iterable[str] = (),
+    far: float | None = None,
 ) -> list[str]:
-    """Why a window's estimates may not hold: no calibration, drift (detector, effect), labels the model lacks.
+    """Why a window's estimates may not hold: no calibration, far inputs, drift (detector, effect), unknown labels.
 
-    >>> window_flags({"temperature": 1.3, "confidence_quantiles": [0.5, 1.0]}, [("mmd", 0.31)], ["cat"])
-    ['drift: mmd effect 0.31 (inputs unlike the training data: confidence may not track accuracy)', "labels outside the model's classes: cat (always wrong, invisible to the estimates)"]
+    >>> window_flags({"temperature": 1.3, "confidence_quantiles": [0.5, 1.0]}, [("mmd", 0.31)], ["cat"], far=0.4)
+    ['far from the training data: 40% of the predictions (counted at chance)', 'drift: mmd effect 0.31 (inputs unlike the training data: confidence may not track accuracy)', "labels outside the model's classes: cat (always wrong, invisible to the estimates)"]
     """
     flags = []
     if not calibration or "confidence_quantiles" not in calibration:
         flags.append("uncalibrated: the version has no holdout calibration (temperature 1, no ATC threshold)")
+    if far is not None and far > FAR_FLAG:
+        flags.append(f"far from the training data: {far:.0%} of the predictions (counted at chance)")
     for detector, effect in drifted:
         flags.append(
             f"drift: {detector} effect {effect:.3g} (inputs unlike the training data: confidence may not track accuracy)"

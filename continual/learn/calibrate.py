@@ -9,7 +9,10 @@ confidences, so they need them calibrated.
 The fit runs when a candidate is built, on the holdout up to its data cutoff (the
 holdout the gate will score it on), and is written into the version's manifest
 (``extra.calibration``): the manifest is checksummed and never rewritten, so the
-temperature a version serves with is fixed before it can be promoted.
+temperature a version serves with is fixed before it can be promoted. The same pass
+fits the version's :class:`~continual.models.typicality.Typicality` on the holdout's
+embeddings (``typicality.safetensors`` beside the weights): how far an input is from
+what the model was checked on.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from scipy.optimize import minimize_scalar
 from scipy.special import logsumexp
 
 from continual.config import Settings
-from continual.learn.evaluate import evaluate
+from continual.learn.data import decode_row, load_transform
 from continual.models import Classifier
+from continual.models.typicality import Typicality
 from continual.store import Store
 
 # Below this many holdout samples a temperature is mostly noise: the version serves uncalibrated.
@@ -98,14 +102,41 @@ def calibration_of(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     }
 
 
+@torch.inference_mode()
+def holdout_outputs(
+    model: Classifier, store: Store, seqs: np.ndarray, settings: Settings, device: torch.device
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(embeddings, logits, class indices; -1 for a label the model lacks) of the stored samples ``seqs``."""
+    index = {c: i for i, c in enumerate(model.classes)}
+    transform = load_transform(settings.model.input, train=False)
+    was_training = model.training
+    model.eval()
+    emb, logits, labels = [], [], []
+    try:
+        for rows in store.iter_samples(seqs=[int(s) for s in seqs], batch_size=256):
+            e = model.backbone(torch.stack([decode_row(r, transform) for r in rows]).to(device)).float()
+            emb.append(e.cpu().numpy())
+            logits.append(model.head(e).float().cpu().numpy())
+            labels += [index.get(r.label, -1) for r in rows]
+    finally:
+        model.train(was_training)
+    if not labels:
+        return np.empty((0, model.embedding_dim)), np.empty((0, len(index))), np.empty(0, np.int64)
+    return np.concatenate(emb), np.concatenate(logits), np.asarray(labels, np.int64)
+
+
 def calibrate(
     model: Classifier, store: Store, settings: Settings, device: torch.device, *, upto: int, seed: int
-) -> dict[str, Any]:
-    """Fit the temperature on a seeded draw of the holdout at or before ``upto``."""
+) -> tuple[dict[str, Any], Typicality | None]:
+    """Fit the temperature and the typicality on a seeded draw of the holdout at or before ``upto``."""
     seqs = store.draw(MAX_SAMPLES, upto=upto, split="holdout", seed=seed)
     if len(seqs) < MIN_SAMPLES:
-        return {"temperature": 1.0, "n": len(seqs), "skipped": f"{len(seqs)} holdout samples < {MIN_SAMPLES}"}
-    result = evaluate(model, store, seqs, settings, device)
-    if result.logits is None:
-        raise RuntimeError("evaluate returned no logits")
-    return calibration_of(result.logits, result.labels)
+        return {"temperature": 1.0, "n": len(seqs), "skipped": f"{len(seqs)} holdout samples < {MIN_SAMPLES}"}, None
+    emb, logits, labels = holdout_outputs(model, store, seqs, settings, device)
+    calibration = calibration_of(logits, labels)
+    if "skipped" in calibration:
+        return calibration, None
+    known = labels >= 0
+    typicality = Typicality.fit(emb[known], labels[known])
+    calibration["typicality"] = {"threshold": round(typicality.threshold, 6), "dims": len(typicality.components)}
+    return calibration, typicality

@@ -158,12 +158,15 @@ def build_candidate(
     should_stop()  # a SIGTERM before the write: nothing is written (every rank asks: it is a collective)
     if not dist.is_main:
         return Candidate(None, metrics)
-    calibration = None
+    calibration, typicality = None, None
     if settings.accuracy.calibrate:
         # Served confidences use this temperature once the version is champion (see continual.learn.calibrate).
         progress({"phase": "calibrating"})
-        calibration = calibrate(model, store, settings, device, upto=data_cutoff, seed=seed)
+        calibration, typicality = calibrate(model, store, settings, device, upto=data_cutoff, seed=seed)
         metrics["temperature"] = calibration["temperature"]
+    extra_tensors = {"fisher": fisher} if fisher else {}
+    if typicality is not None:
+        extra_tensors["typicality"] = typicality.tensors()
     progress({"phase": "writing"})
     manifest = files.write_version(
         {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -174,7 +177,7 @@ def build_candidate(
         data_cutoff=data_cutoff,
         run_id=run_id,
         metrics=metrics,
-        extra_tensors={"fisher": fisher} if fisher else None,
+        extra_tensors=extra_tensors or None,
         extra={
             "seed": seed,
             "trigger": trigger,

@@ -22,7 +22,6 @@ class EvalResult:
     predictions: np.ndarray  # class index per sample, in the order of the seqs given
     labels: np.ndarray  # true class index; -1 for a label the model does not know (always wrong)
     seqs: np.ndarray | None = None
-    logits: np.ndarray | None = None  # [n, classes] float32, in the same order (calibration fits on them)
 
 
 @torch.inference_mode()
@@ -45,22 +44,18 @@ def evaluate(
     order = np.asarray([int(s) for s in seqs], dtype=np.int64)
     preds: dict[int, int] = {}
     labels: dict[int, int] = {}
-    logits: dict[int, np.ndarray] = {}
     try:
         for rows in store.iter_samples(seqs=order.tolist(), batch_size=batch_size):
             x = torch.stack([decode_row(r, transform) for r in rows]).to(device)
             with torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext():
                 out = model(x)
-            out_np = out.float().cpu().numpy()
-            for r, p, row in zip(rows, out.argmax(dim=-1).cpu().tolist(), out_np, strict=True):
+            for r, p in zip(rows, out.argmax(dim=-1).cpu().tolist(), strict=True):
                 preds[r.seq] = int(p)
                 labels[r.seq] = class_index.get(r.label, -1)
-                logits[r.seq] = row
     finally:
         model.train(was_training)
     kept = np.asarray([s for s in order if s in preds], dtype=np.int64)  # seqs no longer stored are skipped
     p = np.asarray([preds[s] for s in kept], dtype=np.int64)
     y = np.asarray([labels[s] for s in kept], dtype=np.int64)
     acc = float((p == y).mean()) if len(kept) else 0.0
-    z = np.stack([logits[s] for s in kept]).astype(np.float32) if len(kept) else np.empty((0, len(classes)), np.float32)
-    return EvalResult(accuracy=acc, n=len(kept), predictions=p, labels=y, seqs=kept, logits=z)
+    return EvalResult(accuracy=acc, n=len(kept), predictions=p, labels=y, seqs=kept)

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from continual.drift.check import DriftDecision, run_check
-from continual.drift.estimate import estimate_window, unknown_labels_flag, window_flags
+from continual.drift.estimate import estimate_window, far_share, unknown_labels_flag, window_flags
 from continual.learn.run import create_run
 from continual.metrics import Metrics
 from continual.registry import ChecksumMismatch, VersionNotFound
@@ -237,18 +237,20 @@ def _close_windows(ctx: ServiceContext, version: str) -> list[int]:
     if len(rows) < size:
         return []
     calibration = _calibration(ctx, version)
-    flags = window_flags(calibration, _drifted(ctx, version))
+    drifted = _drifted(ctx, version)
+    n_classes = len(_classes(ctx, version) or ctx.settings.model.classes)
     closed = []
     for start in range(0, len(rows) - size + 1, size):
         chunk = rows[start : start + size]
+        distance = [d for _, _, _, d in chunk]
         closed.append(
             ctx.store.predictions.add_window(
                 version=version,
                 ids=(chunk[0][0], chunk[-1][0]),
                 times=(chunk[0][1], chunk[-1][1]),
                 n=len(chunk),
-                estimates=estimate_window([c for _, _, c in chunk], calibration),
-                flags=flags,
+                estimates=estimate_window([c for _, _, c, _ in chunk], calibration, distance, n_classes),
+                flags=window_flags(calibration, drifted, far=far_share(distance)),
             )
         )
     return closed

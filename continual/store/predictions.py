@@ -42,6 +42,7 @@ class PredictionRecord:
     sha256: str
     payload: bytes | None
     input_policy: str  # [serving] log_inputs in force: "all" | "sampled" | "none"
+    distance: float | None = None  # from the version's holdout, / its 99th percentile
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ class Predictions:
                 "model_version": r.model_version,
                 "label": r.label,
                 "confidence": float(r.confidence),
+                "distance": None if r.distance is None else float(r.distance),
                 "scores": r.scores,
                 "kind": r.kind,
                 "sha256": r.sha256,
@@ -198,14 +200,14 @@ class Predictions:
     # -- accuracy windows ----------------------------------------------------------------------
     def unwindowed(
         self, version: str, *, after_id: str | None, before: datetime, limit: int
-    ) -> list[tuple[str, datetime, float]]:
-        """(id, time, confidence) of ``version``'s predictions after ``after_id`` made before ``before``, in id order.
+    ) -> list[tuple[str, datetime, float, float | None]]:
+        """(id, time, confidence, distance) of ``version``'s predictions after ``after_id`` made before ``before``, in id order.
 
         ``before`` leaves the newest moments out: another replica's writer may still hold
         predictions from them, and a window once closed never grows.
         """
         q = (
-            select(predictions.c.id, predictions.c.created_at, predictions.c.confidence)
+            select(predictions.c.id, predictions.c.created_at, predictions.c.confidence, predictions.c.distance)
             .where(predictions.c.model_version == version, predictions.c.created_at < before)
             .order_by(predictions.c.id)
             .limit(limit)
@@ -213,7 +215,10 @@ class Predictions:
         if after_id is not None:
             q = q.where(predictions.c.id > after_id)
         with read_tx(self.engine) as conn:
-            return [(r.id, _utc(r.created_at), float(r.confidence)) for r in conn.execute(q)]  # type: ignore[misc]
+            return [
+                (r.id, _utc(r.created_at), float(r.confidence), None if r.distance is None else float(r.distance))  # type: ignore[misc]
+                for r in conn.execute(q)
+            ]
 
     def add_window(
         self,

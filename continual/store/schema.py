@@ -161,6 +161,8 @@ predictions = Table(
     Column("model_version", String(64), nullable=False),
     Column("label", String(255), nullable=False),  # predicted
     Column("confidence", Float, nullable=False),  # calibrated, as served
+    # Embedding distance from the version's holdout / its 99th percentile (> 1: far); NULL without one.
+    Column("distance", Float, nullable=True),
     Column("scores", JSON, nullable=True),  # the top-k classes and their probabilities
     Column("kind", String(16), nullable=False),
     Column("sha256", String(64), nullable=False),

@@ -24,6 +24,7 @@ def upgrade() -> None:
         sa.Column("model_version", sa.String(length=64), nullable=False),
         sa.Column("label", sa.String(length=255), nullable=False),
         sa.Column("confidence", sa.Float(), nullable=False),
+        sa.Column("distance", sa.Float(), nullable=True),
         sa.Column("scores", sa.JSON(), nullable=True),
         sa.Column("kind", sa.String(length=16), nullable=False),
         sa.Column("sha256", sa.String(length=64), nullable=False),
