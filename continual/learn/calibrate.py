@@ -17,6 +17,7 @@ what the model was checked on.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -30,6 +31,8 @@ from continual.learn.data import decode_row, load_transform
 from continual.models import Classifier
 from continual.models.typicality import Typicality
 from continual.store import Store
+
+log = logging.getLogger("continual.learn.calibrate")
 
 # Below this many holdout samples a temperature is mostly noise: the version serves uncalibrated.
 MIN_SAMPLES = 20
@@ -137,6 +140,11 @@ def calibrate(
     if "skipped" in calibration:
         return calibration, None
     known = labels >= 0
-    typicality = Typicality.fit(emb[known], labels[known])
+    try:
+        typicality = Typicality.fit(emb[known], labels[known])
+    except (np.linalg.LinAlgError, ValueError) as e:  # an add-on: it must never fail the run
+        log.warning("no typicality for this candidate: %s", e)
+        calibration["typicality"] = {"skipped": str(e)}
+        return calibration, None
     calibration["typicality"] = {"threshold": round(typicality.threshold, 6), "dims": len(typicality.components)}
     return calibration, typicality

@@ -68,7 +68,7 @@ def serve(settings: Settings, config_path: str | None = None) -> int:
         if recovered:
             log.warning("restart recovery: %s", recovered)
     if ctx.serving is not None and ctx.serving.log is not None:
-        ctx.serving.log.start()  # jobs.stop writes what it holds and ends it
+        ctx.serving.log.start()  # stopped (after a last write) when the HTTP server is done
     scheduler = jobs.start(ctx)
     settings.service.data_dir.mkdir(parents=True, exist_ok=True)
     _warn_about_auth(settings)
@@ -103,6 +103,8 @@ def serve(settings: Settings, config_path: str | None = None) -> int:
     try:
         return runtime.run(app, rt, notifier)
     finally:
+        if serving is not None and serving.log is not None:
+            serving.log.stop()  # after the last request: what it holds is written, then the thread ends
         ctx.store.dispose()
         notifier.close()
 

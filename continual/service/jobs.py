@@ -316,7 +316,9 @@ def stop(ctx: ServiceContext, scheduler: BackgroundScheduler | None) -> None:
     if scheduler is not None:
         scheduler.shutdown(wait=False)
     if ctx.serving is not None and ctx.serving.log is not None:
-        ctx.serving.log.stop()  # writes what it holds first
+        # Write what the log holds now; requests still draining add to it, and serve() stops
+        # the writer (a last write) once the HTTP server is done.
+        ctx.serving.log.flush(timeout=5.0)
     with contextlib.suppress(StoreUnavailable):
         ctx.store.leases.release(TRAINER_LEASE, ctx.holder)
 
