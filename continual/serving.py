@@ -193,12 +193,13 @@ class Serving:
                 emb, logits = live.logits(batch)
                 raw = torch.softmax(logits, dim=1)
                 conf, pred = raw.max(dim=1)
+                emb_np = emb.float().cpu().numpy()
                 # The drift reservoir keeps uncalibrated confidences: the prediction-shift detector
                 # compares them with the champion's own softmax on the reference window.
-                self._reservoir.add(live.version, emb.float().cpu().numpy(), pred.cpu().numpy(), conf.cpu().numpy())
+                self._reservoir.add(live.version, emb_np, pred.cpu().numpy(), conf.cpu().numpy())
                 probs = raw if live.temperature == 1.0 else torch.softmax(logits / live.temperature, dim=1)
                 probs_np = probs.cpu().numpy()
-                far = live.typicality.ratio(emb.float().cpu().numpy()) if live.typicality is not None else None
+                far = live.typicality.ratio(emb_np) if live.typicality is not None else None
             pred_np = pred.cpu().numpy()
             for i, (row, p) in enumerate(zip(probs_np, pred_np, strict=True)):
                 scores = {cls: float(v) for cls, v in zip(live.classes, row, strict=True)}
