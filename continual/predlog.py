@@ -29,6 +29,8 @@ log = logging.getLogger("continual.predlog")
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _DECODE = {c: i for i, c in enumerate(_CROCKFORD)}
+_PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]  # 10 bits -> two characters
+_SHIFTS = range(120, -1, -10)
 ID_LENGTH = 26
 
 
@@ -58,11 +60,7 @@ def new_prediction_id(now: float | None = None) -> str:
             else:
                 ms, _last[1] = _last[0], (_last[1] + 1) & ((1 << 80) - 1)
             n = (ms << 80) | _last[1]
-    out = []
-    for _ in range(ID_LENGTH):
-        n, r = divmod(n, 32)
-        out.append(_CROCKFORD[r])
-    return "".join(reversed(out))
+    return "".join([_PAIRS[(n >> s) & 1023] for s in _SHIFTS])  # 13 pairs: 130 bits, the top 2 zero
 
 
 def prediction_time(prediction_id: str) -> datetime:

@@ -19,11 +19,14 @@ def _compiled_insert(dialect: Dialect, table: Table) -> tuple[str, tuple[str, ..
     return str(compiled), names, processors, bool(compiled.positional)
 
 
-def insert_rows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+def insert_rows(
+    conn: Connection, table: Table, rows: list[dict[str, Any]], *, raw: frozenset[str] = frozenset()
+) -> None:
     """executemany straight to the driver: SQLAlchemy's per-row parameter building
-    costs more than SQLite's insert itself. Column types still convert values."""
+    costs more than SQLite's insert itself. Column types still convert values, except
+    in the ``raw`` columns (values the caller already put in the driver's form, e.g. JSON text)."""
     sql, names, processors, positional = _compiled_insert(conn.dialect, table)
-    to_convert = [(i, f) for i, f in enumerate(processors) if f is not None]
+    to_convert = [(i, f) for i, f in enumerate(processors) if f is not None and names[i] not in raw]
     converted: dict[int, Any] = {}  # by id(): a batch shares one timestamp, convert it once
     params: list[Any] = []
     for row in rows:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 from sqlalchemy import Engine, delete, func, insert, select, update
 
 from continual.store.bulk import insert_rows
@@ -26,6 +27,7 @@ from continual.store.schema import accuracy_windows, predictions
 
 # Ids per IN (...) query: well under SQLite's and PostgreSQL's parameter limits.
 _CHUNK = 500
+_RAW = frozenset({"scores"})  # insert_rows: already JSON text
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,8 @@ class Predictions:
                 "label": r.label,
                 "confidence": float(r.confidence),
                 "distance": None if r.distance is None else float(r.distance),
-                "scores": r.scores,
+                # JSON text made here (orjson): the column type's json.dumps per row costs more than the insert.
+                "scores": None if r.scores is None else orjson.dumps(r.scores).decode(),
                 "kind": r.kind,
                 "sha256": r.sha256,
                 "payload": r.payload,
@@ -115,7 +118,7 @@ class Predictions:
             for r in records
         ]
         with write_tx(self.engine) as conn:
-            insert_rows(conn, predictions, rows)
+            insert_rows(conn, predictions, rows, raw=_RAW)
         return len(rows)
 
     def get_many(self, ids: Sequence[str]) -> dict[str, LoggedPrediction]:
@@ -164,9 +167,21 @@ class Predictions:
         Windows whose predictions are all gone go with them.
         """
         cutoff = (now or datetime.now(UTC)) - timedelta(seconds=max_age_seconds)
+        n = 0
+        # Ids sort by time: walk the primary key from the oldest, a chunk per transaction, until
+        # a chunk holds a prediction young enough to keep (no index on created_at to maintain).
+        while True:
+            with write_tx(self.engine) as conn:
+                rows = conn.execute(
+                    select(predictions.c.id, predictions.c.created_at).order_by(predictions.c.id).limit(_CHUNK)
+                ).all()
+                old = [r.id for r in rows if _utc(r.created_at) < cutoff]  # type: ignore[operator]
+                if old:
+                    n += conn.execute(delete(predictions).where(predictions.c.id.in_(old))).rowcount
+            if len(old) < _CHUNK:
+                break
         with write_tx(self.engine) as conn:
-            n = conn.execute(delete(predictions).where(predictions.c.created_at < cutoff)).rowcount
-            # Ids sort by time: the (max_rows + 1)-th newest id and everything older go.
+            # The (max_rows + 1)-th newest id and everything older go.
             edge = conn.execute(
                 select(predictions.c.id).order_by(predictions.c.id.desc()).offset(max_rows).limit(1)
             ).scalar_one_or_none()

@@ -172,10 +172,18 @@ predictions = Table(
     Column("labeled_at", DateTime(timezone=True), nullable=True),
     Column("sample_id", String(255), nullable=True),  # external id of the sample the label became
 )
-# Windows of one version's predictions in id order; labeled predictions per version, newest first.
+# Windows of one version's predictions in id order; labeled predictions per version, newest first
+# (partial: a prediction is inserted unlabeled, so the insert — the hot path — skips this index).
+# No index on created_at: ids sort by time, so retention walks the primary key from the oldest.
+_labeled = predictions.c.labeled_at.is_not(None)
 Index("ix_predictions_version_id", predictions.c.model_version, predictions.c.id)
-Index("ix_predictions_version_labeled", predictions.c.model_version, predictions.c.labeled_at)
-Index("ix_predictions_created_at", predictions.c.created_at)
+Index(
+    "ix_predictions_version_labeled",
+    predictions.c.model_version,
+    predictions.c.labeled_at,
+    sqlite_where=_labeled,
+    postgresql_where=_labeled,
+)
 
 # Consecutive windows of the champion's predictions with their label-free accuracy
 # estimates; the realized accuracy fills in as labels arrive.

@@ -35,10 +35,16 @@ def upgrade() -> None:
         sa.Column("sample_id", sa.String(length=255), nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_predictions")),
     )
+    labeled = sa.text("labeled_at IS NOT NULL")
     with op.batch_alter_table("predictions", schema=None) as batch_op:
         batch_op.create_index("ix_predictions_version_id", ["model_version", "id"], unique=False)
-        batch_op.create_index("ix_predictions_version_labeled", ["model_version", "labeled_at"], unique=False)
-        batch_op.create_index("ix_predictions_created_at", ["created_at"], unique=False)
+        batch_op.create_index(
+            "ix_predictions_version_labeled",
+            ["model_version", "labeled_at"],
+            unique=False,
+            sqlite_where=labeled,
+            postgresql_where=labeled,
+        )
 
     op.create_table(
         "accuracy_windows",
@@ -67,7 +73,6 @@ def downgrade() -> None:
         batch_op.drop_index("ix_accuracy_windows_version_last")
     op.drop_table("accuracy_windows")
     with op.batch_alter_table("predictions", schema=None) as batch_op:
-        batch_op.drop_index("ix_predictions_created_at")
         batch_op.drop_index("ix_predictions_version_labeled")
         batch_op.drop_index("ix_predictions_version_id")
     op.drop_table("predictions")
