@@ -4,9 +4,12 @@ Retrying a feedback batch is safe: every sample has an id (given, or derived
 from its content by the server), so a batch that was stored before a timeout
 comes back as duplicates, never twice. One ``Client`` may be shared by threads.
 
-    >>> from continual.client import Client, vector_sample
+    >>> from continual.client import Client, label_sample, vector_sample
     >>> with Client("http://127.0.0.1:8000", token="...") as c:           # doctest: +SKIP
     ...     c.feedback([vector_sample([0.0] * 64, "cat", id="row-1")])
+    ...     pid = c.predict([{"x": [0.0] * 64}])["predictions"][0]["prediction_id"]
+    ...     c.feedback([label_sample(pid, "dog")])                        # later, when the answer is known
+    FeedbackResult(accepted=1, duplicates=0)
     FeedbackResult(accepted=1, duplicates=0)
 """
 
@@ -65,6 +68,17 @@ def image_sample(
     """A feedback sample with an image input: encoded PNG/JPEG bytes or a path to such a file."""
     data = image if isinstance(image, bytes) else Path(image).read_bytes()
     return _sample({"image": base64.b64encode(data).decode("ascii")}, label, id, metadata)
+
+
+def label_sample(
+    prediction_id: str, label: str, *, id: str | None = None, metadata: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A feedback sample by reference: the label for an earlier prediction, whose logged input the service uses.
+
+    Without ``id`` the sample's id is ``"prediction:" + prediction_id``, so resending the
+    label is a duplicate and another label for the same prediction a ``409``.
+    """
+    return _sample({"prediction_id": prediction_id}, label, id, metadata)
 
 
 def _sample(inp: dict[str, Any], label: str, id: str | None, metadata: dict[str, Any] | None) -> dict[str, Any]:
@@ -142,7 +156,10 @@ class Client:
         return FeedbackResult(int(body["accepted"]), int(body["duplicates"]))
 
     def predict(self, inputs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        """``POST /v1/predict``: ``{"model_version", "predictions": [{"label", "confidence", "scores"}]}``."""
+        """``POST /v1/predict``: ``{"model_version", "predictions": [{"label", "confidence", "scores", "prediction_id"}]}``.
+
+        Keep a ``prediction_id`` to send its label later with :func:`label_sample`.
+        """
         return self._request("POST", "/v1/predict", {"inputs": list(inputs)})
 
     def status(self) -> dict[str, Any]:

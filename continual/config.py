@@ -177,6 +177,9 @@ class TriggerSettings(_Section):
     max_new_samples: int = Field(5_000, ge=1)
     max_interval_seconds: float = Field(86_400.0, gt=0)
     cooldown_seconds: float = Field(300.0, ge=0)
+    # Start a run when the label-free accuracy estimate of the newest window of predictions
+    # falls below this (and min_new_samples labeled samples exist); 0 turns the rule off.
+    min_estimated_accuracy: float = Field(0.0, ge=0, le=1)
 
     @model_validator(mode="after")
     def _ordered(self) -> TriggerSettings:
@@ -265,6 +268,21 @@ class ServingSettings(_Section):
     poll_interval_seconds: float = Field(2.0, gt=0)
     max_batch: int = Field(256, ge=1)
     warmup: bool = True
+    # The prediction log (continual/predlog.py): every answered input becomes a row in the
+    # store, written in batches by one background thread, so a label can arrive later by id.
+    log_predictions: bool = True
+    # Whether a logged prediction keeps its input (needed for feedback by prediction id):
+    # "all", "sampled" (a share of log_sample_rate), or "none".
+    log_inputs: Literal["all", "sampled", "none"] = "all"
+    log_sample_rate: float = Field(0.1, ge=0, le=1)
+    log_top_k: int = Field(5, ge=1)  # scores kept per logged prediction (the k most probable classes)
+    # Records waiting for the writer; when it is full new records are dropped (and counted), never requests.
+    log_queue_size: int = Field(20_000, ge=1)
+    log_flush_rows: int = Field(500, ge=1)  # the writer commits this many at once ...
+    log_flush_seconds: float = Field(0.25, gt=0)  # ... or what it has, this long after the oldest arrived
+    # Retention (the hourly retention job): rows older than this many days, and beyond this many, are deleted.
+    prediction_retention_days: float = Field(30.0, gt=0)
+    prediction_retention_rows: int = Field(1_000_000, ge=1)
 
     _device = field_validator("device")(classmethod(lambda cls, v: _check_device(v)))
 
@@ -283,6 +301,24 @@ class RetentionSettings(_Section):
     run_specs_days: float = Field(90.0, gt=0)
 
 
+class AccuracySettings(_Section):
+    """Live accuracy from delayed labels, and accuracy estimated without labels (see README)."""
+
+    # Live accuracy per version: over its last live_window labeled predictions, for the
+    # champion and the live_versions - 1 champions before it (a bounded metric label set).
+    live_window: int = Field(500, ge=1)
+    live_versions: int = Field(3, ge=1)
+    # Label-free estimates are computed per window of this many consecutive predictions of the champion.
+    estimate_window: int = Field(200, ge=10)
+    interval_seconds: float = Field(15.0, gt=0)
+    # A window's estimation error is recorded once this many of its predictions are labeled.
+    min_labels: int = Field(30, ge=1)
+    # Which estimate the trigger ([triggers] min_estimated_accuracy) and the status headline use.
+    estimator: Literal["atc", "confidence"] = "atc"
+    # Fit a temperature on the holdout when a candidate is built; served confidences use it.
+    calibrate: bool = True
+
+
 class Settings(_Section):
     service: ServiceSettings = ServiceSettings()
     auth: AuthSettings = AuthSettings()
@@ -295,6 +331,7 @@ class Settings(_Section):
     gate: GateSettings = GateSettings()
     serving: ServingSettings = ServingSettings()
     retention: RetentionSettings = RetentionSettings()
+    accuracy: AccuracySettings = AccuracySettings()
 
     def resolved_store(self) -> StoreSettings:
         """The store section with the URL filled in (the SQLite default in the data dir); no password in it."""

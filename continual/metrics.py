@@ -6,6 +6,7 @@ model); nothing reads them back to decide anything.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -18,6 +19,11 @@ STATES = ("starting", "idle", "checking", "training", "gating", "promoting", "st
 REJECT_REASONS = ("validation", "conflict", "too_large", "content_type", "malformed", "auth", "unavailable", "other")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _TRAINING_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+# Label delays: seconds (a hook right after the answer) to weeks (a customer's complaint).
+_DELAY_BUCKETS = (1, 10, 60, 300, 900, 3600, 4 * 3600, 86_400, 3 * 86_400, 7 * 86_400, 30 * 86_400)
+LOG_DROP_REASONS = ("queue_full", "store_error")
+# "*_plain": without counting predictions far from the holdout at chance (see continual/drift/estimate.py).
+ESTIMATORS = ("atc", "confidence", "atc_plain", "confidence_plain")
 
 __all__ = ["CONTENT_TYPE_LATEST", "STATES", "Metrics"]
 
@@ -99,6 +105,72 @@ class Metrics:
             f"{PREFIX}_predict_latency_seconds", "Predict latency per request", buckets=_LATENCY_BUCKETS, registry=r
         )
 
+        # the prediction log, delayed labels, live and estimated accuracy
+        self.log_written = Counter(
+            f"{PREFIX}_prediction_log_written", "Predictions written to the prediction log", registry=r
+        )
+        self.log_dropped = Counter(
+            f"{PREFIX}_prediction_log_dropped",
+            "Predictions not logged: the writer's queue was full, or the store refused the batch",
+            ["reason"],
+            registry=r,
+        )
+        self.label_delay = Histogram(
+            f"{PREFIX}_label_delay_seconds",
+            "Time from a prediction to its label arriving by prediction id",
+            buckets=_DELAY_BUCKETS,
+            registry=r,
+        )
+        self.live_accuracy = Gauge(
+            f"{PREFIX}_live_accuracy_ratio",
+            "Accuracy of the version's most recently labeled predictions ([accuracy] live_window)",
+            ["version"],
+            registry=r,
+        )
+        self.live_accuracy_count = Gauge(
+            f"{PREFIX}_live_accuracy_count", "Labeled predictions behind live_accuracy_ratio", ["version"], registry=r
+        )
+        self.live_accuracy_lower = Gauge(
+            f"{PREFIX}_live_accuracy_lower_ratio",
+            "Wilson 95% lower bound of the live accuracy",
+            ["version"],
+            registry=r,
+        )
+        self.live_accuracy_upper = Gauge(
+            f"{PREFIX}_live_accuracy_upper_ratio",
+            "Wilson 95% upper bound of the live accuracy",
+            ["version"],
+            registry=r,
+        )
+        self.gate_accuracy = Gauge(
+            f"{PREFIX}_gate_accuracy_ratio",
+            "Holdout accuracy the gate measured for the version (old and new holdouts together)",
+            ["version"],
+            registry=r,
+        )
+        self.estimated_accuracy = Gauge(
+            f"{PREFIX}_estimated_accuracy_ratio",
+            "Label-free accuracy estimate of the champion's newest window of predictions",
+            ["method"],
+            registry=r,
+        )
+        self.estimation_error = Gauge(
+            f"{PREFIX}_estimation_error_ratio",
+            "Estimated minus realized accuracy of the newest window with enough labels",
+            ["method"],
+            registry=r,
+        )
+        self.estimate_flagged = Gauge(
+            f"{PREFIX}_estimate_flagged",
+            "1 when the newest window is flagged: the estimates may not hold (far inputs, drift, unknown labels, no calibration)",
+            registry=r,
+        )
+        self.labels_needed = Gauge(
+            f"{PREFIX}_labels_needed",
+            "Labeled samples still needed for the run the low accuracy estimate asks for (0: none needed)",
+            registry=r,
+        )
+
         # service
         self.state = Gauge(f"{PREFIX}_state", "1 for the current state", ["state"], registry=r)
         self.store_up = Gauge(f"{PREFIX}_store_up", "1 if the store answered the last health check", registry=r)
@@ -123,6 +195,38 @@ class Metrics:
 
     def model_refused(self, version: str) -> None:
         self.model_load_failures.inc()
+
+    # ``continual.predlog.LogEvents``
+    def prediction_log_written(self, n: int) -> None:
+        self.log_written.inc(n)
+
+    def prediction_log_dropped(self, n: int, reason: str) -> None:
+        self.log_dropped.labels(reason=reason if reason in LOG_DROP_REASONS else "store_error").inc(n)
+
+    def set_live_accuracy(
+        self, rows: list[tuple[str, int, float | None, float | None, float | None, float | None]]
+    ) -> None:
+        """``(version, n, accuracy, lower, upper, gate accuracy)`` per version; versions not named are dropped."""
+        for g in (self.live_accuracy, self.live_accuracy_count, self.live_accuracy_lower, self.live_accuracy_upper,
+                  self.gate_accuracy):  # fmt: skip
+            g.clear()
+        for version, n, acc, lower, upper, gate in rows:
+            self.live_accuracy_count.labels(version=version).set(n)
+            for g, v in ((self.live_accuracy, acc), (self.live_accuracy_lower, lower),
+                         (self.live_accuracy_upper, upper), (self.gate_accuracy, gate)):  # fmt: skip
+                if v is not None:
+                    g.labels(version=version).set(v)
+
+    def set_estimates(self, estimates: dict[str, float | None], errors: dict[str, float | None], flagged: bool) -> None:
+        for method in ESTIMATORS:
+            for g, values in ((self.estimated_accuracy, estimates), (self.estimation_error, errors)):
+                v = values.get(method)
+                if v is not None:
+                    g.labels(method=method).set(v)
+                else:  # no estimate (yet): no series rather than a stale one
+                    with contextlib.suppress(KeyError):
+                        g.remove(method)
+        self.estimate_flagged.set(1 if flagged else 0)
 
     def set_drift(self, detector: str, *, effect: float | None, p_value: float | None, detected: bool) -> None:
         """One detector's outcome of the last check; a detector that could not run reports no drift."""

@@ -3,7 +3,12 @@
 Requests read ``Serving.live`` once and use that object to the end, so a swap
 never changes the model under a request in flight, and the read path takes no
 lock. A swap builds and warms up the new :class:`LiveModel` first, then replaces
-the reference (an atomic attribute store). The service's ``sync_champion`` job
+the reference (an atomic attribute store).
+
+Every answered input gets a prediction id; with a :class:`~continual.predlog.PredictionLog`
+attached, its predictions go to the store's prediction log off the request path.
+Served probabilities are calibrated by the version's temperature (fitted on its holdout
+when it was built; 1.0 for versions without one). The service's ``sync_champion`` job
 (:mod:`continual.service.jobs`) calls :meth:`Serving.sync` every
 ``serving.poll_interval_seconds``, so every process follows the pointer.
 """
@@ -25,7 +30,9 @@ from continual.models import Classifier, ModelError, input_shape, make_transform
 from continual.models.device import resolve_device
 from continual.models.manifest import model_settings_for
 from continual.models.transforms import DecodedLike
-from continual.registry import ChecksumMismatch, Registry, VersionNotFound
+from continual.models.typicality import Typicality
+from continual.predlog import PredictionLog, new_prediction_id
+from continual.registry import ChecksumMismatch, Manifest, Registry, VersionNotFound
 from continual.store import StoreUnavailable
 
 log = logging.getLogger("continual.serving")
@@ -69,6 +76,21 @@ class Prediction:
     label: str
     confidence: float
     scores: dict[str, float]
+    prediction_id: str = ""
+    # Embedding distance from the version's holdout / its 99th percentile (> 1: far); None without one.
+    distance: float | None = None
+
+
+def _typicality(registry: Registry, version: str) -> Typicality | None:
+    tensors = registry.load_tensors(version, "typicality")
+    return Typicality.from_tensors(tensors) if tensors else None
+
+
+def temperature_of(manifest: Manifest) -> float:
+    """The version's calibration temperature (``extra.calibration.temperature``); 1.0 when it has none."""
+    calibration = manifest.extra.get("calibration") or {}
+    t = calibration.get("temperature") if isinstance(calibration, dict) else None
+    return float(t) if isinstance(t, (int, float)) and t > 0 else 1.0
 
 
 @dataclass(frozen=True)
@@ -82,11 +104,17 @@ class LiveModel:
     classes: tuple[str, ...]
     input: InputSettings
     device: torch.device
+    temperature: float = 1.0  # served probabilities are softmax(logits / temperature)
+    typicality: Typicality | None = None  # how far inputs are from the version's holdout
 
     def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(embeddings, probabilities): the backbone runs once, the head on its output."""
+        """(embeddings, uncalibrated probabilities): the backbone runs once, the head on its output."""
+        emb, logits = self.logits(batch)
+        return emb, torch.softmax(logits, dim=1)
+
+    def logits(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         emb = self.module.backbone(batch.to(self.device, non_blocking=True))
-        return emb, torch.softmax(self.module.head(emb).float(), dim=1)
+        return emb, self.module.head(emb).float()
 
 
 @dataclass(frozen=True)
@@ -144,9 +172,12 @@ class Reservoir:
 class Serving:
     """Holds the live model, predicts with it, and follows the champion pointer."""
 
-    def __init__(self, settings: Settings, events: ServingEvents | None = None) -> None:
+    def __init__(
+        self, settings: Settings, events: ServingEvents | None = None, log: PredictionLog | None = None
+    ) -> None:
         self.settings = settings
         self.events = events
+        self.log = log
         self.device = resolve_device(settings.serving.device)
         self.max_batch = settings.serving.max_batch
         self._live: LiveModel | None = None
@@ -167,7 +198,10 @@ class Serving:
         return live.version if live else None
 
     def predict(self, inputs: Sequence[DecodedLike], live: LiveModel | None = None) -> tuple[str, list[Prediction]]:
-        """Predict decoded inputs with ``live`` (default: the current model); returns (version, predictions)."""
+        """Predict decoded inputs with ``live`` (default: the current model); returns (version, predictions).
+
+        Each prediction carries a new prediction id; with a log attached, they are logged.
+        """
         live = live or self._live
         if live is None:
             raise NoModel("no model is loaded yet: promote or import a champion first")
@@ -178,13 +212,30 @@ class Serving:
             chunk = inputs[start : start + self.max_batch]
             batch = torch.stack([live.transform(d) for d in chunk])
             with torch.inference_mode():
-                emb, probs = live.forward(batch)
-                conf, pred = probs.max(dim=1)
-                probs_np, conf_np, pred_np = probs.cpu().numpy(), conf.cpu().numpy(), pred.cpu().numpy()
-                self._reservoir.add(live.version, emb.float().cpu().numpy(), pred_np, conf_np)
-            for row, c, p in zip(probs_np, conf_np, pred_np, strict=True):
+                emb, logits = live.logits(batch)
+                raw = torch.softmax(logits, dim=1)
+                conf, pred = raw.max(dim=1)
+                emb_np = emb.float().cpu().numpy()
+                # The drift reservoir keeps uncalibrated confidences: the prediction-shift detector
+                # compares them with the champion's own softmax on the reference window.
+                self._reservoir.add(live.version, emb_np, pred.cpu().numpy(), conf.cpu().numpy())
+                probs = raw if live.temperature == 1.0 else torch.softmax(logits / live.temperature, dim=1)
+                probs_np = probs.cpu().numpy()
+                far = live.typicality.ratio(emb_np) if live.typicality is not None else None
+            pred_np = pred.cpu().numpy()
+            for i, (row, p) in enumerate(zip(probs_np, pred_np, strict=True)):
                 scores = {cls: float(v) for cls, v in zip(live.classes, row, strict=True)}
-                out.append(Prediction(label=live.classes[int(p)], confidence=float(c), scores=scores))
+                out.append(
+                    Prediction(
+                        label=live.classes[int(p)],
+                        confidence=float(row[int(p)]),
+                        scores=scores,
+                        prediction_id=new_prediction_id(),
+                        distance=None if far is None else float(far[i]),
+                    )
+                )
+        if self.log is not None:
+            self.log.submit(live.version, [p.prediction_id for p in out], out, inputs)
         return live.version, out
 
     def reservoir_snapshot(self) -> ReservoirSnapshot:
@@ -204,6 +255,8 @@ class Serving:
             classes=tuple(manifest.classes),
             input=spec,
             device=self.device,
+            temperature=temperature_of(manifest),
+            typicality=_typicality(registry, version),
         )
         if self.settings.serving.warmup:
             # The first forward allocates and picks kernels; do it before traffic sees the model.

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from continual.config import Settings
+from continual.drift.estimate import unknown_labels_flag, wilson_interval
 from continual.store import Store
-from continual.triggers import failure_backoff
+from continual.triggers import TriggerInput, failure_backoff, labels_needed, pick_estimate
 
 RECENT_RUNS = 5
 _RUN_FIELDS = ("id", "trigger", "status", "created_at", "finished_at", "candidate_version", "progress", "error")
@@ -43,9 +46,113 @@ def collect_status(settings: Settings, store: Store, extra: dict[str, Any] | Non
         "last_runs": runs,
         "last_decision": store.records.last_decision(),
         "training_backoff": _backoff(settings, store),
+        "accuracy": accuracy_status(settings, store, champion.version if champion else None, store.count(after=cutoff)),
     }
     status.update(extra or {})
     return status
+
+
+# -- live and estimated accuracy ------------------------------------------------------------------
+@dataclass(frozen=True)
+class VersionAccuracy:
+    """Live accuracy of one version (its last ``live_window`` labeled predictions) beside the gate's."""
+
+    version: str
+    champion: bool
+    n: int
+    correct: int
+    accuracy: float | None
+    lower: float | None  # Wilson 95%
+    upper: float | None
+    gate_accuracy: float | None  # holdout accuracy the gate measured, old and new holdouts together
+    gate_n: int | None
+
+
+def gate_accuracy(metrics: Mapping[str, Any] | None) -> tuple[float, int] | None:
+    """(accuracy, n) on the gate's holdouts from a version's recorded metrics; None when it was never gated."""
+    m = metrics or {}
+    n_old, n_new = int(m.get("n_old") or 0), int(m.get("n_new") or 0)
+    if m.get("candidate_accuracy") is not None:  # bootstrap: one holdout
+        return float(m["candidate_accuracy"]), n_old + n_new
+    parts = [(m.get("candidate_old_accuracy"), n_old), (m.get("candidate_new_accuracy"), n_new)]
+    known = [(float(a), n) for a, n in parts if a is not None and n > 0]
+    total = sum(n for _, n in known)
+    if not total:
+        return None
+    return sum(a * n for a, n in known) / total, total
+
+
+def recent_versions(store: Store, k: int) -> list[str]:
+    """The champion and the champions before it, newest first, at most ``k`` (a bounded metric label set)."""
+    out: list[str] = []
+    for row in store.versions.history(limit=max(4 * k, 16)):
+        if row["version"] not in out:
+            out.append(row["version"])
+        if len(out) >= k:
+            break
+    return out
+
+
+def live_accuracy(settings: Settings, store: Store) -> list[VersionAccuracy]:
+    versions = recent_versions(store, settings.accuracy.live_versions)
+    outcomes = store.predictions.outcomes_by_version(versions, last=settings.accuracy.live_window)
+    out = []
+    for i, v in enumerate(versions):
+        o = outcomes[v]
+        lower, upper = wilson_interval(o.n_correct, o.n_labeled) if o.n_labeled else (None, None)
+        row = store.versions.get(v)
+        gate = gate_accuracy(row["metrics"] if row else None)
+        out.append(
+            VersionAccuracy(
+                version=v,
+                champion=i == 0,
+                n=o.n_labeled,
+                correct=o.n_correct,
+                accuracy=o.n_correct / o.n_labeled if o.n_labeled else None,
+                lower=lower,
+                upper=upper,
+                gate_accuracy=gate[0] if gate else None,
+                gate_n=gate[1] if gate else None,
+            )
+        )
+    return out
+
+
+def window_summary(w: Mapping[str, Any]) -> dict[str, Any]:
+    """A window row as status shows it: estimates, and what the labels say so far."""
+    n_labeled, n_correct = int(w["n_labeled"]), int(w["n_correct"])
+    realized = n_correct / n_labeled if n_labeled else None
+    return {
+        "id": w["id"],
+        "model_version": w["model_version"],
+        "n": w["n"],
+        "first_at": w["first_at"],
+        "last_at": w["last_at"],
+        "estimates": w["estimates"],
+        "flags": [*(w["flags"] or []), *unknown_labels_flag(w["unknown_labels"] or [])],
+        "n_labeled": n_labeled,
+        "realized": realized,
+        "errors": {
+            m: (e - realized if e is not None and realized is not None else None)
+            for m, e in (w["estimates"] or {}).items()
+        },
+    }
+
+
+def accuracy_status(settings: Settings, store: Store, champion: str | None, pending: int) -> dict[str, Any]:
+    window = store.predictions.last_window(champion) if champion else None
+    estimate = pick_estimate(window["estimates"], settings.accuracy.estimator) if window else None
+    needed = labels_needed(
+        TriggerInput(champion is not None, pending, None, False, estimated_accuracy=estimate), settings.triggers
+    )
+    return {
+        "live_window": settings.accuracy.live_window,
+        "versions": [asdict(v) for v in live_accuracy(settings, store)],
+        "estimator": settings.accuracy.estimator,
+        "estimate": estimate,
+        "last_window": window_summary(window) if window else None,
+        "labels_needed": needed,
+    }
 
 
 def _backoff(settings: Settings, store: Store) -> dict[str, Any] | None:
@@ -97,4 +204,38 @@ def format_status(status: dict[str, Any]) -> str:
     dec = status["last_decision"]
     if dec:
         lines.append(f"last decision: {dec['outcome']} {dec['candidate']} (rule {dec['rule']}): {dec['reasons']}")
+    if status.get("accuracy"):
+        lines.extend(format_accuracy(status["accuracy"]))
     return "\n".join(lines)
+
+
+def _pct(v: float | None) -> str:
+    return "   -  " if v is None else f"{v:6.3f}"
+
+
+def format_accuracy(acc: dict[str, Any]) -> list[str]:
+    lines = [f"live accuracy (last {acc['live_window']} labeled predictions per version, Wilson 95%) vs the gate:"]
+    if not acc["versions"]:
+        lines.append("  no champion yet")
+    for v in acc["versions"]:
+        interval = f"[{v['lower']:.3f}, {v['upper']:.3f}]" if v["n"] else "[  -  ,   -  ]"
+        gate = f"gate {_pct(v['gate_accuracy'])} (holdout n={v['gate_n']})" if v["gate_accuracy"] is not None else ""
+        role = "champion" if v["champion"] else "earlier "
+        lines.append(f"  {v['version']}  {role}  live {_pct(v['accuracy'])} {interval} n={v['n']:<5} {gate}")
+    w = acc["last_window"]
+    if w is None:
+        lines.append("estimated accuracy: no window of predictions yet")
+    else:
+        est = ", ".join(f"{m} {_pct(e).strip()}" for m, e in sorted(w["estimates"].items()))
+        real = (
+            f"realized {w['realized']:.3f} from {w['n_labeled']} labels"
+            if w["realized"] is not None
+            else "no labels yet"
+        )
+        lines.append(f"estimated accuracy (window #{w['id']}, {w['n']} predictions): {est}; {real}")
+        lines.extend(f"  flag: {f}" for f in w["flags"])
+    if acc["labels_needed"]:
+        lines.append(
+            f"labels needed: {acc['labels_needed']} more labeled samples for the run the low estimate asks for"
+        )
+    return lines

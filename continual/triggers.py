@@ -7,6 +7,7 @@ nothing here does I/O, so every rule is tested with plain values.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from continual.config import TriggerSettings
@@ -29,6 +30,8 @@ class TriggerInput:
     new_since_last_run: bool = True
     # Runs failed in a row since the last success: the wait before the next one doubles.
     consecutive_failures: int = 0
+    # The label-free accuracy estimate of the champion's newest window of predictions (None: none yet).
+    estimated_accuracy: float | None = None
 
 
 def trigger_reason(t: TriggerInput, trig: TriggerSettings) -> str | None:
@@ -51,6 +54,11 @@ def trigger_reason(t: TriggerInput, trig: TriggerSettings) -> str | None:
     after = f" (after {t.consecutive_failures} failed runs in a row)" if t.consecutive_failures else ""
     if not t.has_champion:
         return f"bootstrap: {t.pending} samples >= min_new_samples {trig.min_new_samples}{after}"
+    if estimate_low(t.estimated_accuracy, trig):
+        return (
+            f"estimated accuracy {t.estimated_accuracy:.3f} < min_estimated_accuracy {trig.min_estimated_accuracy:g} "
+            f"with {t.pending} new samples{after}"
+        )
     if t.drift_detected:
         return f"drift detected with {t.pending} new samples{after}"
     if t.pending >= trig.max_new_samples:
@@ -58,6 +66,26 @@ def trigger_reason(t: TriggerInput, trig: TriggerSettings) -> str | None:
     if t.seconds_since_last_run is None or t.seconds_since_last_run >= trig.max_interval_seconds:
         return f"{t.pending} new samples and max_interval_seconds {trig.max_interval_seconds:g} passed{after}"
     return None
+
+
+def estimate_low(estimated: float | None, trig: TriggerSettings) -> bool:
+    """Whether the accuracy estimate is below ``min_estimated_accuracy`` (never, when that is 0: off)."""
+    return trig.min_estimated_accuracy > 0 and estimated is not None and estimated < trig.min_estimated_accuracy
+
+
+def labels_needed(t: TriggerInput, trig: TriggerSettings) -> int:
+    """How many more labeled samples the run a low estimate asks for needs (0: none asked for, or enough)."""
+    if not t.has_champion or not estimate_low(t.estimated_accuracy, trig):
+        return 0
+    return max(0, trig.min_new_samples - t.pending)
+
+
+def pick_estimate(estimates: Mapping[str, float | None] | None, estimator: str) -> float | None:
+    """The configured estimator's value; the mean confidence when that one has none (no calibration)."""
+    if not estimates:
+        return None
+    value = estimates.get(estimator)
+    return value if value is not None else estimates.get("confidence")
 
 
 def failure_backoff(failures: int, triggers: TriggerSettings) -> float:

@@ -28,8 +28,9 @@ ALLOWED: dict[str, set[str]] = {
     "learn": BASE | {"store", "models", "ingest"},
     "gate": BASE | {"store", "models", "ingest", "learn"},
     "triggers": BASE | {"store", "models", "ingest", "learn"},
-    "serving": BASE | {"store", "models", "ingest", "registry"},
-    "status": BASE | {"store", "triggers"},
+    "predlog": BASE | {"store"},  # the prediction log writer, at the serving level
+    "serving": BASE | {"store", "models", "ingest", "registry", "predlog"},
+    "status": BASE | {"store", "triggers", "drift"},  # drift: the Wilson interval (drift/estimate.py)
 }
 LOWER = set(ALLOWED) | {"drift", "gate", "triggers", "serving", "status"}
 ALLOWED["api"] = LOWER | {"metrics", "api"}

@@ -102,6 +102,7 @@ def test_every_alert_is_documented_and_tested_both_ways() -> None:
         "ContinualCandidatesRejected",
         "ContinualChampionLoadFailed",
         "ContinualFeedbackRejectionRateHigh",
+        "ContinualLiveAccuracyBelowGate",
     }
     assert required <= set(alerts)
     for name, rule in alerts.items():
@@ -152,6 +153,10 @@ def test_dashboard_shows_what_the_issue_asks_for() -> None:
         "continual_model_accuracy_ratio",
         "continual_model_info",
         "continual_predict_latency_seconds_bucket",
+        # gate vs live vs estimated accuracy
+        "continual_gate_accuracy_ratio",
+        "continual_live_accuracy_ratio",
+        "continual_estimated_accuracy_ratio",
     ):
         assert metric in exprs, metric
     assert "histogram_quantile(0.5," in exprs and "histogram_quantile(0.99," in exprs

@@ -22,7 +22,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from continual.api.auth import Forbidden, Unauthorized
 from continual.api.body import BadRequest, BodyTooLarge, UnsupportedMediaType
-from continual.ingest import BatchTooLarge, MalformedBody, TooManyInputs, ValidationFailed
+from continual.ingest import (
+    BatchTooLarge,
+    InputNotLogged,
+    MalformedBody,
+    TooManyInputs,
+    UnknownPrediction,
+    ValidationFailed,
+)
 from continual.metrics import Metrics
 from continual.registry import ChecksumMismatch
 from continual.serving import NoModel
@@ -92,6 +99,8 @@ TABLE: list[tuple[type[Exception], Rule]] = [
     (TooManyIds, Rule(413, "too_large")),
     (UnsupportedMediaType, Rule(415, "unsupported_media_type")),
     (ValidationFailed, Rule(422, "validation_failed", _details, rejects_batch=True)),
+    (UnknownPrediction, Rule(422, "unknown_prediction", _details, rejects_batch=True)),
+    (InputNotLogged, Rule(422, "input_not_logged", _details, rejects_batch=True)),
     (InvalidRequest, Rule(422, "validation_error", _details)),
     (NoModel, Rule(503, "no_model", headers=RETRY_AFTER)),
     (NoRegistry, Rule(503, "no_registry")),

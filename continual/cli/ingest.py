@@ -21,7 +21,9 @@ from continual.config import load_settings
 from continual.ingest.importers import ImportFormatError, Item, Skipped, open_source
 
 # Server error codes whose details name the samples at fault: drop those, resend the rest.
-_PER_SAMPLE_CODES = frozenset({"validation_failed", "id_conflict", "payload_too_large"})
+_PER_SAMPLE_CODES = frozenset(
+    {"validation_failed", "id_conflict", "payload_too_large", "unknown_prediction", "input_not_logged"}
+)
 
 
 @dataclass

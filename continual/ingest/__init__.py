@@ -19,13 +19,16 @@ from continual.ingest.decode import (
     decode_payload,
     predict_inputs,
 )
+from continual.ingest.reference import InputNotLogged, UnknownPrediction
 
 __all__ = [
     "BatchTooLarge",
     "Decoded",
     "InputError",
+    "InputNotLogged",
     "MalformedBody",
     "TooManyInputs",
+    "UnknownPrediction",
     "ValidationFailed",
     "decode_input",
     "decode_inputs",

@@ -15,6 +15,7 @@ import orjson
 
 from continual.config import Settings
 from continual.ingest.decode import InputError, ValidationFailed, decode_input
+from continual.ingest.reference import REFERENCE_KEYS, PredictionLookup, Reference, resolve
 from continual.store import NewSample
 
 _BAD_ID_CHARS = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
@@ -63,8 +64,18 @@ def derived_id(label: str, kind: str, payload: bytes) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def feedback_samples(doc: Any, settings: Settings, *, source: str = "api") -> list[NewSample]:  # Any: JSON
-    """Validate a parsed ``{"samples": [...]}`` document; every bad sample is named in one ValidationFailed."""
+def feedback_samples(
+    doc: Any,  # Any: the parsed JSON, validated here
+    settings: Settings,
+    *,
+    source: str = "api",
+    predictions: PredictionLookup | None = None,
+) -> list[NewSample]:
+    """Validate a parsed ``{"samples": [...]}`` document; every bad sample is named in one ValidationFailed.
+
+    A sample ``{"prediction_id", "label"}`` is built from the logged prediction
+    (``predictions``, one lookup for the batch; see :mod:`continual.ingest.reference`).
+    """
     if not isinstance(doc, dict):
         raise ValidationFailed([{"index": None, "field": "", "message": 'expected a JSON object {"samples": [...]}'}])
     extra = sorted(set(doc) - {"samples"})
@@ -76,10 +87,15 @@ def feedback_samples(doc: Any, settings: Settings, *, source: str = "api") -> li
         raise ValidationFailed([{"index": None, "field": "samples", "message": "expected a list of samples"}])
     if len(items) > settings.ingest.max_batch_samples:
         raise BatchTooLarge(len(items), settings.ingest.max_batch_samples)
-    out: list[NewSample] = []
+    out: list[NewSample | None] = []
+    refs: list[Reference] = []
     details: list[dict[str, Any]] = []
     for i, item in enumerate(items):
         try:
+            if isinstance(item, dict) and "prediction_id" in item:
+                refs.append(_reference(i, item, settings))
+                out.append(None)
+                continue
             sample = _sample(item, settings, source)
         except InputError as e:
             details.append({"index": i, "field": e.field, "message": e.message})
@@ -90,8 +106,9 @@ def feedback_samples(doc: Any, settings: Settings, *, source: str = "api") -> li
         out.append(sample)
     if details:
         raise ValidationFailed(details)
+    by_reference = resolve(refs, predictions, settings, source)
     # The payload cap is the store's: ``Store.insert`` refuses oversize payloads, naming each one.
-    return out
+    return [s if s is not None else by_reference[i] for i, s in enumerate(out)]
 
 
 def _id_problem(value: Any) -> str:  # Any: JSON value under validation
@@ -122,6 +139,40 @@ class _FieldErrors(Exception):
         self.errors = errors
 
 
+def _label_problem(label: Any, settings: Settings) -> str:  # Any: JSON value under validation
+    classes = settings.model.classes
+    if label is None:
+        return "missing"
+    if not isinstance(label, str) or label not in classes:
+        shown = ", ".join(repr(c) for c in classes[:20]) + (" ..." if len(classes) > 20 else "")
+        return f"{label!r} is not one of the configured classes ({shown})"
+    return ""
+
+
+def _reference(index: int, item: dict[str, Any], settings: Settings) -> Reference:  # Any: JSON
+    """A by-reference sample's own fields, checked before any lookup."""
+    errors: list[tuple[str, str]] = []
+    for key in sorted(str(k) for k in set(item) - REFERENCE_KEYS):
+        hint = "a sample by prediction id carries no input" if key in ("x", "image") else "unknown field"
+        errors.append((key, f"{hint}; a sample by reference has {sorted(REFERENCE_KEYS)}"))
+    pid = item.get("prediction_id")
+    problem = _id_problem(pid)
+    if problem:
+        errors.append(("prediction_id", problem))
+    sample_id = item.get("id")
+    if sample_id is not None and (problem := _id_problem(sample_id)):
+        errors.append(("id", problem))
+    label = item.get("label")
+    if problem := _label_problem(label, settings):
+        errors.append(("label", problem))
+    meta = item.get("metadata")
+    if meta is not None and (problem := _metadata_problem(meta, settings.ingest.max_metadata_bytes)):
+        errors.append(("metadata", problem))
+    if errors:
+        raise _FieldErrors(errors)
+    return Reference(index, pid, label, sample_id, meta)
+
+
 def _sample(item: Any, settings: Settings, source: str) -> NewSample:  # Any: JSON value under validation
     if not isinstance(item, dict):
         raise InputError("", "expected a sample object {id, label, x|image, metadata}")
@@ -136,12 +187,9 @@ def _sample(item: Any, settings: Settings, source: str) -> NewSample:  # Any: JS
         if problem:
             errors.append(("id", problem))
     label = item.get("label")
-    classes = settings.model.classes
-    if label is None:
-        errors.append(("label", "missing"))
-    elif not isinstance(label, str) or label not in classes:
-        shown = ", ".join(repr(c) for c in classes[:20]) + (" ..." if len(classes) > 20 else "")
-        errors.append(("label", f"{label!r} is not one of the configured classes ({shown})"))
+    problem = _label_problem(label, settings)
+    if problem:
+        errors.append(("label", problem))
     meta = item.get("metadata")
     if meta is not None:
         problem = _metadata_problem(meta, settings.ingest.max_metadata_bytes)

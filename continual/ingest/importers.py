@@ -1,7 +1,8 @@
 """Read labeled samples from files, as wire-format sample dicts with deterministic ids.
 
 Formats: an ImageFolder tree (``PATH/<class>/<file>.png|jpg``), an ``.npz`` with
-``x`` and ``y`` arrays, or a CSV with a ``label`` column. Each id is derived
+``x`` and ``y`` arrays, or a CSV with a ``label`` column (and feature columns, an
+``image`` column, or a ``prediction_id`` column: labels for logged predictions). Each id is derived
 from where the sample sits and what it holds (relative path or row, plus a hash
 of label and content), so importing the same files again sends the same ids and
 the server counts them as duplicates: an interrupted import is resumed by
@@ -163,6 +164,8 @@ def _csv(path: Path) -> Source:
         raise ImportFormatError(f"{path}: needs a header row with a 'label' column, got {header}")
     if len(set(header)) != len(header):
         raise ImportFormatError(f"{path}: repeated column names in header {header}")
+    if "prediction_id" in header:
+        return _csv_references(path, header, total)
     has_image = "image" in header
     features = [c for c in header if c not in ("label", "id", "image")]
     if not has_image and not features:
@@ -186,6 +189,33 @@ def _csv(path: Path) -> Source:
                     continue
                 sample, content = item
                 sample["id"] = given_id or sample_id("csv", f"{path.name}:{row_no}", label, content)
+                yield Item(where, sample)
+
+    return Source("csv", total, items())
+
+
+def _csv_references(path: Path, header: list[str], total: int) -> Source:
+    """``prediction_id,label`` rows: labels for predictions the service logged (it has their inputs).
+
+    No id is derived here: the service's ``"prediction:<id>"`` already makes a re-import a duplicate.
+    Columns other than ``id`` become metadata.
+    """
+    extra = [c for c in header if c not in ("prediction_id", "label", "id")]
+
+    def items() -> Iterator[Item | Skipped]:
+        with path.open(newline="", encoding="utf-8") as f:
+            for row_no, row in enumerate(csv.DictReader(f), start=2):
+                where = f"{path.name} line {row_no}"
+                pid, label = (row.get("prediction_id") or "").strip(), (row.get("label") or "").strip()
+                if not pid or not label:
+                    yield Skipped(where, "empty prediction_id" if not pid else "empty label")
+                    continue
+                sample: dict[str, Any] = {"prediction_id": pid, "label": label}
+                if (row.get("id") or "").strip():
+                    sample["id"] = row["id"].strip()
+                meta = {c: row[c] for c in extra if row.get(c) not in (None, "")}
+                if meta:
+                    sample["metadata"] = meta
                 yield Item(where, sample)
 
     return Source("csv", total, items())

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from continual.config import Settings
+from continual.learn.calibrate import calibrate
 from continual.learn.data import (
     RunData,
     SampleDataset,
@@ -158,6 +159,15 @@ def build_candidate(
     should_stop()  # a SIGTERM before the write: nothing is written (every rank asks: it is a collective)
     if not dist.is_main:
         return Candidate(None, metrics)
+    calibration, typicality = None, None
+    if settings.accuracy.calibrate:
+        # Served confidences use this temperature once the version is champion (see continual.learn.calibrate).
+        progress({"phase": "calibrating"})
+        calibration, typicality = calibrate(model, store, settings, device, upto=data_cutoff, seed=seed)
+        metrics["temperature"] = calibration["temperature"]
+    extra_tensors = {"fisher": fisher} if fisher else {}
+    if typicality is not None:
+        extra_tensors["typicality"] = typicality.tensors()
     progress({"phase": "writing"})
     manifest = files.write_version(
         {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -168,7 +178,7 @@ def build_candidate(
         data_cutoff=data_cutoff,
         run_id=run_id,
         metrics=metrics,
-        extra_tensors={"fisher": fisher} if fisher else None,
+        extra_tensors=extra_tensors or None,
         extra={
             "seed": seed,
             "trigger": trigger,
@@ -178,6 +188,7 @@ def build_candidate(
             "unfreeze_last": settings.model.unfreeze_last,
             "world_size": dist.world_size,
             "data": data.summary(),
+            **({"calibration": calibration} if calibration is not None else {}),
         },
     )
     return Candidate(manifest.version, metrics)

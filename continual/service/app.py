@@ -11,6 +11,7 @@ import logging
 from continual.api import AppContext, create_app
 from continual.config import ConfigError, Settings
 from continual.metrics import Metrics
+from continual.predlog import PredictionLog
 from continual.registry import Registry
 from continual.service import jobs, runtime
 from continual.service.context import ServiceContext, State
@@ -31,7 +32,14 @@ def build(settings: Settings, config_path: str | None = None) -> ServiceContext:
     registry.discard_unfinished()
     serving = None
     if settings.service.role != "trainer":
-        serving = Serving(settings, events=metrics)
+        log = (
+            PredictionLog(
+                store.predictions, settings.serving, max_payload_bytes=settings.store.max_payload_bytes, events=metrics
+            )
+            if settings.serving.log_predictions
+            else None
+        )
+        serving = Serving(settings, events=metrics, log=log)
         serving.sync(registry)
     return ServiceContext(
         settings=settings,
@@ -59,6 +67,8 @@ def serve(settings: Settings, config_path: str | None = None) -> int:
         recovered = recover(ctx)
         if recovered:
             log.warning("restart recovery: %s", recovered)
+    if ctx.serving is not None and ctx.serving.log is not None:
+        ctx.serving.log.start()  # stopped (after a last write) when the HTTP server is done
     scheduler = jobs.start(ctx)
     settings.service.data_dir.mkdir(parents=True, exist_ok=True)
     _warn_about_auth(settings)
@@ -93,6 +103,8 @@ def serve(settings: Settings, config_path: str | None = None) -> int:
     try:
         return runtime.run(app, rt, notifier)
     finally:
+        if serving is not None and serving.log is not None:
+            serving.log.stop()  # after the last request: what it holds is written, then the thread ends
         ctx.store.dispose()
         notifier.close()
 

@@ -3,8 +3,11 @@
 - :func:`check` (every ``check_interval_seconds``, trainer roles): lease, pending
   count, drift check, trigger, and — when one fires — train → gate → promote.
 - :func:`sync_champion` (every ``poll_interval_seconds``, serving roles): follow the pointer.
-- :func:`retention` (hourly, trainer roles): prune model versions, the event log, drift checks, and old
-  runs' settings snapshots and worker logs.
+- :func:`accuracy` (every ``[accuracy] interval_seconds``, trainer roles): close windows of the
+  champion's logged predictions with their label-free estimates, score windows and versions
+  against the labels that arrived, mirror it all into the metrics.
+- :func:`retention` (hourly, trainer roles): prune model versions, the prediction log, the event
+  log, drift checks, and old runs' settings snapshots and worker logs.
 
 Nothing is kept only in memory: the trigger state is recomputed from the store every tick.
 """
@@ -27,10 +30,11 @@ from continual.learn.run import create_run
 from continual.metrics import Metrics
 from continual.registry import VersionNotFound
 from continual.service import recovery
+from continual.service.accuracy import accuracy
 from continual.service.context import TRAINER_LEASE, ServiceContext
 from continual.service.trainer import train_and_gate
 from continual.store import StoreUnavailable
-from continual.triggers import TriggerInput, trigger_reason
+from continual.triggers import TriggerInput, estimate_low, labels_needed, pick_estimate, trigger_reason
 
 log = logging.getLogger("continual.service.jobs")
 
@@ -64,18 +68,22 @@ def check(ctx: ServiceContext) -> dict[str, Any]:
         failures = ctx.store.runs.consecutive_failures()
         ctx.metrics.training_failures_in_a_row.set(failures)
         last_cutoff = ctx.store.runs.last_gated_cutoff()
-        reason = trigger_reason(
-            TriggerInput(
-                champion is not None,
-                pending,
-                _seconds_since(ctx.store.runs.last_finished_at()),
-                drift_detected,
-                requested=requested is not None,
-                new_since_last_run=last_cutoff is None or ctx.store.max_seq() > last_cutoff,
-                consecutive_failures=failures,
-            ),
-            ctx.settings.triggers,
+        window = ctx.store.predictions.last_window(champion.version) if champion is not None else None
+        estimate = pick_estimate(window["estimates"], ctx.settings.accuracy.estimator) if window else None
+        inputs = TriggerInput(
+            champion is not None,
+            pending,
+            _seconds_since(ctx.store.runs.last_finished_at()),
+            drift_detected,
+            requested=requested is not None,
+            new_since_last_run=last_cutoff is None or ctx.store.max_seq() > last_cutoff,
+            consecutive_failures=failures,
+            estimated_accuracy=estimate,
         )
+        ctx.metrics.labels_needed.set(labels_needed(inputs, ctx.settings.triggers))
+        if window is not None and estimate is not None and estimate_low(estimate, ctx.settings.triggers):
+            _record_low_estimate(ctx, window, estimate, pending)
+        reason = trigger_reason(inputs, ctx.settings.triggers)
         if reason is None:
             return {"pending": pending, "drift": drift_detected, "run": None}
         run_id = int(requested["id"]) if requested else create_run(ctx.store, ctx.settings, trigger=reason)
@@ -88,6 +96,26 @@ def check(ctx: ServiceContext) -> dict[str, Any]:
 
 def _seconds_since(when: datetime | None) -> float | None:
     return None if when is None else (datetime.now(UTC) - when).total_seconds()
+
+
+LOW_ESTIMATE_EVENT = "estimated_accuracy_low"
+
+
+def _record_low_estimate(ctx: ServiceContext, window: dict[str, Any], estimate: float, pending: int) -> None:
+    """One event per window whose estimate is below ``min_estimated_accuracy`` (the trigger may start a run)."""
+    last = ctx.store.records.events(kind=LOW_ESTIMATE_EVENT, limit=1)
+    if last and (last[0]["data"] or {}).get("window_id") == window["id"]:
+        return
+    trig = ctx.settings.triggers
+    needed = max(0, trig.min_new_samples - pending)
+    ctx.store.records.add_event(
+        LOW_ESTIMATE_EVENT,
+        f"estimated accuracy {estimate:.3f} ({ctx.settings.accuracy.estimator}) of {window['model_version']} < "
+        f"min_estimated_accuracy {trig.min_estimated_accuracy:g} over {window['n']} predictions; "
+        + (f"{needed} more labeled samples needed for a run" if needed else f"{pending} new samples: a run may start"),
+        {"window_id": window["id"], "version": window["model_version"], "estimate": estimate,
+         "estimates": window["estimates"], "flags": window["flags"], "pending": pending, "labels_needed": needed},
+    )  # fmt: skip
 
 
 def _drift_check(ctx: ServiceContext, champion: str) -> bool:
@@ -138,6 +166,7 @@ def sync_champion(ctx: ServiceContext) -> bool:
 @dataclass(frozen=True)
 class Pruned:
     versions: list[str]
+    predictions: int
     events: int
     drift_checks: int
     run_specs: int
@@ -145,11 +174,15 @@ class Pruned:
 
 
 def retention(ctx: ServiceContext) -> Pruned:
-    """Keep what grows bounded: model versions (``[model] keep_versions``; every past champion
-    stays), the event log, drift checks, old runs' settings snapshots and worker logs (``[retention]``)."""
-    r = ctx.settings.retention
+    """Keep what grows bounded: model versions (``[model] keep_versions``; every past champion stays),
+    logged predictions (``[serving] prediction_retention_days``/``_rows``), the event log, drift
+    checks, old runs' settings snapshots and worker logs (``[retention]``)."""
+    r, s = ctx.settings.retention, ctx.settings.serving
     pruned = Pruned(
         versions=ctx.registry.apply_retention(ctx.settings.model.keep_versions),
+        predictions=ctx.store.predictions.apply_retention(
+            max_age_seconds=s.prediction_retention_days * 86_400, max_rows=s.prediction_retention_rows
+        ),
         events=ctx.store.records.prune_events(older_than_days=r.events_days, keep_rows=r.events_max_rows),
         drift_checks=ctx.store.records.prune_drift_checks(
             older_than_days=r.drift_checks_days, keep_rows=r.drift_checks_max_rows
@@ -157,7 +190,9 @@ def retention(ctx: ServiceContext) -> Pruned:
         run_specs=len(ctx.store.runs.prune_specs(older_than_days=r.run_specs_days)),
         run_logs=_prune_run_logs(ctx.settings.service.data_dir / "runs", r.run_logs_days),
     )
-    if any((pruned.versions, pruned.events, pruned.drift_checks, pruned.run_specs, pruned.run_logs)):
+    if any(
+        (pruned.versions, pruned.predictions, pruned.events, pruned.drift_checks, pruned.run_specs, pruned.run_logs)
+    ):
         log.info("retention: %s", pruned)
     return pruned
 
@@ -186,6 +221,7 @@ def start(ctx: ServiceContext) -> BackgroundScheduler:
         every(_guarded(check, ctx), "interval", id="check", seconds=s.triggers.check_interval_seconds,
               next_run_time=datetime.now(UTC))  # fmt: skip
         every(_guarded(retention, ctx), "interval", id="retention", hours=1)
+        every(_guarded(accuracy, ctx), "interval", id="accuracy", seconds=s.accuracy.interval_seconds)
     if ctx.serving is not None:
         every(_guarded(sync_champion, ctx), "interval", id="sync_champion", seconds=s.serving.poll_interval_seconds)
     scheduler.start()
@@ -201,6 +237,10 @@ def stop(ctx: ServiceContext, scheduler: BackgroundScheduler | None) -> None:
         handle.cancel()
     if scheduler is not None:
         scheduler.shutdown(wait=False)
+    if ctx.serving is not None and ctx.serving.log is not None:
+        # Write what the log holds now; requests still draining add to it, and serve() stops
+        # the writer (a last write) once the HTTP server is done.
+        ctx.serving.log.flush(timeout=5.0)
     with contextlib.suppress(StoreUnavailable):
         ctx.store.leases.release(TRAINER_LEASE, ctx.holder)
 

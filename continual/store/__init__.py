@@ -4,7 +4,8 @@ The only package that imports SQLAlchemy or writes SQL. :class:`Store` owns the
 engine and the sample methods; the other tables have one owner each, reached as
 ``store.versions`` (model versions, the champion pointer), ``store.runs``
 (training runs), ``store.records`` (gate decisions, drift checks, events) and
-``store.leases`` (the trainer lease).
+``store.leases`` (the trainer lease) and ``store.predictions`` (the prediction log
+and the accuracy windows over it).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from continual.store import sampling as _reads
 from continual.store.engine import EngineOptions, StoreUnavailable, make_engine, read_tx
 from continual.store.lease import Leases
 from continual.store.migrate import SchemaOutOfDate, check_schema, current_revision, head_revision, upgrade
+from continual.store.predictions import LoggedPrediction, Outcome, PredictionRecord, Predictions
 from continual.store.records import Records
 from continual.store.runs import RunActive, RunNotFound, RunNotPending, Runs
 from continual.store.samples import (
@@ -41,10 +43,13 @@ __all__ = [
     "ChampionMoved",
     "IdConflict",
     "InsertResult",
+    "LoggedPrediction",
     "NewSample",
     "NoPreviousChampion",
+    "Outcome",
     "PayloadRow",
     "PayloadTooLarge",
+    "PredictionRecord",
     "RunActive",
     "RunNotFound",
     "RunNotPending",
@@ -90,6 +95,7 @@ class Store:
         self.runs = Runs(self.engine)
         self.records = Records(self.engine)
         self.leases = Leases(self.engine)
+        self.predictions = Predictions(self.engine)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Store:

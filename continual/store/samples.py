@@ -6,14 +6,14 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Connection, Dialect, Engine, bindparam, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 
+from continual.store.bulk import insert_rows
 from continual.store.engine import write_tx
-from continual.store.schema import samples
+from continual.store.schema import predictions, samples
 
 SPLITS = ("train", "holdout")
 # The wire field each payload kind came in (a refused sample's details name it).
@@ -67,6 +67,9 @@ class NewSample:
     source: str = ""
     meta: dict[str, Any] | None = None
     sha256: str = field(default="")
+    # Built from a logged prediction (feedback by reference): storing the sample labels it.
+    prediction_id: str | None = None
+    predicted_at: datetime | None = None
 
     def __post_init__(self) -> None:
         if not self.sha256:
@@ -102,6 +105,8 @@ class PayloadRow:
 class InsertResult:
     accepted: int
     duplicates: int
+    # (prediction id, prediction time) of each stored sample built from a logged prediction.
+    labeled: tuple[tuple[str, datetime], ...] = ()
 
 
 def split_of(external_id: str, holdout_fraction: float) -> str:
@@ -141,7 +146,8 @@ def insert_samples(
     try:
         with write_tx(engine) as conn:
             _insert_rows(conn, rows)
-        return InsertResult(len(unique), in_batch_dupes)
+            _link_predictions(conn, unique, now)
+        return InsertResult(len(unique), in_batch_dupes, _labeled(unique))
     except IntegrityError:
         pass
     for attempt in range(2):
@@ -165,7 +171,9 @@ def insert_samples(
                 fresh = [r for r in rows if r["external_id"] not in existing]
                 if fresh:
                     _insert_rows(conn, fresh)
-                return InsertResult(len(fresh), in_batch_dupes + len(unique) - len(fresh))
+                fresh_samples = [s for s in unique if s.external_id not in existing]
+                _link_predictions(conn, fresh_samples, now)
+                return InsertResult(len(fresh), in_batch_dupes + len(unique) - len(fresh), _labeled(fresh_samples))
         except IntegrityError:
             # Another writer stored one of these ids between our read and write
             # (PostgreSQL read committed); the second pass sees it.
@@ -209,35 +217,29 @@ def _row(s: NewSample, holdout_fraction: float, now: datetime) -> dict[str, Any]
     }
 
 
-_INSERT_COLUMNS = [c for c in samples.c if c.name != "seq"]
-
-
-@lru_cache(maxsize=8)
-def _compiled_insert(dialect: Dialect) -> tuple[str, tuple[str, ...], tuple[Any, ...], bool]:
-    stmt = insert(samples).inline().values({c.name: bindparam(c.name) for c in _INSERT_COLUMNS})
-    compiled = stmt.compile(dialect=dialect)
-    names = tuple(compiled.positiontup or ()) if compiled.positional else tuple(c.name for c in _INSERT_COLUMNS)
-    processors = tuple(samples.c[n].type.dialect_impl(dialect).bind_processor(dialect) for n in names)
-    return str(compiled), names, processors, bool(compiled.positional)
-
-
 def _insert_rows(conn: Connection, rows: list[dict[str, Any]]) -> None:
-    """executemany straight to the driver: SQLAlchemy's per-row parameter building
-    costs more than SQLite's insert itself. Column types still convert values."""
-    sql, names, processors, positional = _compiled_insert(conn.dialect)
-    to_convert = [(i, f) for i, f in enumerate(processors) if f is not None]
-    converted: dict[int, Any] = {}  # by id(): a batch shares one timestamp, convert it once
-    params: list[Any] = []
-    for row in rows:
-        values = [row[n] for n in names]
-        for i, process in to_convert:
-            value = values[i]
-            if value is not None:  # None stays SQL NULL, not JSON 'null'
-                if id(value) not in converted:
-                    converted[id(value)] = process(value)
-                values[i] = converted[id(value)]
-        params.append(tuple(values) if positional else dict(zip(names, values, strict=True)))
-    conn.exec_driver_sql(sql, params)
+    insert_rows(conn, samples, rows)
+
+
+def _link_predictions(conn: Connection, fresh: Sequence[NewSample], now: datetime) -> None:
+    """Fresh samples built from logged predictions label them: the first label of a prediction wins."""
+    linked = [
+        {"pid": s.prediction_id, "true_label": s.label, "labeled_at": now, "sample_id": s.external_id}
+        for s in fresh
+        if s.prediction_id
+    ]
+    if linked:
+        conn.execute(
+            update(predictions)
+            .where(predictions.c.id == bindparam("pid"), predictions.c.labeled_at.is_(None))
+            .values(true_label=bindparam("true_label"), labeled_at=bindparam("labeled_at"),
+                    sample_id=bindparam("sample_id")),
+            linked,
+        )  # fmt: skip
+
+
+def _labeled(fresh: Sequence[NewSample]) -> tuple[tuple[str, datetime], ...]:
+    return tuple((s.prediction_id, s.predicted_at) for s in fresh if s.prediction_id and s.predicted_at)
 
 
 def exclude(engine: Engine, external_ids: Sequence[str]) -> tuple[int, list[str]]:

@@ -157,3 +157,60 @@ install_secrets = Table(
     Column("value", String(128), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
+# One row per answered /v1/predict input (the prediction log). ``id`` sorts by creation
+# time (a ULID-like string); ``payload`` is the input as a sample would store it, or NULL
+# when the logging policy (``input_policy``) did not keep it. A label that arrives later
+# by prediction id fills ``true_label``/``labeled_at`` and names the sample it became.
+predictions = Table(
+    "predictions",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("model_version", String(64), nullable=False),
+    Column("label", String(255), nullable=False),  # predicted
+    Column("confidence", Float, nullable=False),  # calibrated, as served
+    # Embedding distance from the version's holdout / its 99th percentile (> 1: far); NULL without one.
+    Column("distance", Float, nullable=True),
+    Column("scores", JSON, nullable=True),  # the top-k classes and their probabilities
+    Column("kind", String(16), nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("payload", LargeBinary, nullable=True),
+    Column("input_policy", String(16), nullable=False),  # [serving] log_inputs when it was logged
+    Column("true_label", String(255), nullable=True),
+    Column("labeled_at", DateTime(timezone=True), nullable=True),
+    Column("sample_id", String(255), nullable=True),  # external id of the sample the label became
+)
+# Windows of one version's predictions in id order; labeled predictions per version, newest first
+# (partial: a prediction is inserted unlabeled, so the insert — the hot path — skips this index).
+# No index on created_at: ids sort by time, so retention walks the primary key from the oldest.
+_labeled = predictions.c.labeled_at.is_not(None)
+Index("ix_predictions_version_id", predictions.c.model_version, predictions.c.id)
+Index(
+    "ix_predictions_version_labeled",
+    predictions.c.model_version,
+    predictions.c.labeled_at,
+    sqlite_where=_labeled,
+    postgresql_where=_labeled,
+)
+
+# Consecutive windows of the champion's predictions with their label-free accuracy
+# estimates; the realized accuracy fills in as labels arrive.
+accuracy_windows = Table(
+    "accuracy_windows",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("model_version", String(64), nullable=False),
+    Column("first_id", String(32), nullable=False),
+    Column("last_id", String(32), nullable=False),
+    Column("first_at", DateTime(timezone=True), nullable=False),
+    Column("last_at", DateTime(timezone=True), nullable=False),
+    Column("n", Integer, nullable=False),
+    Column("estimates", JSON, nullable=False),  # {method: estimated accuracy or null}
+    Column("flags", JSON, nullable=True),  # why the estimates may not hold for this window
+    Column("n_labeled", Integer, nullable=False, default=0),
+    Column("n_correct", Integer, nullable=False, default=0),
+    Column("unknown_labels", JSON, nullable=True),  # true labels outside the version's classes
+    Column("realized_at", DateTime(timezone=True), nullable=True),
+)
+Index("ix_accuracy_windows_version_last", accuracy_windows.c.model_version, accuracy_windows.c.last_id)

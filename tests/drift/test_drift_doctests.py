@@ -5,10 +5,10 @@ from types import ModuleType
 
 import pytest
 
-from continual.drift import categorical, ks, mmd
+from continual.drift import categorical, estimate, ks, mmd
 
 
-@pytest.mark.parametrize("module", [mmd, ks, categorical], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [mmd, ks, categorical, estimate], ids=lambda m: m.__name__)
 def test_docstring_examples_run(module: ModuleType) -> None:
     results = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert results.attempted > 0

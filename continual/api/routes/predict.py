@@ -1,4 +1,4 @@
-"""``POST /v1/predict``: decode the inputs, run the champion, answer labels, scores and the version."""
+"""``POST /v1/predict``: decode the inputs, run the champion, answer labels, scores, prediction ids and the version."""
 
 from __future__ import annotations
 
@@ -42,5 +42,8 @@ def _predict(body: bytes, ctx: AppContext) -> dict[str, Any]:
     ctx.metrics.predict_latency.observe(time.perf_counter() - start)
     return {
         "model_version": version,
-        "predictions": [{"label": p.label, "confidence": p.confidence, "scores": p.scores} for p in preds],
+        "predictions": [
+            {"label": p.label, "confidence": p.confidence, "scores": p.scores, "prediction_id": p.prediction_id}
+            for p in preds
+        ],
     }
