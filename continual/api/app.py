@@ -18,6 +18,7 @@ def create_app(ctx: AppContext) -> FastAPI:
     app = FastAPI(title="continual", version="1", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ctx = ctx
     app.state.auth = Auth.from_settings(ctx.settings)
+    app.state.store_ping = status.StorePing(ctx.store.ping, ctx.settings.service.readyz_timeout_seconds)
     app.add_middleware(RequestMetrics, metrics=ctx.metrics)
     errors.install(app, ctx.metrics)
     for routes in (status, feedback, predict, models, admin):

@@ -22,7 +22,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from continual.api.auth import Forbidden, Unauthorized
 from continual.api.body import BadRequest, BodyTooLarge, UnsupportedMediaType
-from continual.ingest import BatchTooLarge, MalformedBody, TooManyInputs, ValidationFailed
+from continual.ingest import (
+    BatchTooLarge,
+    DecodedTooLarge,
+    ExclusionInvalid,
+    MalformedBody,
+    TooManyIds,
+    TooManyInputs,
+    ValidationFailed,
+)
 from continual.metrics import Metrics
 from continual.registry import ChecksumMismatch
 from continual.serving import NoModel
@@ -48,10 +56,6 @@ class InvalidRequest(ValueError):
     def __init__(self, message: str, details: Details) -> None:
         self.details = details
         super().__init__(message)
-
-
-class TooManyIds(ValueError):
-    """More ids in one exclusion request than the route takes (413 ``too_large``)."""
 
 
 class NoRegistry(RuntimeError):
@@ -89,8 +93,10 @@ TABLE: list[tuple[type[Exception], Rule]] = [
     (PayloadTooLarge, Rule(413, "payload_too_large", _details, rejects_batch=True)),
     (TooManyInputs, Rule(413, "too_many_inputs")),
     (TooManyIds, Rule(413, "too_large")),
+    (DecodedTooLarge, Rule(413, "decoded_too_large", rejects_batch=True)),
     (UnsupportedMediaType, Rule(415, "unsupported_media_type")),
     (ValidationFailed, Rule(422, "validation_failed", _details, rejects_batch=True)),
+    (ExclusionInvalid, Rule(422, "validation_error", _details)),
     (InvalidRequest, Rule(422, "validation_error", _details)),
     (NoModel, Rule(503, "no_model", headers=RETRY_AFTER)),
     (NoRegistry, Rule(503, "no_registry")),

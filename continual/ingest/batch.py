@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from continual.config import Settings
-from continual.ingest.decode import InputError, ValidationFailed, decode_input
+from continual.ingest.decode import InputError, ValidationFailed, _json_type, check_pixel_budget, decode_input
 from continual.store import NewSample
 
 _BAD_ID_CHARS = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
@@ -76,6 +76,11 @@ def feedback_samples(doc: Any, settings: Settings, *, source: str = "api") -> li
         raise ValidationFailed([{"index": None, "field": "samples", "message": "expected a list of samples"}])
     if len(items) > settings.ingest.max_batch_samples:
         raise BatchTooLarge(len(items), settings.ingest.max_batch_samples)
+    if settings.model.input.kind == "image":
+        # Before any image is decoded: the whole request's pixels, from the headers (413).
+        check_pixel_budget(
+            (it.get("image") for it in items if isinstance(it, dict)), settings.ingest.max_request_pixels
+        )
     out: list[NewSample] = []
     details: list[dict[str, Any]] = []
     for i, item in enumerate(items):
@@ -94,7 +99,8 @@ def feedback_samples(doc: Any, settings: Settings, *, source: str = "api") -> li
     return out
 
 
-def _id_problem(value: Any) -> str:  # Any: JSON value under validation
+def id_problem(value: Any) -> str:  # Any: JSON value under validation
+    """What is wrong with a sample id ("" when nothing): feedback and exclusions share the rule."""
     if not isinstance(value, str) or not value.strip() or len(value) > MAX_ID_LENGTH:
         return f"must be a non-empty string of at most {MAX_ID_LENGTH} characters"
     # Control characters and lone surrogates (legal in JSON escapes) cannot be stored as text everywhere
@@ -104,9 +110,13 @@ def _id_problem(value: Any) -> str:  # Any: JSON value under validation
     return ""
 
 
-def _metadata_problem(value: Any, limit: int) -> str:  # Any: JSON value under validation
+def _metadata_problem(value: Any, limit: int, max_depth: int) -> str:  # Any: JSON value under validation
     if not isinstance(value, dict):
         return "must be a JSON object"
+    # json.dumps (and the database driver after it) recurse: bound depth and size first, without recursion.
+    problem = _json_shape_problem(value, max_depth=max_depth, max_bytes=limit)
+    if problem:
+        return problem
     try:
         # Exactly what the database will be asked to store: strict JSON, valid UTF-8.
         size = len(json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8"))
@@ -114,6 +124,35 @@ def _metadata_problem(value: Any, limit: int) -> str:  # Any: JSON value under v
         return f"must be plain JSON with finite numbers and valid unicode ({type(e).__name__})"
     if size > limit:
         return f"{size} bytes as JSON exceeds ingest.max_metadata_bytes = {limit}"
+    return ""
+
+
+def _json_shape_problem(value: Any, *, max_depth: int, max_bytes: int) -> str:  # Any: parsed JSON
+    """Iteratively: "" if ``value`` nests at most ``max_depth`` deep and could fit ``max_bytes`` as JSON.
+
+    The size is a lower bound of the encoded length (the exact check comes after, from
+    code that may recurse); the walk stops as soon as either limit is passed.
+    """
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    size = 0
+    while stack:
+        node, depth = stack.pop()
+        if depth > max_depth and isinstance(node, (dict, list)):
+            return f"nested deeper than ingest.max_metadata_depth = {max_depth} levels"
+        if isinstance(node, dict):
+            size += 1 + 2 * len(node)  # braces, and at least a colon and a comma or brace per key
+            for k, v in node.items():
+                size += len(k) + 2
+                stack.append((v, depth + 1))
+        elif isinstance(node, list):
+            size += 1 + max(1, len(node))
+            stack.extend((v, depth + 1) for v in node)
+        elif isinstance(node, str):
+            size += len(node) + 2
+        else:
+            size += 1
+        if size > max_bytes:
+            return f"over ingest.max_metadata_bytes = {max_bytes} bytes as JSON"
     return ""
 
 
@@ -132,19 +171,22 @@ def _sample(item: Any, settings: Settings, source: str) -> NewSample:  # Any: JS
         errors.append((key, f"unknown field; a sample has {sorted(SAMPLE_KEYS)}"))
     sample_id = item.get("id")
     if sample_id is not None:
-        problem = _id_problem(sample_id)
+        problem = id_problem(sample_id)
         if problem:
             errors.append(("id", problem))
     label = item.get("label")
     classes = settings.model.classes
     if label is None:
         errors.append(("label", "missing"))
-    elif not isinstance(label, str) or label not in classes:
+    elif not isinstance(label, str):
+        # Never repr() it: a label nested 1,000 deep would overflow the stack.
+        errors.append(("label", f"expected a string (one of the configured classes), got {_json_type(label)}"))
+    elif label not in classes:
         shown = ", ".join(repr(c) for c in classes[:20]) + (" ..." if len(classes) > 20 else "")
         errors.append(("label", f"{label!r} is not one of the configured classes ({shown})"))
     meta = item.get("metadata")
     if meta is not None:
-        problem = _metadata_problem(meta, settings.ingest.max_metadata_bytes)
+        problem = _metadata_problem(meta, settings.ingest.max_metadata_bytes, settings.ingest.max_metadata_depth)
         if problem:
             errors.append(("metadata", problem))
     other = "image" if settings.model.input.kind == "vector" else "x"
@@ -152,7 +194,10 @@ def _sample(item: Any, settings: Settings, source: str) -> NewSample:  # Any: JS
         errors.append((other, f"this service takes {settings.model.input.kind} inputs, not {other!r}"))
     decoded = None
     try:
-        decoded = decode_input(item, settings.model.input, max_image_pixels=settings.ingest.max_image_pixels)
+        # Decoded to validate, then dropped: feedback stores the bytes, so one image is alive at a time.
+        decoded = decode_input(
+            item, settings.model.input, max_image_pixels=settings.ingest.max_image_pixels, keep_image=False
+        )
     except InputError as e:
         errors.append((e.field, e.message))
     if errors or decoded is None:
