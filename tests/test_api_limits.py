@@ -43,7 +43,7 @@ DEFAULTS = IngestSettings()
 def png(w: int, h: int, mode: str = "1") -> str:
     """A flat PNG, base64: 5000x5000 at 1 bit per pixel is ~4 KB and decodes to 25 MP."""
     buf = io.BytesIO()
-    Image.new(mode, (w, h), 1 if mode == "1" else 128).save(buf, format="PNG")
+    Image.new(mode, (w, h), 0 if mode == "1" else 128).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
