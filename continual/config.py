@@ -45,6 +45,12 @@ class ServiceSettings(_Section):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Seconds SIGTERM waits for in-flight requests and a cancelled run before exiting.
     shutdown_timeout_seconds: float = Field(20.0, gt=0)
+    # /readyz answers "store": false when the store ping takes longer than this.
+    readyz_timeout_seconds: float = Field(2.0, gt=0)
+    # The watchdog fails (no WATCHDOG=1, so systemd restarts the service) when no request
+    # thread has come free for this long: every one is stuck. Keep it above the longest
+    # request you expect to wait, e.g. a store that is slow to answer.
+    request_thread_stall_seconds: float = Field(60.0, gt=0)
 
 
 class AuthSettings(_Section):
@@ -74,13 +80,35 @@ class StoreSettings(_Section):
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
 
 
+# A classifier resizes its input to a few hundred pixels a side; 4096 x 4096 still takes a
+# 12 MP phone photo or a 4K frame as it is.
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+
+
 class IngestSettings(_Section):
     max_body_bytes: int = Field(32 * 1_048_576, ge=1024)
     max_batch_samples: int = Field(1_000, ge=1)
-    # Decompression-bomb guard: images with more pixels than this are rejected.
-    max_image_pixels: int = Field(25_000_000, ge=1)
+    # Decompression-bomb guard: images with more pixels than this are rejected (422), read
+    # from the header before decoding. Training, drift and evaluation refuse stored images
+    # over it too (the run fails naming the sample).
+    max_image_pixels: int = Field(DEFAULT_MAX_IMAGE_PIXELS, ge=1)
+    # What one request may make the service decode: the sum of width x height over its
+    # images, read from their headers before any is decoded (413 decoded_too_large).
+    # Images are decoded one at a time, so this bounds CPU time; memory is one image per thread.
+    max_request_pixels: int = Field(16 * DEFAULT_MAX_IMAGE_PIXELS, ge=1)
     # One sample's metadata object, as JSON (stored in the sample's row).
     max_metadata_bytes: int = Field(65_536, ge=2)
+    # How deeply that object may nest; checked without recursion, before anything walks it.
+    max_metadata_depth: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _budget_holds_an_image(self) -> IngestSettings:
+        if self.max_request_pixels < self.max_image_pixels:
+            raise ValueError(
+                f"max_request_pixels ({self.max_request_pixels}) must be >= max_image_pixels "
+                f"({self.max_image_pixels}): a request must be able to carry one image at the cap"
+            )
+        return self
 
 
 class InputSettings(_Section):

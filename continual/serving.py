@@ -251,7 +251,7 @@ class Serving:
             version=version,
             architecture=manifest.architecture,
             module=module,
-            transform=make_transform(spec, train=False),
+            transform=make_transform(spec, train=False, max_pixels=self.settings.ingest.max_image_pixels),
             classes=tuple(manifest.classes),
             input=spec,
             device=self.device,

@@ -147,3 +147,53 @@ def running_server(
         server.stop()
         if tmp is not None:
             tmp.cleanup()
+
+
+# Starlette runs sync handlers, sync dependencies and run_in_threadpool work on anyio's
+# default thread limiter: 40 threads per event loop.
+REQUEST_THREADS = 40
+
+
+@contextmanager
+def request_threads_blocked(server: ServerProcess, n: int = REQUEST_THREADS + 8) -> Iterator[list[int]]:
+    """``n`` concurrent feedback requests, each held in a request thread by a SQLite write lock the test holds.
+
+    Needs a SQLite store with a ``busy_timeout_ms`` longer than the block. Yields the list
+    their status codes land in once the lock is released (on leaving the block).
+    """
+    import sqlite3
+    import threading
+
+    db = Path(server.env.get("CONTINUAL_SERVICE__DATA_DIR", server.workdir / "data")) / "continual.db"
+    lock = sqlite3.connect(db, isolation_level=None, timeout=10)
+    lock.execute("BEGIN IMMEDIATE")  # what every feedback commit waits for
+    codes: list[int] = []
+
+    def send(i: int) -> None:
+        body = {"samples": [{"id": f"blocked-{i}", "label": "0", "x": [0.0] * 64}]}
+        try:
+            codes.append(httpx.post(server.url + "/v1/feedback", json=body, timeout=120).status_code)
+        except httpx.TransportError as e:
+            codes.append(-1)
+            raise AssertionError(f"blocked request {i} failed: {e!r}") from e
+
+    def saturated() -> bool:
+        # /metrics is a plain `def` route: it needs a request thread, so it hangs once none is free.
+        try:
+            httpx.get(server.url + "/metrics", timeout=3)
+        except httpx.TimeoutException:
+            return True
+        return False
+
+    threads = [threading.Thread(target=send, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    try:
+        # SQLite's pool (15 connections) makes the other waiters give up after 30 s: be done by then.
+        wait_for(saturated, 20, "every request thread blocked", 0.2)
+        yield codes
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+        for t in threads:
+            t.join(60)

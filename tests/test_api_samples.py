@@ -44,3 +44,10 @@ def test_cli_exclude(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped
     assert main(["samples", "exclude", "s1", "--file", str(tmp_path / "ids.txt"), "--config", str(cfg)]) == 0
     assert "excluded 3 samples" in capsys.readouterr().out
     assert store.count() == 2
+    [event] = store.records.events(kind="samples_excluded")
+    assert event["data"]["actor"] == "cli" and event["data"]["n"] == 3
+    # The HTTP route's id and reason rules: nothing excluded, nothing recorded.
+    for args in (["s0", "a\x00b"], ["s0", "x" * 256], ["s0", "--reason", "a\x00b"]):
+        assert main(["samples", "exclude", *args, "--config", str(cfg)]) == 1
+        assert "nothing excluded" in capsys.readouterr().err
+    assert store.count() == 2 and len(store.records.events(kind="samples_excluded")) == 1

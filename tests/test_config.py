@@ -108,6 +108,16 @@ def test_cross_field_rules(tmp_path: Path) -> None:
         load_settings(write(tmp_path, "[triggers]\nmin_new_samples = 10\nmax_new_samples = 5\n"), env={})
     with pytest.raises(ConfigError, match="one value per channel"):
         load_settings(write(tmp_path, "[model.input]\nchannels = 1\n"), env={})
+    with pytest.raises(ConfigError, match=r"max_request_pixels \(1000\) must be >= max_image_pixels \(2000\)"):
+        load_settings(write(tmp_path, "[ingest]\nmax_image_pixels = 2000\nmax_request_pixels = 1000\n"), env={})
+
+
+def test_request_limits_default_to_classification_sized_inputs() -> None:
+    ingest = Settings().ingest
+    # A classifier resizes to a few hundred pixels: 4096 x 4096 takes a 12 MP photo, not a 5000 x 5000 bomb.
+    assert ingest.max_image_pixels == 4096 * 4096 < 5000 * 5000
+    assert ingest.max_request_pixels == 16 * ingest.max_image_pixels
+    assert ingest.max_metadata_depth == 16
 
 
 def test_tokens_from_files_and_credentials_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,6 +8,7 @@ from ingestutil import b64, image_bytes, image_settings, vector_settings
 
 from continual.ingest import (
     BatchTooLarge,
+    DecodedTooLarge,
     MalformedBody,
     ValidationFailed,
     derived_id,
@@ -65,6 +66,46 @@ def test_every_bad_sample_and_field_is_named(tmp_path: Path) -> None:
 )
 def test_document_shape_errors(tmp_path: Path, doc: object, field: str) -> None:
     assert fails(doc, vector_settings(tmp_path)) == [(None, field)]
+
+
+def nested(depth: int, leaf: object = 0) -> object:
+    """A list ``depth`` deep, built without recursion (what a parser hands over for [[[...]]])."""
+    out = leaf
+    for _ in range(depth):
+        out = [out]
+    return out
+
+
+def test_deep_or_huge_metadata_and_labels_are_named_not_recursed_into(tmp_path: Path) -> None:
+    s = vector_settings(tmp_path)
+    ok = {"label": "cat", "x": [1, 2, 3, 4]}
+    doc = {
+        "samples": [
+            ok,
+            {**ok, "metadata": {"a": nested(100_000)}},  # far beyond any recursion limit
+            {**ok, "label": nested(100_000, "cat")},
+            {**ok, "metadata": {"a": [0] * 1_000_000}},
+            {**ok, "metadata": {"a": nested(15)}},  # 16 levels with the object: the limit
+            {**ok, "metadata": {"a": nested(16)}},
+        ]
+    }
+    with pytest.raises(ValidationFailed) as e:
+        feedback_samples(doc, s)
+    got = {(d["index"], d["field"]): d["message"] for d in e.value.details}
+    assert list(got) == [(1, "metadata"), (2, "label"), (3, "metadata"), (5, "metadata")], got
+    assert "nested deeper than ingest.max_metadata_depth = 16" in got[(1, "metadata")]
+    assert "expected a string" in got[(2, "label")]
+    assert "ingest.max_metadata_bytes = 65536" in got[(3, "metadata")]
+
+
+def test_the_pixel_budget_refuses_a_feedback_batch_before_decoding(tmp_path: Path) -> None:
+    s = image_settings(tmp_path, ingest={"max_image_pixels": 100, "max_request_pixels": 250})
+    sample = {"label": "cat", "image": b64(image_bytes(w=10, h=10))}
+    assert len(feedback_samples({"samples": [sample, sample]}, s)) == 2
+    with pytest.raises(DecodedTooLarge, match="300 pixels"):
+        feedback_samples({"samples": [sample, sample, sample]}, s)
+    # Vector services never look for images.
+    assert len(feedback_samples({"samples": [{"label": "cat", "x": [0, 0, 0, 0]}] * 3}, vector_settings(tmp_path))) == 3
 
 
 def test_empty_batch_is_fine(tmp_path: Path) -> None:

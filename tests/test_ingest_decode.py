@@ -10,11 +10,21 @@ from ingestutil import b64, image_bytes
 from PIL import Image
 
 from continual.config import InputSettings
-from continual.ingest import InputError, ValidationFailed, decode_input, decode_inputs, decode_payload
+from continual.ingest import (
+    DecodedTooLarge,
+    InputError,
+    ValidationFailed,
+    check_pixel_budget,
+    decode_input,
+    decode_inputs,
+    decode_payload,
+)
 
 VEC = InputSettings(kind="vector", shape=(4,))
 GRID = InputSettings(kind="vector", shape=(2, 3))
 IMG = InputSettings(kind="image")
+GRAY = InputSettings(kind="image", size=(3, 4), channels=1, mean=(0.5,), std=(0.5,))
+SMALL_RGB = InputSettings(kind="image", size=(3, 4))
 PIXELS = 10_000
 
 
@@ -78,15 +88,40 @@ def test_missing_input_and_wrong_kind_are_explained() -> None:
 @pytest.mark.parametrize(("mode", "fmt"), [("RGB", "PNG"), ("L", "PNG"), ("RGB", "JPEG"), ("L", "JPEG")])
 def test_png_and_jpeg_in_gray_or_rgb_keep_their_bytes(mode: str, fmt: str) -> None:
     data = image_bytes(mode=mode, fmt=fmt)
-    d = decode_input({"image": b64(data)}, IMG, max_image_pixels=PIXELS)
+    spec = GRAY if mode == "L" else SMALL_RGB
+    d = decode_input({"image": b64(data)}, spec, max_image_pixels=PIXELS)
     assert d.kind == "image" and d.payload == data
-    assert d.image is not None and d.image.mode == mode and d.image.size == (8, 6)
+    # Kept fitted to the input spec ([h, w] = [3, 4]): a request never holds a full-size image.
+    assert d.image is not None and d.image.mode == mode and d.image.size == (4, 3)
+
+
+def test_kept_images_are_what_the_model_transform_makes_of_the_full_image() -> None:
+    from continual.models import make_transform
+    from continual.models.transforms import transform_stored
+
+    class Row:
+        seq, external_id, kind = 1, "r", "image"
+
+    for mode in ("1", "L", "LA", "P", "RGB", "RGBA"):
+        for spec in (GRAY, SMALL_RGB):
+            row = Row()
+            row.payload = image_bytes(w=40, h=30, mode=mode)  # type: ignore[attr-defined]
+            kept = decode_input({"image": b64(row.payload)}, spec, max_image_pixels=PIXELS)  # type: ignore[attr-defined]
+            transform = make_transform(spec)
+            assert (transform(kept) - transform_stored(row, transform)).abs().max() < 1e-6, (mode, spec.channels)
+
+
+def test_feedback_decodes_to_validate_then_keeps_only_the_bytes() -> None:
+    data = image_bytes()
+    d = decode_input({"image": b64(data)}, IMG, max_image_pixels=PIXELS, keep_image=False)
+    assert d.image is None and d.payload == data
+    assert "corrupt" in bad({"image": b64(image_bytes()[:40])}, IMG).message
 
 
 def test_other_modes_become_rgb_or_gray() -> None:
     rgba = decode_input({"image": b64(image_bytes(mode="RGBA"))}, IMG, max_image_pixels=PIXELS)
     assert rgba.image is not None and rgba.image.mode == "RGB"
-    la = decode_input({"image": b64(image_bytes(mode="LA"))}, IMG, max_image_pixels=PIXELS)
+    la = decode_input({"image": b64(image_bytes(mode="LA"))}, GRAY, max_image_pixels=PIXELS)
     assert la.image is not None and la.image.mode == "L"
 
 
@@ -134,6 +169,25 @@ def test_pixel_limit_is_inclusive_and_checked_before_decoding() -> None:
     data = b64(image_bytes(w=10, h=10))
     assert decode_input({"image": data}, IMG, max_image_pixels=100).image is not None
     assert "100 pixels exceeds" in bad({"image": data}, IMG, pixels=99).message
+
+
+def test_pixel_budget_sums_the_headers_before_anything_is_decoded() -> None:
+    # Bomb headers with no pixel data behind them: decoding any of them would say "corrupt".
+    bombs = [{"image": b64(_png_header_only(1_000, 1_000))} for _ in range(3)]
+    with pytest.raises(DecodedTooLarge) as e:
+        decode_inputs(bombs, IMG, max_image_pixels=10**6, max_request_pixels=3 * 10**6 - 1)
+    assert (e.value.pixels, e.value.limit, e.value.images) == (3 * 10**6, 3 * 10**6 - 1, 3)
+    assert "ingest.max_request_pixels = 2999999" in str(e.value)
+    # The budget is inclusive: at it, the images are decoded (and found corrupt, each by index).
+    with pytest.raises(ValidationFailed) as v:
+        decode_inputs(bombs, IMG, max_image_pixels=10**6, max_request_pixels=3 * 10**6)
+    assert [d["index"] for d in v.value.details] == [0, 1, 2]
+
+
+def test_pixel_budget_counts_only_readable_image_headers() -> None:
+    check_pixel_budget(["not base64!!", 12, None, b64(b"hello"), b64(_gif()), b64(image_bytes(w=10, h=10))], 100)
+    with pytest.raises(DecodedTooLarge):
+        check_pixel_budget([b64(image_bytes(w=10, h=10)), b64(image_bytes(w=1, h=1, fmt="JPEG"))], 100)
 
 
 def test_decode_inputs_reports_every_bad_input_with_its_index() -> None:

@@ -276,3 +276,51 @@ def test_dataloader_worker_processes_decode_from_the_store(store, tmp_path) -> N
     # With worker processes the data is decoded there, batch by batch, not preloaded here.
     assert row["metrics"]["preloaded"] is False
     assert row["metrics"]["validation_accuracy"] > 0.5
+
+
+def test_stored_images_over_the_cap_fail_training_drift_and_evaluation_naming_the_sample(store, tmp_path) -> None:
+    """Images stored under a larger cap are refused from their header by every later decoder."""
+    import io
+
+    from PIL import Image
+
+    import continual.models as models
+    from continual.config import settings_from_dict
+    from continual.drift.windows import EmbeddingCache, read_window
+    from continual.learn.data import SampleDataset
+    from continual.models.transforms import BadSample
+
+    settings = settings_from_dict(
+        {
+            "service": {"data_dir": str(tmp_path)},
+            "ingest": {"max_image_pixels": 300, "max_request_pixels": 300},
+            "model": {
+                "architecture": "mlp",
+                "weights": "none",
+                "classes": ["a", "b"],
+                "hidden": [4],
+                "input": {"kind": "image", "size": [8, 8]},
+            },
+        }
+    )
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20), (1, 2, 3)).save(buf, format="PNG")  # 400 pixels
+    store.insert([NewSample("too-big", "a", "image", buf.getvalue())])
+    [row] = store.get_samples([store.max_seq()])
+    model = models.build_model(settings.model)
+    spec, cap = settings.model.input, settings.ingest.max_image_pixels
+    attempts = {
+        "training": lambda: SampleDataset(
+            store.url, np.array([row.seq]), np.array([0]), spec, train=True, store=store, max_pixels=cap
+        ).__getitems__([0]),
+        "embedding": lambda: embed_rows(model, [row], spec=spec, max_pixels=cap),
+        "drift": lambda: EmbeddingCache().embed(
+            "b", read_window(store, np.array([row.seq])), model=lambda: model, store=store, spec=spec,
+            device=torch.device("cpu"), max_pixels=cap,
+        ),
+        "evaluation": lambda: evaluate(model, store, [row.seq], settings),
+    }  # fmt: skip
+    for name, attempt in attempts.items():
+        with pytest.raises(BadSample) as e:
+            attempt()
+        assert e.value.external_id == "too-big" and "exceeds ingest.max_image_pixels = 300" in str(e.value), name

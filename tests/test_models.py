@@ -236,3 +236,51 @@ def test_vector_transform_checks_the_size() -> None:
 def test_classifier_refuses_a_head_that_does_not_match_the_classes() -> None:
     with pytest.raises(ValueError, match="2 outputs but there are 3 classes"):
         Classifier(nn.Identity(), nn.Linear(4, 2), ("a", "b", "c"), architecture="x")
+
+
+def _png(mode: str, size: tuple[int, int], seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))
+    return img.convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "RGB", "RGBA"])
+def test_fit_image_is_convert_then_resize_pixel_for_pixel(mode: str) -> None:
+    from continual.models.transforms import fit_image
+
+    img = _png(mode, (57, 33))
+    for target in ("L", "RGB"):
+        expected = img.convert(target).resize((7, 5), Image.Resampling.BILINEAR)
+        got = fit_image(img, target, (7, 5))
+        assert got.mode == target and np.array_equal(np.asarray(got), np.asarray(expected)), (mode, target)
+
+
+def test_stored_images_over_the_pixel_cap_fail_naming_the_sample_before_decoding() -> None:
+    import io
+    import struct
+    import zlib
+
+    from continual.config import IngestSettings
+    from continual.models.transforms import BadSample, transform_stored
+
+    buf = io.BytesIO()
+    _png("RGB", (20, 10)).save(buf, format="PNG")
+    payload = buf.getvalue()
+    capped = make_transform(IMG, max_pixels=199)
+    with pytest.raises(TransformError, match=r"20x10 = 200 pixels exceeds ingest\.max_image_pixels = 199"):
+        capped(SimpleNamespace(kind="image", payload=payload, image=None))
+    with pytest.raises(BadSample) as e:
+        transform_stored(SimpleNamespace(seq=7, external_id="cam/7.png", kind="image", payload=payload), capped)
+    assert (e.value.seq, e.value.external_id) == (7, "cam/7.png") and "max_image_pixels = 199" in str(e.value)
+    assert make_transform(IMG, max_pixels=200)(SimpleNamespace(kind="image", payload=payload, image=None)).shape == (
+        3,
+        32,
+        32,
+    )
+    # A bomb's header (no pixel data behind it) is refused from the header at the default cap.
+    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))  # noqa: E731
+    ihdr = struct.pack(">IIBBBBB", 5000, 5000, 8, 0, 0, 0, 0)
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+    cap = IngestSettings().max_image_pixels
+    with pytest.raises(TransformError, match=f"25000000 pixels exceeds ingest.max_image_pixels = {cap}"):
+        make_transform(IMG)(SimpleNamespace(kind="image", payload=bomb, image=None))

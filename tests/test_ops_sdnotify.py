@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from serverutil import ServerProcess, free_port
+from serverutil import ServerProcess, free_port, request_threads_blocked
 from testkit import wait_for
 
 from continual.config import settings_from_dict
@@ -366,3 +366,36 @@ def test_serve_without_its_port_exits_1_and_never_says_ready(tmp_path: Path, lis
             server.start(timeout=90)
     assert "READY=1" not in listener.drain(0.3)
     assert "could not start the HTTP server" in server.log_tail()
+
+
+@pytest.mark.slow
+def test_watchdog_notices_when_every_request_thread_is_stuck(tmp_path: Path, listener: Listener) -> None:
+    """A process whose request threads are all stuck withholds WATCHDOG=1, and resumes when they come free."""
+    server = ServerProcess(
+        {"store": {"busy_timeout_ms": 60_000}, "service": {"request_thread_stall_seconds": 2}},
+        workdir=tmp_path,
+        env={"NOTIFY_SOCKET": listener.address, "WATCHDOG_USEC": "1000000"},
+    )
+    server.start()
+    try:
+        listener.wait_for("WATCHDOG=1", 30)
+        with request_threads_blocked(server):
+            items = listener.wait_until(
+                lambda items: any("unhealthy" in i and "request thread" in i for i in items), 20, "unhealthy STATUS="
+            )
+            sick_at = next(k for k, i in enumerate(items) if "unhealthy" in i and "request thread" in i)
+            assert "no request thread came free" in items[sick_at], items[sick_at]
+            time.sleep(2.0)
+            items = listener.drain(0.5)
+            assert "WATCHDOG=1" not in items[sick_at:], items[sick_at:]
+            released_at = len(items)
+        listener.wait_until(
+            lambda items: (
+                "WATCHDOG=1" in items[released_at:]
+                and any(i.startswith("STATUS=") and "unhealthy" not in i for i in items[released_at:])
+            ),
+            30,
+            "WATCHDOG=1 and a healthy STATUS= again",
+        )
+    finally:
+        server.stop()

@@ -108,3 +108,12 @@ def test_unit_settings_the_service_relies_on() -> None:
 
     stop = float(settings["TimeoutStopSec"][0].removesuffix("s"))
     assert stop >= 2 * ServiceSettings().shutdown_timeout_seconds
+    # What the service may take from the host: reclaim first (MemoryHigh), then the OOM killer (MemoryMax).
+    high, most = _bytes(settings["MemoryHigh"][0]), _bytes(settings["MemoryMax"][0])
+    assert 2**30 <= high < most, (high, most)
+    assert 256 <= int(settings["TasksMax"][0]) <= 65536
+
+
+def _bytes(value: str) -> int:
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    return int(float(value[:-1]) * units[value[-1]]) if value[-1] in units else int(value)

@@ -152,6 +152,37 @@ def test_events(store: Store) -> None:
     assert event["kind"] == "test" and event["data"] == {"n": 1}
 
 
+def test_an_exclusion_commits_with_its_event_or_not_at_all(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    import continual.store.samples as written
+
+    fill(store, 10)
+
+    def unwritable(*_args: object) -> None:
+        raise RuntimeError("the events table cannot be written")
+
+    with monkeypatch.context() as m:
+        m.setattr(written, "_event", unwritable)
+        with pytest.raises(RuntimeError, match="events table"):
+            store.exclude(["s1", "s2"], reason="poisoned", actor="token:abc")
+    assert store.count() == 10 and store.records.events(kind="samples_excluded") == []
+    if store.engine.dialect.name == "postgresql":
+        # What a NUL in the reason did before ids and reasons were validated: the event fails, so must the exclusion.
+        with pytest.raises(Exception, match=r"(?i)nul|0x00"):
+            store.exclude(["s1"], reason="a\x00b", actor="t")
+        assert store.count() == 10
+    assert store.exclude(["s1", "s2", "nope"], reason="poisoned", actor="token:abc") == (2, ["nope"])
+    [event] = store.records.events(kind="samples_excluded")
+    assert event["message"] == "2 samples excluded by token:abc: poisoned"
+    assert event["data"] == {
+        "ids": ["s1", "s2", "nope"],
+        "n": 2,
+        "unknown": ["nope"],
+        "reason": "poisoned",
+        "actor": "token:abc",
+    }
+    assert store.count() == 8
+
+
 def test_excluded_samples_count_for_nothing(store: Store) -> None:
     fill(store, 100)
     changed, unknown = store.exclude(["s1", "s2", "s3", "nope"])

@@ -20,6 +20,7 @@ def create_app(ctx: AppContext) -> FastAPI:
     app.state.auth = Auth.from_settings(
         ctx.settings, salt=lambda: ctx.store.records.install_secret("token-fingerprint")
     )
+    app.state.store_ping = status.StorePing(ctx.store.ping, ctx.settings.service.readyz_timeout_seconds)
     app.add_middleware(RequestMetrics, metrics=ctx.metrics)
     errors.install(app, ctx.metrics)
     for routes in (status, feedback, predict, models, admin):

@@ -24,8 +24,11 @@ from continual.api.auth import Forbidden, Unauthorized
 from continual.api.body import BadRequest, BodyTooLarge, UnsupportedMediaType
 from continual.ingest import (
     BatchTooLarge,
+    DecodedTooLarge,
+    ExclusionInvalid,
     InputNotLogged,
     MalformedBody,
+    TooManyIds,
     TooManyInputs,
     UnknownPrediction,
     ValidationFailed,
@@ -48,18 +51,6 @@ log = logging.getLogger("continual.api")
 RETRY_AFTER = {"Retry-After": "5"}
 STORE_DOWN = "the store is unavailable or did not answer in time; nothing was stored, retry later"
 Details = list[dict[str, Any]]
-
-
-class InvalidRequest(ValueError):
-    """A request body of the wrong shape for an admin route (422 ``validation_error``)."""
-
-    def __init__(self, message: str, details: Details) -> None:
-        self.details = details
-        super().__init__(message)
-
-
-class TooManyIds(ValueError):
-    """More ids in one exclusion request than the route takes (413 ``too_large``)."""
 
 
 class NoRegistry(RuntimeError):
@@ -97,11 +88,12 @@ TABLE: list[tuple[type[Exception], Rule]] = [
     (PayloadTooLarge, Rule(413, "payload_too_large", _details, rejects_batch=True)),
     (TooManyInputs, Rule(413, "too_many_inputs")),
     (TooManyIds, Rule(413, "too_large")),
+    (DecodedTooLarge, Rule(413, "decoded_too_large", rejects_batch=True)),
     (UnsupportedMediaType, Rule(415, "unsupported_media_type")),
     (ValidationFailed, Rule(422, "validation_failed", _details, rejects_batch=True)),
     (UnknownPrediction, Rule(422, "unknown_prediction", _details, rejects_batch=True)),
     (InputNotLogged, Rule(422, "input_not_logged", _details, rejects_batch=True)),
-    (InvalidRequest, Rule(422, "validation_error", _details)),
+    (ExclusionInvalid, Rule(422, "validation_error", _details)),
     (NoModel, Rule(503, "no_model", headers=RETRY_AFTER)),
     (NoRegistry, Rule(503, "no_registry")),
     (StoreUnavailable, Rule(503, "store_unavailable", headers=RETRY_AFTER)),

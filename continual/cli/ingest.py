@@ -18,12 +18,15 @@ from dataclasses import dataclass, field
 from continual.cli.common import UserError, open_store, settings_of
 from continual.client import Client, ClientError
 from continual.config import load_settings
+from continual.ingest import ExclusionInvalid, exclusion_request
 from continual.ingest.importers import ImportFormatError, Item, Skipped, open_source
 
 # Server error codes whose details name the samples at fault: drop those, resend the rest.
 _PER_SAMPLE_CODES = frozenset(
     {"validation_failed", "id_conflict", "payload_too_large", "unknown_prediction", "input_not_logged"}
 )
+# Refusals of a batch's size: halve it and send both halves.
+_TOO_BIG_CODES = frozenset({"too_many_samples", "body_too_large", "decoded_too_large"})
 
 
 @dataclass
@@ -74,7 +77,7 @@ def _send_batch(batch: list[Item], client: Client, report: ImportReport) -> None
         try:
             result = client.send_batch([it.sample for it in pending])
         except ClientError as e:
-            if e.code == "too_many_samples" or e.code == "body_too_large":
+            if e.code in _TOO_BIG_CODES:
                 if len(pending) == 1:
                     report.rejected.append((pending[0].where, e.message))
                     return
@@ -217,13 +220,17 @@ def cmd_samples_exclude(args: argparse.Namespace) -> int:
             ids += [line.strip() for line in f if line.strip()]
     if not ids:
         raise UserError("no sample ids given (pass IDs or --file)")
+    try:
+        # The HTTP route's rules (ids as feedback ids, a storable reason), without its count limit.
+        req = exclusion_request({"ids": ids, "reason": args.reason}, max_ids=None)
+    except ExclusionInvalid as e:
+        shown = "; ".join(
+            (f"id {ids[d['index']]!r}" if d["index"] is not None else d["field"]) + f": {d['message']}"
+            for d in e.details[:5]
+        )
+        raise UserError(f"nothing excluded: {shown}" + (" ..." if len(e.details) > 5 else "")) from None
     store = open_store(settings_of(args))
-    changed, unknown = store.exclude(ids)
-    store.records.add_event(
-        "samples_excluded",
-        f"{changed} samples excluded from the command line: {args.reason}",
-        {"ids": ids[:100], "n": changed, "unknown": unknown[:100], "reason": args.reason, "actor": "cli"},
-    )
+    changed, unknown = store.exclude(req.ids, reason=req.reason, actor="cli")
     print(
         f"excluded {changed} samples" + (f"; {len(unknown)} ids unknown: {', '.join(unknown[:10])}" if unknown else "")
     )

@@ -280,7 +280,16 @@ def run_check(
     seed_dir = settings.service.data_dir / "cache" / "features" if spec == settings.model.input else None
 
     def emb(w: Window) -> np.ndarray:
-        return cache.embed(backbone, w, model=model, store=store, spec=spec, device=device, seed_dir=seed_dir)
+        return cache.embed(
+            backbone,
+            w,
+            model=model,
+            store=store,
+            spec=spec,
+            device=device,
+            seed_dir=seed_dir,
+            max_pixels=settings.ingest.max_image_pixels,
+        )
 
     uses_feedback = any(DETECTORS[k][1] == "feedback" and k != "label" for k in runnable)
     inputs = _Inputs(

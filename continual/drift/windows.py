@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from continual.config import InputSettings
+from continual.config import DEFAULT_MAX_IMAGE_PIXELS, InputSettings
 from continual.models.features import FeatureCache, backbone_hash, embed_rows
 from continual.store import Store
 
@@ -118,6 +118,7 @@ class EmbeddingCache:
         device: torch.device,
         batch_size: int = 256,
         seed_dir: Path | None = None,
+        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> np.ndarray:
         """Embeddings ``[len(window), D]``; only samples not cached for ``backbone`` are read and embedded.
 
@@ -145,7 +146,7 @@ class EmbeddingCache:
             if missing:
                 raise KeyError(f"{len(missing)} window sample(s) vanished from the store while embedding")
             fresh = list(rows.values())
-            feats = embed_rows(net, fresh, spec=spec, batch_size=batch_size, device=device)
+            feats = embed_rows(net, fresh, spec=spec, batch_size=batch_size, device=device, max_pixels=max_pixels)
             for r, f in zip(fresh, feats, strict=True):
                 known[r.sha256] = f
                 cache.put(r.sha256, f)

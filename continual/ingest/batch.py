@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from continual.config import Settings
-from continual.ingest.decode import InputError, ValidationFailed, decode_input
+from continual.ingest.decode import InputError, ValidationFailed, _json_type, check_pixel_budget, decode_input
 from continual.ingest.reference import REFERENCE_KEYS, PredictionLookup, Reference, resolve
 from continual.store import NewSample
 
@@ -87,6 +87,11 @@ def feedback_samples(
         raise ValidationFailed([{"index": None, "field": "samples", "message": "expected a list of samples"}])
     if len(items) > settings.ingest.max_batch_samples:
         raise BatchTooLarge(len(items), settings.ingest.max_batch_samples)
+    if settings.model.input.kind == "image":
+        # Before any image is decoded: the whole request's pixels, from the headers (413).
+        check_pixel_budget(
+            (it.get("image") for it in items if isinstance(it, dict)), settings.ingest.max_request_pixels
+        )
     out: list[NewSample | None] = []
     refs: list[Reference] = []
     details: list[dict[str, Any]] = []
@@ -111,7 +116,8 @@ def feedback_samples(
     return [s if s is not None else by_reference[i] for i, s in enumerate(out)]
 
 
-def _id_problem(value: Any) -> str:  # Any: JSON value under validation
+def id_problem(value: Any) -> str:  # Any: JSON value under validation
+    """What is wrong with a sample id ("" when nothing): feedback and exclusions share the rule."""
     if not isinstance(value, str) or not value.strip() or len(value) > MAX_ID_LENGTH:
         return f"must be a non-empty string of at most {MAX_ID_LENGTH} characters"
     # Control characters and lone surrogates (legal in JSON escapes) cannot be stored as text everywhere
@@ -121,9 +127,13 @@ def _id_problem(value: Any) -> str:  # Any: JSON value under validation
     return ""
 
 
-def _metadata_problem(value: Any, limit: int) -> str:  # Any: JSON value under validation
+def _metadata_problem(value: Any, limit: int, max_depth: int) -> str:  # Any: JSON value under validation
     if not isinstance(value, dict):
         return "must be a JSON object"
+    # json.dumps (and the database driver after it) recurse: bound depth and size first, without recursion.
+    problem = _json_shape_problem(value, max_depth=max_depth, max_bytes=limit)
+    if problem:
+        return problem
     try:
         # Exactly what the database will be asked to store: strict JSON, valid UTF-8.
         size = len(json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8"))
@@ -131,6 +141,35 @@ def _metadata_problem(value: Any, limit: int) -> str:  # Any: JSON value under v
         return f"must be plain JSON with finite numbers and valid unicode ({type(e).__name__})"
     if size > limit:
         return f"{size} bytes as JSON exceeds ingest.max_metadata_bytes = {limit}"
+    return ""
+
+
+def _json_shape_problem(value: Any, *, max_depth: int, max_bytes: int) -> str:  # Any: parsed JSON
+    """Iteratively: "" if ``value`` nests at most ``max_depth`` deep and could fit ``max_bytes`` as JSON.
+
+    The size is a lower bound of the encoded length (the exact check comes after, from
+    code that may recurse); the walk stops as soon as either limit is passed.
+    """
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    size = 0
+    while stack:
+        node, depth = stack.pop()
+        if depth > max_depth and isinstance(node, (dict, list)):
+            return f"nested deeper than ingest.max_metadata_depth = {max_depth} levels"
+        if isinstance(node, dict):
+            size += 1 + 2 * len(node)  # braces, and at least a colon and a comma or brace per key
+            for k, v in node.items():
+                size += len(k) + 2
+                stack.append((v, depth + 1))
+        elif isinstance(node, list):
+            size += 1 + max(1, len(node))
+            stack.extend((v, depth + 1) for v in node)
+        elif isinstance(node, str):
+            size += len(node) + 2
+        else:
+            size += 1
+        if size > max_bytes:
+            return f"over ingest.max_metadata_bytes = {max_bytes} bytes as JSON"
     return ""
 
 
@@ -143,7 +182,10 @@ def _label_problem(label: Any, settings: Settings) -> str:  # Any: JSON value un
     classes = settings.model.classes
     if label is None:
         return "missing"
-    if not isinstance(label, str) or label not in classes:
+    if not isinstance(label, str):
+        # Never repr() it: a label nested 1,000 deep would overflow the stack.
+        return f"expected a string (one of the configured classes), got {_json_type(label)}"
+    if label not in classes:
         shown = ", ".join(repr(c) for c in classes[:20]) + (" ..." if len(classes) > 20 else "")
         return f"{label!r} is not one of the configured classes ({shown})"
     return ""
@@ -156,11 +198,11 @@ def _reference(index: int, item: dict[str, Any], settings: Settings) -> Referenc
         hint = "a sample by prediction id carries no input" if key in ("x", "image") else "unknown field"
         errors.append((key, f"{hint}; a sample by reference has {sorted(REFERENCE_KEYS)}"))
     pid = item.get("prediction_id")
-    problem = _id_problem(pid)
+    problem = id_problem(pid)
     if problem:
         errors.append(("prediction_id", problem))
     sample_id = item.get("id")
-    if sample_id is not None and (problem := _id_problem(sample_id)):
+    if sample_id is not None and (problem := id_problem(sample_id)):
         errors.append(("id", problem))
     label = item.get("label")
     if problem := _label_problem(label, settings):
@@ -183,7 +225,7 @@ def _sample(item: Any, settings: Settings, source: str) -> NewSample:  # Any: JS
         errors.append((key, f"unknown field; a sample has {sorted(SAMPLE_KEYS)}"))
     sample_id = item.get("id")
     if sample_id is not None:
-        problem = _id_problem(sample_id)
+        problem = id_problem(sample_id)
         if problem:
             errors.append(("id", problem))
     label = item.get("label")
@@ -192,7 +234,7 @@ def _sample(item: Any, settings: Settings, source: str) -> NewSample:  # Any: JS
         errors.append(("label", problem))
     meta = item.get("metadata")
     if meta is not None:
-        problem = _metadata_problem(meta, settings.ingest.max_metadata_bytes)
+        problem = _metadata_problem(meta, settings.ingest.max_metadata_bytes, settings.ingest.max_metadata_depth)
         if problem:
             errors.append(("metadata", problem))
     other = "image" if settings.model.input.kind == "vector" else "x"
@@ -200,7 +242,10 @@ def _sample(item: Any, settings: Settings, source: str) -> NewSample:  # Any: JS
         errors.append((other, f"this service takes {settings.model.input.kind} inputs, not {other!r}"))
     decoded = None
     try:
-        decoded = decode_input(item, settings.model.input, max_image_pixels=settings.ingest.max_image_pixels)
+        # Decoded to validate, then dropped: feedback stores the bytes, so one image is alive at a time.
+        decoded = decode_input(
+            item, settings.model.input, max_image_pixels=settings.ingest.max_image_pixels, keep_image=False
+        )
     except InputError as e:
         errors.append((e.field, e.message))
     if errors or decoded is None:

@@ -3,6 +3,12 @@
 The one place that knows them. Feedback and predict both decode through
 :func:`decode_input`; training and drift read stored bytes back with
 :func:`decode_payload`.
+
+What a request may cost: before any pixel is decoded, the sum of width x height
+over its images is read from their headers and held to a budget
+(:func:`check_pixel_budget`, ``ingest.max_request_pixels``); then images are
+decoded one at a time, each resized to the model's input at once, so a request
+holds at most one full-size image.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import binascii
 import io
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -20,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from continual.config import InputSettings
+from continual.models.transforms import fit_image
 
 # Magic bytes of the two accepted encodings; anything else is refused before PIL sees it.
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -34,7 +41,9 @@ class Decoded:
     # Exactly what the store keeps: float32 little-endian bytes (vectors) or the
     # encoded PNG/JPEG bytes as received (images).
     payload: bytes
-    image: Image.Image | None = field(default=None, compare=False)  # mode "L" or "RGB", for kind image
+    # For kind image, when kept: already converted and resized to the input spec (what the
+    # model's transform makes of it), so a request never holds its full-size images.
+    image: Image.Image | None = field(default=None, compare=False)
 
     def vector(self) -> np.ndarray:
         """The vector as float32 (flat); only for kind vector."""
@@ -61,8 +70,45 @@ class ValidationFailed(ValueError):
         super().__init__(f"index {first['index']}, field {first['field']!r}: {first['message']}{more}")
 
 
-def decode_input(obj: Any, spec: InputSettings, *, max_image_pixels: int) -> Decoded:  # Any: JSON
-    """Decode one input object per ``spec.kind``; raises :class:`InputError` naming the field."""
+class DecodedTooLarge(ValueError):
+    """A request whose images would decode to more pixels than ``ingest.max_request_pixels`` (413)."""
+
+    def __init__(self, pixels: int, limit: int, images: int) -> None:
+        self.pixels, self.limit, self.images = pixels, limit, images
+        super().__init__(
+            f"the request's {images} images decode to {pixels} pixels (width x height, read from their headers), "
+            f"over ingest.max_request_pixels = {limit}; send fewer or smaller images per request"
+        )
+
+
+def check_pixel_budget(values: Iterable[Any], limit: int) -> None:  # Any: JSON values (base64 strings, if valid)
+    """Raise :class:`DecodedTooLarge` if the images among ``values`` have more than ``limit`` pixels in all.
+
+    Reads only headers: nothing is decoded. A value that is not a readable image
+    counts for nothing here; decoding it later names what is wrong with it.
+    """
+    total = images = 0
+    for value in values:
+        pixels = _header_pixels(value)
+        if pixels:
+            total += pixels
+            images += 1
+    if total > limit:
+        raise DecodedTooLarge(total, limit, images)
+
+
+def decode_input(
+    obj: Any,  # Any: JSON
+    spec: InputSettings,
+    *,
+    max_image_pixels: int,
+    keep_image: bool = True,
+) -> Decoded:
+    """Decode one input object per ``spec.kind``; raises :class:`InputError` naming the field.
+
+    An image is always decoded (corrupt data is refused here); ``keep_image=False`` drops
+    it at once (feedback only stores the bytes), otherwise it is kept fitted to ``spec``.
+    """
     if not isinstance(obj, dict):
         raise InputError("", f"expected a JSON object, got {_json_type(obj)}")
     if spec.kind == "vector":
@@ -74,7 +120,11 @@ def decode_input(obj: Any, spec: InputSettings, *, max_image_pixels: int) -> Dec
         hint = " (this service takes images, not vectors)" if "x" in obj else ""
         raise InputError("image", f"missing{hint}")
     payload, image = decode_image(obj["image"], max_image_pixels=max_image_pixels)
-    return Decoded("image", payload, image)
+    if not keep_image:
+        return Decoded("image", payload)
+    # The full-size image dies here: only the model-sized copy stays alive with the request.
+    mode = "L" if spec.channels == 1 else "RGB"
+    return Decoded("image", payload, fit_image(image, mode, (spec.size[1], spec.size[0])))
 
 
 class TooManyInputs(ValueError):
@@ -91,6 +141,7 @@ def predict_inputs(
     *,
     max_inputs: int,
     max_image_pixels: int,
+    max_request_pixels: int,
 ) -> list[Decoded]:
     """A parsed ``{"inputs": [...]}`` predict request, decoded; every bad input is named in one ValidationFailed."""
     inputs = doc.get("inputs") if isinstance(doc, dict) else None
@@ -100,11 +151,22 @@ def predict_inputs(
         )
     if len(inputs) > max_inputs:
         raise TooManyInputs(len(inputs), max_inputs)
-    return decode_inputs(inputs, spec, max_image_pixels=max_image_pixels)
+    return decode_inputs(inputs, spec, max_image_pixels=max_image_pixels, max_request_pixels=max_request_pixels)
 
 
-def decode_inputs(objs: Sequence[Any], spec: InputSettings, *, max_image_pixels: int) -> list[Decoded]:
-    """Decode every input; raises :class:`ValidationFailed` naming each bad one (index and field)."""
+def decode_inputs(
+    objs: Sequence[Any],  # Any: JSON values under validation
+    spec: InputSettings,
+    *,
+    max_image_pixels: int,
+    max_request_pixels: int | None = None,
+) -> list[Decoded]:
+    """Decode every input, one image at a time; raises :class:`ValidationFailed` naming each bad one.
+
+    With ``max_request_pixels``, the images' headers are summed first (:class:`DecodedTooLarge`).
+    """
+    if max_request_pixels is not None and spec.kind == "image":
+        check_pixel_budget((o.get("image") for o in objs if isinstance(o, dict)), max_request_pixels)
     out: list[Decoded] = []
     details: list[dict[str, Any]] = []
     for i, obj in enumerate(objs):
@@ -179,6 +241,12 @@ def _flatten(node: Any, shape: tuple[int, ...], depth: int, out: list[Any], path
 # -- images -----------------------------------------------------------------------
 def decode_image(value: Any, *, max_image_pixels: int) -> tuple[bytes, Image.Image]:  # Any: JSON
     """Base64 PNG/JPEG -> (the encoded bytes as received, the decoded image in mode L or RGB)."""
+    payload = image_payload(value)
+    return payload, _open_image(payload, max_pixels=max_image_pixels)
+
+
+def image_payload(value: Any) -> bytes:  # Any: JSON
+    """Base64 (or a data URL) -> the encoded bytes; nothing is decoded."""
     if not isinstance(value, str):
         raise InputError("image", f"expected a base64 string, got {_json_type(value)}")
     text = value.strip()
@@ -191,7 +259,25 @@ def decode_image(value: Any, *, max_image_pixels: int) -> tuple[bytes, Image.Ima
         raise InputError("image", "not valid base64") from None
     if not payload:
         raise InputError("image", "empty image")
-    return payload, _open_image(payload, max_pixels=max_image_pixels)
+    return payload
+
+
+def _header_pixels(value: Any) -> int:  # Any: JSON
+    """width x height from a base64 image's header (nothing decoded); 0 if it is not a readable image."""
+    try:
+        payload = image_payload(value)
+    except InputError:
+        return 0
+    if not (payload.startswith(_PNG_MAGIC) or payload.startswith(_JPEG_MAGIC)):
+        return 0
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(payload), formats=("PNG", "JPEG")) as img:
+                w, h = img.size
+    except Exception:  # corrupt, or over PIL's own bomb limit: decoding refuses it, naming the input
+        return 0
+    return max(w, 0) * max(h, 0)
 
 
 def _open_image(payload: bytes, *, max_pixels: int | None) -> Image.Image:

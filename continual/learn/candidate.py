@@ -227,7 +227,14 @@ def _datasets(
         missing = [int(s) for s in seqs if int(s) not in by_seq]
         if missing:
             raise KeyError(f"samples left the store during the run: seqs {missing[:10]}")
-        feats = embed_rows(model, [by_seq[int(s)] for s in seqs], spec=spec, cache=cache, device=device)
+        feats = embed_rows(
+            model,
+            [by_seq[int(s)] for s in seqs],
+            spec=spec,
+            cache=cache,
+            device=device,
+            max_pixels=settings.ingest.max_image_pixels,
+        )
         try:
             cache.save()
         except OSError as e:  # a read-only cache dir only costs speed
@@ -239,13 +246,21 @@ def _datasets(
         info = {"feature_cache": True, "feature_cache_hits": cache.hits - hits0}
         return model.head, train_ds, val_ds, info
     url = store.url
+    max_pixels = settings.ingest.max_image_pixels
     train_ds = SampleDataset(
-        url, data.train, data.train_labels, spec, train=True, cache_items=t.feature_cache_items, store=store
+        url,
+        data.train,
+        data.train_labels,
+        spec,
+        train=True,
+        cache_items=t.feature_cache_items,
+        store=store,
+        max_pixels=max_pixels,
     )
     val_ds = (
         SampleDataset(
             url, data.validation, data.validation_labels, spec, train=False, cache_items=t.feature_cache_items,
-            store=store,
+            store=store, max_pixels=max_pixels,
         )
         if len(data.validation)
         else None

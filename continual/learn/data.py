@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from continual.config import InputSettings, Settings
+from continual.config import DEFAULT_MAX_IMAGE_PIXELS, InputSettings, Settings
 from continual.learn.replay import draw_replay, in_validation, uses_replay
 from continual.models import make_transform
 from continual.models.transforms import BadSample, StoredInput, transform_stored
@@ -118,8 +118,8 @@ def plan_run_data(store: Store, settings: Settings, *, parent_cutoff: int, data_
 Transform = Callable[[Any], torch.Tensor]
 
 
-def load_transform(spec: InputSettings, *, train: bool) -> Transform:
-    return make_transform(spec, train=train)
+def load_transform(spec: InputSettings, *, train: bool, max_pixels: int) -> Transform:
+    return make_transform(spec, train=train, max_pixels=max_pixels)
 
 
 def decode_row(row: StoredInput, transform: Transform) -> torch.Tensor:
@@ -133,7 +133,8 @@ class SampleDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     Picklable for DataLoader worker processes: each process opens its own
     connection. Decoded vectors are kept in a bounded cache (``cache_items``),
     because re-decoding a few hundred bytes costs more than the training step;
-    images and augmented inputs are decoded afresh every time.
+    images and augmented inputs are decoded afresh every time, one at a time, and
+    refused from their header above ``max_pixels`` (``ingest.max_image_pixels``).
     """
 
     def __init__(
@@ -146,13 +147,14 @@ class SampleDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         train: bool,
         cache_items: int = 0,
         store: Store | None = None,
+        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         if len(seqs) != len(labels):
             raise ValueError(f"seqs ({len(seqs)}) and labels ({len(labels)}) differ in length")
         self.store_url = store_url
         self.seqs = np.asarray(seqs, dtype=np.int64)
         self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
-        self.spec, self.train = spec, train
+        self.spec, self.train, self.max_pixels = spec, train, max_pixels
         self.cache_items = cache_items if spec.kind == "vector" and not (train and spec.augment) else 0
         self._store, self._pid = store, os.getpid()
         self._transform: Transform | None = None
@@ -181,7 +183,7 @@ class SampleDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         if not self.cache_items or len(self.seqs) > self.cache_items:
             return False
         if self._transform is None:
-            self._transform = load_transform(self.spec, train=self.train)
+            self._transform = load_transform(self.spec, train=self.train, max_pixels=self.max_pixels)
         decoded: dict[int, torch.Tensor] = {}
         for rows in self._get_store().payloads(self.seqs.tolist()):
             for row in rows:
@@ -206,7 +208,7 @@ class SampleDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         missing = [j for j, x in enumerate(xs) if x is None]
         if missing:
             if self._transform is None:
-                self._transform = load_transform(self.spec, train=self.train)
+                self._transform = load_transform(self.spec, train=self.train, max_pixels=self.max_pixels)
             wanted = [int(self.seqs[idxs[j]]) for j in missing]
             rows = {r.seq: r for batch in self._get_store().payloads(wanted) for r in batch}
             for j, seq in zip(missing, wanted, strict=True):

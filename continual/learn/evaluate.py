@@ -38,7 +38,7 @@ def evaluate(
     device = torch.device(device) if isinstance(device, str) else device
     classes = getattr(model, "classes", None) or settings.model.classes
     class_index = {c: i for i, c in enumerate(classes)}
-    transform = load_transform(settings.model.input, train=False)
+    transform = load_transform(settings.model.input, train=False, max_pixels=settings.ingest.max_image_pixels)
     was_training = model.training
     model.eval()
     order = np.asarray([int(s) for s in seqs], dtype=np.int64)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from continual.config import InputSettings
+from continual.config import DEFAULT_MAX_IMAGE_PIXELS, InputSettings
 from continual.models.transforms import make_transform, transform_stored
 
 
@@ -120,8 +120,12 @@ def embed_rows(
     cache: FeatureCache | None = None,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> np.ndarray:
-    """Backbone embeddings ``[N, D]`` (float32) of ``rows``, in order; cached rows skip the backbone."""
+    """Backbone embeddings ``[N, D]`` (float32) of ``rows``, in order; cached rows skip the backbone.
+
+    Images are decoded one at a time and refused from their header above ``max_pixels``.
+    """
     device = torch.device(device) if isinstance(device, str) else device
     if not rows:
         dim = int(getattr(model, "embedding_dim", 0))
@@ -129,7 +133,7 @@ def embed_rows(
     embed = getattr(model, "embed", None) or getattr(model, "backbone", model)
     was_training = model.training
     model.eval()
-    transform = make_transform(spec, train=False)
+    transform = make_transform(spec, train=False, max_pixels=max_pixels)
     out: list[np.ndarray | None] = [cache.get(r.sha256) if cache is not None else None for r in rows]
     todo = [i for i, v in enumerate(out) if v is None]
     try:

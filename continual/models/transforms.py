@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Callable
 from typing import Protocol
 
@@ -10,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from continual.config import InputSettings
+from continual.config import DEFAULT_MAX_IMAGE_PIXELS, InputSettings
 
 
 class DecodedLike(Protocol):
@@ -66,11 +67,16 @@ def input_shape(spec: InputSettings) -> tuple[int, ...]:
     return (spec.channels, spec.size[0], spec.size[1])
 
 
-def make_transform(spec: InputSettings, *, train: bool = False) -> Callable[[DecodedLike], torch.Tensor]:
-    """The transform for one sample; ``train`` adds augmentation only if ``spec.augment`` is on."""
+def make_transform(
+    spec: InputSettings, *, train: bool = False, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> Callable[[DecodedLike], torch.Tensor]:
+    """The transform for one sample; ``train`` adds augmentation only if ``spec.augment`` is on.
+
+    ``max_pixels`` (``ingest.max_image_pixels``) caps stored images, read from their header before decoding.
+    """
     if spec.kind == "vector":
         return VectorTransform(tuple(spec.shape))
-    return ImageTransform(spec, augment=train and spec.augment)
+    return ImageTransform(spec, augment=train and spec.augment, max_pixels=max_pixels)
 
 
 class VectorTransform:
@@ -94,20 +100,22 @@ class VectorTransform:
 class ImageTransform:
     """Encoded or decoded image -> resized, normalised ``(C, H, W)`` tensor."""
 
-    def __init__(self, spec: InputSettings, *, augment: bool = False) -> None:
+    def __init__(
+        self, spec: InputSettings, *, augment: bool = False, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    ) -> None:
         self.mode = "L" if spec.channels == 1 else "RGB"
         self.height, self.width = spec.size
         self.mean = torch.tensor(spec.mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(spec.std, dtype=torch.float32).view(-1, 1, 1)
         self.augment = augment
+        self.max_pixels = max_pixels
 
     def __call__(self, sample: DecodedLike) -> torch.Tensor:
         if sample.kind != "image":
             raise TransformError(f"expected an image input, got kind {sample.kind!r}")
-        img = sample.image if getattr(sample, "image", None) is not None else _open(sample.payload)
-        img = img.convert(self.mode)
+        img = sample.image if getattr(sample, "image", None) is not None else _open(sample.payload, self.max_pixels)
         size = (self.width, self.height)
-        img = self._augment(img) if self.augment else img.resize(size, Image.Resampling.BILINEAR)
+        img = self._augment(img.convert(self.mode)) if self.augment else fit_image(img, self.mode, size)
         arr = np.asarray(img, dtype=np.float32) / 255.0
         t = torch.from_numpy(arr.reshape(self.height, self.width, -1)).permute(2, 0, 1)
         return (t - self.mean) / self.std
@@ -126,10 +134,32 @@ class ImageTransform:
         return ops(img)
 
 
-def _open(payload: bytes) -> Image.Image:
+def fit_image(img: Image.Image, mode: str, size: tuple[int, int]) -> Image.Image:
+    """``img.convert(mode).resize(size, BILINEAR)``, pixel for pixel, without a full-size RGB copy of a gray image.
+
+    ``size`` is (width, height). Gray to RGB repeats the one channel, and resizing treats
+    channels alike, so resizing the gray image first gives the same pixels at a third of the memory.
+    """
+    if img.mode != mode:
+        if mode == "RGB" and img.mode in ("1", "L"):
+            return img.convert("L").resize(size, Image.Resampling.BILINEAR).convert("RGB")
+        img = img.convert(mode)
+    return img.resize(size, Image.Resampling.BILINEAR)
+
+
+def _open(payload: bytes, max_pixels: int) -> Image.Image:
+    """A stored PNG/JPEG, refused from its header when it has more than ``max_pixels`` pixels."""
     try:
-        img = Image.open(io.BytesIO(payload))
-        img.load()
+        with warnings.catch_warnings():
+            # Our own pixel limit applies; PIL's global bomb warning would only add noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(payload), formats=("PNG", "JPEG"))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise TransformError(f"{w}x{h} = {w * h} pixels exceeds ingest.max_image_pixels = {max_pixels}")
+            img.load()
+    except TransformError:
+        raise
     except Exception as e:  # PIL raises many types for bad bytes
         raise TransformError(f"image bytes cannot be decoded: {e}") from None
     return img

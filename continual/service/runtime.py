@@ -8,8 +8,10 @@ contract systemd relies on (``Type=notify``):
    signal handlers, which would re-raise SIGTERM and exit by signal instead of 0);
 3. ``READY=1`` with a ``STATUS=`` line;
 4. a supervisor thread runs health checks every ``WATCHDOG_USEC / 2`` (at most
-   every 5 s) and sends ``WATCHDOG=1`` only when all pass, ``STATUS=`` when the
-   state line changes, and sets ``continual_store_up``;
+   every 5 s) and sends ``WATCHDOG=1`` only when all pass (the event loop answers,
+   a request thread comes free within ``[service] request_thread_stall_seconds``,
+   and the runtime's own checks), ``STATUS=`` when the state line changes, and sets
+   ``continual_store_up``;
 5. SIGTERM/SIGINT: ``STOPPING=1``, stop accepting connections, run the
    ``on_stop`` callbacks (the scheduler cancels a training run there) while
    in-flight requests finish, then exit 0 within ``[service] shutdown_timeout_seconds``.
@@ -31,6 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import FrameType
 
+import anyio.to_thread
 import uvicorn
 from starlette.types import ASGIApp
 
@@ -161,6 +164,46 @@ class ServerThread:
             self.server.force_exit = True
             self._thread.join(5)
         return not self._thread.is_alive()
+
+
+class RequestThreads:
+    """A health check: a no-op on the request thread pool must get a thread within ``limit`` seconds.
+
+    The pool is anyio's default thread limiter of the server's event loop, which
+    Starlette shares between sync handlers, sync dependencies and ``run_in_threadpool``.
+    The event loop may answer while every one of those threads is stuck (a hung
+    decoder, a lock); this check sees it. One probe is in flight at a time and never
+    waited on, so a stuck pool costs one queued no-op and never stalls the supervisor.
+    """
+
+    def __init__(self, server: ServerThread, limit: float) -> None:
+        self.server, self.limit = server, limit
+        self._pending: Future[None] | None = None
+        self._since = 0.0
+
+    def __call__(self) -> str | None:
+        pending = self._pending
+        if pending is not None and not pending.done():
+            waited = time.monotonic() - self._since
+            if waited > self.limit:
+                return (
+                    f"no request thread came free within {waited:.0f}s: all busy or stuck "
+                    f"([service] request_thread_stall_seconds = {self.limit:g})"
+                )
+            return None
+        loop = self.server.loop
+        if loop is None or loop.is_closed():
+            return None  # ServerThread.loop_responsive reports a dead loop
+        try:
+            self._pending = asyncio.run_coroutine_threadsafe(anyio.to_thread.run_sync(_nothing), loop)
+        except RuntimeError:  # the loop closed meanwhile
+            return None
+        self._since = time.monotonic()
+        return None
+
+
+def _nothing() -> None:
+    return None
 
 
 class Supervisor:
@@ -295,7 +338,11 @@ def run(app: ASGIApp, rt: Runtime, notifier: Notifier) -> int:
             notifier=notifier,
             metrics=metrics,
             ping=rt.ping,
-            checks=[lambda: server.loop_responsive(timeout=max(1.0, tick)), *rt.health_checks],
+            checks=[
+                lambda: server.loop_responsive(timeout=max(1.0, tick)),
+                RequestThreads(server, settings.service.request_thread_stall_seconds),
+                *rt.health_checks,
+            ],
             status=status,
             interval=tick,
             initial_status=ready_line,

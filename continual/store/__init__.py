@@ -195,9 +195,14 @@ class Store:
     ) -> Iterator[list[SampleRow]]:
         return _reads.iter_samples(self.engine, seqs=seqs, after=after, upto=upto, split=split, batch_size=batch_size)
 
-    def exclude(self, external_ids: Sequence[str]) -> tuple[int, list[str]]:
-        """Take samples out of play (training, holdouts, drift, pending); returns (changed, unknown ids)."""
-        return _samples.exclude(self.engine, external_ids)
+    def exclude(
+        self, external_ids: Sequence[str], *, reason: str = "", actor: str = "unknown"
+    ) -> tuple[int, list[str]]:
+        """Take samples out of play (training, holdouts, drift, pending); returns (changed, unknown ids).
+
+        One transaction with its ``samples_excluded`` event (``reason``, ``actor``, the first 100 ids).
+        """
+        return _samples.exclude(self.engine, external_ids, reason=reason, actor=actor)
 
     def get_samples(self, seqs: Iterable[int]) -> list[SampleRow]:
         return _reads.get_samples(self.engine, seqs)

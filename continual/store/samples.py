@@ -13,6 +13,7 @@ from sqlalchemy.exc import IntegrityError
 
 from continual.store.bulk import insert_rows
 from continual.store.engine import write_tx
+from continual.store.records import _event
 from continual.store.schema import predictions, samples
 
 SPLITS = ("train", "holdout")
@@ -242,8 +243,12 @@ def _labeled(fresh: Sequence[NewSample]) -> tuple[tuple[str, datetime], ...]:
     return tuple((s.prediction_id, s.predicted_at) for s in fresh if s.prediction_id and s.predicted_at)
 
 
-def exclude(engine: Engine, external_ids: Sequence[str]) -> tuple[int, list[str]]:
-    """Take samples out of play by id; returns (how many changed, ids not found). Idempotent."""
+def exclude(engine: Engine, external_ids: Sequence[str], *, reason: str, actor: str) -> tuple[int, list[str]]:
+    """Take samples out of play by id; returns (how many changed, ids not found). Idempotent.
+
+    The ``samples_excluded`` event is written in the same transaction: an exclusion is
+    never committed without its audit record, nor the record without the exclusion.
+    """
     ids = list(dict.fromkeys(external_ids))
     changed, found = 0, set()
     with write_tx(engine) as conn:
@@ -255,4 +260,11 @@ def exclude(engine: Engine, external_ids: Sequence[str]) -> tuple[int, list[str]
                 .where(samples.c.external_id.in_(chunk), samples.c.excluded.is_(False))
                 .values(excluded=True)
             ).rowcount
-    return changed, [i for i in ids if i not in found]
+        unknown = [i for i in ids if i not in found]
+        _event(
+            conn,
+            "samples_excluded",
+            f"{changed} samples excluded by {actor}: {reason}",
+            {"ids": ids[:100], "n": changed, "unknown": unknown[:100], "reason": reason, "actor": actor},
+        )
+    return changed, unknown

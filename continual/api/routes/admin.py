@@ -8,9 +8,10 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from continual.api.auth import actor, require
-from continual.api.body import json_body
-from continual.api.errors import InvalidRequest, TooManyIds
+from continual.api.body import read_body, require_json
+from continual.api.context import AppContext
 from continual.api.routes import Ctx
+from continual.ingest import exclusion_request, parse_json
 from continual.learn.run import request_run
 
 router = APIRouter()
@@ -27,22 +28,13 @@ def train(request: Request, ctx: Ctx) -> dict[str, Any]:
 @router.post("/v1/samples/exclude", dependencies=[require("admin")])
 async def exclude(request: Request, ctx: Ctx) -> dict[str, Any]:
     """Take poisoned or mislabeled feedback out of play by id (kept for the audit trail)."""
-    doc = await json_body(request, ctx.settings.ingest.max_body_bytes)
-    ids = doc.get("ids") if isinstance(doc, dict) else None
-    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) and i for i in ids):
-        raise InvalidRequest(
-            'body must be {"ids": [non-empty strings], "reason": "..."}',
-            [{"field": "ids", "message": "a non-empty list of sample ids"}],
-        )
-    if len(ids) > MAX_EXCLUDE_IDS:
-        raise TooManyIds(f"{len(ids)} ids in one request; at most {MAX_EXCLUDE_IDS}")
-    reason = str(doc.get("reason") or "")[:500]
-    who = actor(request)
-    changed, unknown = await run_in_threadpool(ctx.store.exclude, ids)
-    await run_in_threadpool(
-        ctx.store.records.add_event,
-        "samples_excluded",
-        f"{changed} samples excluded by {who}: {reason}",
-        {"ids": ids[:100], "n": changed, "unknown": unknown[:100], "reason": reason, "actor": who},
-    )
+    require_json(request)
+    body = await read_body(request, ctx.settings.ingest.max_body_bytes)
+    # One hop to a worker thread: parsing, checking up to MAX_EXCLUDE_IDS ids and the transaction.
+    changed, unknown = await run_in_threadpool(_exclude, body, ctx, actor(request))
     return {"excluded": changed, "unknown": unknown}
+
+
+def _exclude(body: bytes, ctx: AppContext, who: str) -> tuple[int, list[str]]:
+    req = exclusion_request(parse_json(body), max_ids=MAX_EXCLUDE_IDS)
+    return ctx.store.exclude(req.ids, reason=req.reason, actor=who)

@@ -36,6 +36,7 @@ def _predict(body: bytes, ctx: AppContext) -> dict[str, Any]:
         live.input,
         max_inputs=ctx.settings.serving.max_batch,
         max_image_pixels=ctx.settings.ingest.max_image_pixels,
+        max_request_pixels=ctx.settings.ingest.max_request_pixels,
     )
     version, preds = ctx.serving.predict(decoded, live=live)  # type: ignore[union-attr]
     ctx.metrics.predictions.inc(len(preds))
