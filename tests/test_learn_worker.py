@@ -297,6 +297,7 @@ def test_stored_images_over_the_cap_fail_training_drift_and_evaluation_naming_th
             "model": {
                 "architecture": "mlp",
                 "weights": "none",
+                "mode": "all",
                 "classes": ["a", "b"],
                 "hidden": [4],
                 "input": {"kind": "image", "size": [8, 8]},

@@ -208,7 +208,9 @@ def _reference(index: int, item: dict[str, Any], settings: Settings) -> Referenc
     if problem := _label_problem(label, settings):
         errors.append(("label", problem))
     meta = item.get("metadata")
-    if meta is not None and (problem := _metadata_problem(meta, settings.ingest.max_metadata_bytes)):
+    if meta is not None and (
+        problem := _metadata_problem(meta, settings.ingest.max_metadata_bytes, settings.ingest.max_metadata_depth)
+    ):
         errors.append(("metadata", problem))
     if errors:
         raise _FieldErrors(errors)

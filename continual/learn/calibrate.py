@@ -111,7 +111,7 @@ def holdout_outputs(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(embeddings, logits, class indices; -1 for a label the model lacks) of the stored samples ``seqs``."""
     index = {c: i for i, c in enumerate(model.classes)}
-    transform = load_transform(settings.model.input, train=False)
+    transform = load_transform(settings.model.input, train=False, max_pixels=settings.ingest.max_image_pixels)
     was_training = model.training
     model.eval()
     emb, logits, labels = [], [], []
