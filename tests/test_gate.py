@@ -108,3 +108,56 @@ def test_shadow_records_but_never_promotes() -> None:
 def test_mismatched_holdouts_are_refused() -> None:
     with pytest.raises(ValueError, match="same holdout samples"):
         decide(Scores(correct(10, 5), correct(10, 5)), Scores(correct(11, 5), correct(10, 5)), GATE)
+
+
+# -- boundaries: each rule is pinned at its exact threshold, on both sides -------------------------------
+def test_old_holdout_minimum_is_exact() -> None:
+    """n_old = min − 1 defers (even though every other rule would pass); n_old = min decides."""
+    champ_new, cand_new = correct(100, 50), correct(100, 80, seed=1)
+    for n_old, outcome in [(0, "deferred"), (19, "deferred"), (20, "promoted")]:
+        old = np.ones(n_old, dtype=bool)
+        d = decide(Scores(old, cand_new), Scores(old, champ_new), GATE)
+        assert d.outcome == outcome, (n_old, d)
+        assert d.metrics["n_old"] == n_old
+    # An empty old holdout has no accuracy: it never slips through the forgetting rule as NaN.
+    d = decide(Scores(np.array([], bool), cand_new), Scores(np.array([], bool), champ_new), GATE)
+    assert (d.outcome, d.rule) == ("deferred", "min_holdout_samples")
+    assert d.reasons == ["holdouts have 0 old and 100 new samples, each needs 20"]
+
+
+def test_new_holdout_minimum_is_exact() -> None:
+    old = correct(100, 90)
+    for n_new, outcome in [(19, "deferred"), (20, "promoted")]:
+        d = decide(Scores(old, np.ones(n_new, bool)), Scores(old, np.zeros(n_new, bool)), GATE)
+        assert d.outcome == outcome, (n_new, d)
+
+
+def test_bootstrap_holdout_minimum_is_exact() -> None:
+    for n, outcome in [(19, "deferred"), (20, "promoted")]:
+        d = decide(Scores(np.array([], bool), np.ones(n, bool)), None, GATE)
+        assert d.outcome == outcome, (n, d)
+    # Old and new together count at bootstrap: 10 + 10 reaches the minimum.
+    assert decide(Scores(np.ones(10, bool), np.ones(10, bool)), None, GATE).outcome == "promoted"
+
+
+def test_significance_boundary_is_strict() -> None:
+    """p == significance rejects ("p < significance" is the rule); the next float above p promotes."""
+    old = correct(100, 90)
+    champ_new = np.zeros(100, dtype=bool)
+    cand_new = champ_new.copy()
+    cand_new[:5] = True  # b = 5, c = 0: p = 1/32 exactly
+    p = mcnemar_exact(5, 0)
+    assert p == 1 / 32
+    at = decide(Scores(old, cand_new), Scores(old, champ_new), GATE.model_copy(update={"significance": p}))
+    assert (at.outcome, at.rule) == ("rejected", "significance")
+    assert at.metrics["mcnemar_p_value"] == p
+    assert "is not < significance" in at.reasons[-1]
+    above = np.nextafter(p, 1.0)
+    passed = decide(Scores(old, cand_new), Scores(old, champ_new), GATE.model_copy(update={"significance": above}))
+    assert (passed.outcome, passed.rule) == ("promoted", "all_rules_passed")
+    # And a p-value well over the level still rejects (the direction of the comparison).
+    loose = decide(Scores(old, cand_new), Scores(old, champ_new), GATE.model_copy(update={"significance": 0.01}))
+    assert loose.rule == "significance"
+    # significance = 0 switches the test off: no McNemar figures at all.
+    off = decide(Scores(old, cand_new), Scores(old, champ_new), GATE)
+    assert off.promote and "mcnemar_p_value" not in off.metrics

@@ -77,6 +77,12 @@ def test_validation_slice_is_a_pure_function_of_the_id() -> None:
     assert 300 < len(picked) < 500
     assert picked == [i for i in ids if in_validation(i, 0.1)]
     assert not any(in_validation(i, 0.0) for i in ids)
+    assert not any(in_validation(i, -1.0) for i in ids)
+    # Pinned (computed once, kept): a changed salt or hash would move samples between training and validation.
+    assert [f"s{i}" for i in range(40) if in_validation(f"s{i}", 0.2)] == [
+        "s4", "s7", "s17", "s21", "s22", "s26", "s27", "s30", "s31", "s32", "s33", "s38",
+    ]  # fmt: skip
+    assert all(in_validation(i, 1.0) for i in ids[:100])
 
 
 def test_run_data_never_contains_holdout_and_splits_old_from_new(store, tmp_path) -> None:

@@ -11,10 +11,11 @@ from learnutil import fill, make_settings, run_here
 from testkit import digit_arrays
 
 from continual.learn.evaluate import evaluate
+from continual.learn.replay import in_validation
 from continual.learn.run import create_run, make_spec, settings_for_run
 from continual.models.features import FeatureCache, backbone_hash, embed_rows
 from continual.registry import Registry
-from continual.store import NewSample, RunNotFound, RunNotPending
+from continual.store import NewSample, RunNotFound, RunNotPending, split_of
 
 
 def _run(store, settings, **kw):  # type: ignore[no-untyped-def]
@@ -55,7 +56,13 @@ def test_bootstrap_then_update_with_replay_and_ewc(store, tmp_path) -> None:
     metrics = second["metrics"]
     assert metrics["parent_cutoff"] == m1.data_cutoff
     assert metrics["replay_samples"] > 100
-    assert metrics["new_samples"] + sum(1 for _ in range(0)) <= store.count(after=m1.data_cutoff, split="train")
+    # Every new train-split sample is trained on or held for validation (by id hash), nothing else.
+    vf = settings.training.validation_fraction
+    new_train = [f"p2-{i}" for i in range(300) if split_of(f"p2-{i}", 0.2) == "train"]  # fill names them p2-0…
+    assert len(new_train) == store.count(after=m1.data_cutoff, split="train")
+    assert metrics["new_samples"] == sum(1 for i in new_train if not in_validation(i, vf)) > 0
+    held = sum(1 for i in new_train if in_validation(i, vf))
+    assert 0 < held <= metrics["validation_samples"]  # plus the replayed samples that fall in the slice
     # The candidate is not worse on the old holdout than random and learned the new data.
     old_holdout = store.draw(10_000, upto=m1.data_cutoff, split="holdout")
     model = registry.load_model(second["candidate_version"], settings)
