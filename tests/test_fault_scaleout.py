@@ -12,8 +12,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import pg_schema_url
 from looputil import LOOP_CONFIG
+from pgutil import pg_schema_url
 from serverutil import ServerProcess
 from sqlalchemy import text
 from testkit import digit_samples, merge, wait_for
