@@ -139,10 +139,20 @@ def test_predict_contract_errors_promote_and_rollback(server: ServerProcess, tmp
     history = httpx.get(url + "/v1/models", headers=HI).json()["history"]
     assert [(h["version"], h["reason"]) for h in history] == [(a, "rollback"), (b, "manual"), (a, "import")]
     assert history[0]["actor"].startswith("token:") and ADMIN not in history[0]["actor"]
+    # A second rollback toggles back (README): b again, not "further back" (a has no previous).
+    r = post("/v1/models/rollback", h=HA)
+    assert r.status_code == 200 and r.json() == {"champion": b, "previous": a, "serving": b}
+    assert post("/v1/predict", {"inputs": [{"x": X[0]}]}).json()["model_version"] == b
+    history = httpx.get(url + "/v1/models", headers=HI).json()["history"]
+    assert [(h["version"], h["reason"]) for h in history] == [
+        (b, "rollback"), (a, "rollback"), (b, "manual"), (a, "import"),
+    ]  # fmt: skip
+    r = post("/v1/models/rollback", h=HA)
+    assert r.status_code == 200 and r.json() == {"champion": a, "previous": b, "serving": a}
 
     text = httpx.get(url + "/metrics").text
     assert f'continual_model_info{{architecture="mlp",version="{a}"}} 1.0' in text
-    assert "continual_rollbacks_total 1.0" in text
+    assert "continual_rollbacks_total 3.0" in text
     assert "continual_promotions_total 1.0" in text  # the manual promote of b (the import was not through the API)
     assert "continual_predict_latency_seconds_count" in text
     predicted = next(line for line in text.splitlines() if line.startswith("continual_predictions_total"))
