@@ -38,7 +38,7 @@ lint: $(STAMP)
 MUTMUT_JOBS ?= 2
 mutation: $(STAMP)
 	rm -rf mutants
-	CONTINUAL_TEST_PG_URL=off $(VENV)/bin/mutmut run --max-children $(MUTMUT_JOBS) >/dev/null
+	CONTINUAL_TEST_PG_URL=off OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children $(MUTMUT_JOBS) >/dev/null
 	$(PY) tests/mutation_scores.py
 
 bench: $(STAMP)

@@ -2,8 +2,9 @@
 
 Reads mutmut's result files under ``mutants/`` and prints, for each mutated module (and for
 the two functions of interest in the modules that hold more: ``derived_id``, ``split_of``),
-mutants killed / survived / without a test, and the score killed / (killed + survived).
-A timeout counts as killed (the mutant made the tests hang: they noticed). Mutants that no
+mutants killed / survived / without a test, and the score killed / (killed + survived + no
+test), shells excluded. A timeout counts as killed (the mutant made the tests hang past a
+generous CPU limit: they noticed) and is shown apart. Mutants that no
 selected test reached ("no tests") are listed by function: for the pure cores that is a gap,
 for the shells around them (``gate.evaluate`` and friends) it is by design, since
 ``make mutation`` runs only the fast unit tests. Surviving mutants are named, one a line, for
@@ -60,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                 if func.split(".")[0] in SHELLS.get(module, ()):
                     continue
             rows[key]["killed" if status in KILLED else status] += 1
+            if status == "timeout":
+                rows[key]["of which timeouts"] += 1
             if status == "survived":
                 survivors[key].append(mutant)
     if not rows:
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     below = []
     print(f"{'module':44} {'killed':>6} {'survived':>8} {'no tests':>8} {'score':>7}")
     for key, c in sorted(rows.items()):
-        decided = c["killed"] + c["survived"]
+        decided = c["killed"] + c["survived"] + c["no tests"]  # a pure function no test reaches is a gap
         score = 100.0 * c["killed"] / decided if decided else float("nan")
         other = sum(v for k, v in c.items() if k not in {"killed", "survived", "no tests"})
         extra = (

@@ -51,6 +51,16 @@ def test_trigger_rules() -> None:
     # Nothing arrived since the last gated run: the same data would build the same candidate.
     assert trigger_reason(t(True, 10_000, 1_000.0, True, new_since_last_run=False), s.triggers) is None
     assert trigger_reason(t(True, 0, 1.0, False, requested=True, new_since_last_run=False), s.triggers) == "manual"
+    # The reasons are recorded on the run row: exact, and the cooldown ends at exactly cooldown_seconds.
+    assert trigger_reason(t(True, 600, 300.0, True), trig) == "drift detected with 600 new samples"
+    assert trigger_reason(t(True, 600, 299.9, True), trig) is None
+    assert trigger_reason(t(False, 500, None, False), trig) == "bootstrap: 500 samples >= min_new_samples 500"
+    assert trigger_reason(t(True, 5000, 300.0, False), trig) == "5000 new samples >= max_new_samples 5000"
+    assert (
+        trigger_reason(t(True, 600, 86_400.0, False), trig) == "600 new samples and max_interval_seconds 86400 passed"
+    )
+    failed = t(True, 600, 1e9, True, consecutive_failures=2)
+    assert trigger_reason(failed, trig) == "drift detected with 600 new samples (after 2 failed runs in a row)"
 
 
 def test_bootstrap_waits_for_cooldown_and_new_data() -> None:

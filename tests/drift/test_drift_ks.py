@@ -114,3 +114,26 @@ def test_mismatched_windows_rejected() -> None:
 def test_statistics_match_scipy_on_heavily_tied_data(x: np.ndarray, y: np.ndarray) -> None:
     expected = [stats.ks_2samp(x[:, j], y[:, j]).statistic for j in range(3)]
     np.testing.assert_allclose(ks_statistics(x.astype(float), y.astype(float)), expected, atol=1e-12)
+
+
+def test_pca_basis_is_the_top_axes_of_the_centred_pooled_sample() -> None:
+    rng = np.random.default_rng(3)
+    # Spread 10 / 3 / 0.1 along axes 0 / 1 / 2, and a large mean on axis 2: centring must remove it.
+    scale, mean = np.array([10.0, 3.0, 0.1]), np.array([0.0, 0.0, 50.0])
+    ref, cur = rng.normal(size=(400, 3)) * scale + mean, rng.normal(size=(300, 3)) * scale + mean
+    basis = KSDetector(max_features=2, projection="pca")._basis(ref, cur, 2)
+    assert basis.shape == (3, 2)
+    np.testing.assert_allclose(np.abs(basis), [[1, 0], [0, 1], [0, 0]], atol=0.02)
+    # Feature means of different sizes: centring is per feature, not by one grand mean.
+    shifted = np.array([0.0, 40.0, -40.0])
+    again = KSDetector(projection="pca")._basis(ref + shifted, cur + shifted, 2)
+    np.testing.assert_allclose(np.abs(again), np.abs(basis), atol=1e-6)
+
+
+def test_random_basis_ignores_the_data() -> None:
+    rng = np.random.default_rng(4)
+    det = KSDetector(max_features=3, projection="random", seed=7)
+    a = det._basis(rng.normal(size=(50, 8)), rng.normal(size=(40, 8)), 3)
+    b = det._basis(rng.normal(size=(60, 8)) * 100, rng.normal(size=(30, 8)), 3)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(a.T @ a, np.eye(3), atol=1e-12)
