@@ -73,10 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, c in sorted(rows.items()):
         decided = c["killed"] + c["survived"] + c["no tests"]  # a pure function no test reaches is a gap
         score = 100.0 * c["killed"] / decided if decided else float("nan")
-        other = sum(v for k, v in c.items() if k not in {"killed", "survived", "no tests"})
-        extra = (
-            f"  (+{other} {', '.join(k for k in c if k not in {'killed', 'survived', 'no tests'})})" if other else ""
-        )
+        extra = "".join(f"  {k}: {v}" for k, v in c.items() if k not in {"killed", "survived", "no tests"})
         print(f"{key:44} {c['killed']:6d} {c['survived']:8d} {c['no tests']:8d} {score:6.1f}%{extra}")
         if not score >= args.target:
             below.append(key)

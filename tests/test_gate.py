@@ -106,7 +106,7 @@ def test_shadow_records_but_never_promotes() -> None:
 
 
 def test_mismatched_holdouts_are_refused() -> None:
-    with pytest.raises(ValueError, match="same holdout samples"):
+    with pytest.raises(ValueError, match=r"^candidate and champion must be scored on the same holdout samples$"):
         decide(Scores(correct(10, 5), correct(10, 5)), Scores(correct(11, 5), correct(10, 5)), GATE)
 
 

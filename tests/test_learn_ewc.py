@@ -212,3 +212,17 @@ def test_combine_fisher_edges_of_decay_and_dtypes() -> None:
     for bad in (-0.1, 1.1):
         with pytest.raises(ValueError, match="fisher_decay"):
             combine_fisher(old, new, bad)
+
+
+def test_the_per_sample_loop_gives_unused_parameters_a_zero_fisher() -> None:
+    class WithSpare(Tiny):
+        def __init__(self) -> None:
+            super().__init__()
+            self.spare = nn.Parameter(torch.ones(2))  # trainable, never used in forward
+
+    torch.manual_seed(0)
+    model = WithSpare()
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    looped, n = fisher_diagonal(model, [(x, y)], max_samples=6, vectorized=False)
+    assert n == 6 and torch.equal(looped["spare"], torch.zeros(2))
+    assert float(looped["head.weight"].sum()) > 0
