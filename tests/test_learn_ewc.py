@@ -226,3 +226,17 @@ def test_the_per_sample_loop_gives_unused_parameters_a_zero_fisher() -> None:
     looped, n = fisher_diagonal(model, [(x, y)], max_samples=6, vectorized=False)
     assert n == 6 and torch.equal(looped["spare"], torch.zeros(2))
     assert float(looped["head.weight"].sum()) > 0
+
+
+def test_fisher_edges_one_sample_the_cap_between_batches_and_float32_out() -> None:
+    torch.manual_seed(0)
+    model = _model().to(torch.float64)
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    one, n = fisher_diagonal(model, [(x[:1], y[:1])], max_samples=10)
+    assert n == 1 and {f.dtype for f in one.values()} == {torch.float32}  # float32 whatever the model's dtype
+    capped, n = fisher_diagonal(model, [(x[:2], y[:2]), (x[2:], y[2:])], max_samples=2)
+    assert n == 2
+    first, _ = fisher_diagonal(model, [(x[:2], y[:2])], max_samples=2)
+    assert all(torch.equal(capped[k], first[k]) for k in first)
+    with pytest.raises(ValueError, match=r"^fisher_diagonal got no samples$"):
+        fisher_diagonal(model, [], max_samples=5)
