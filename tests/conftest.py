@@ -1,32 +1,27 @@
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pgutil import PG_SKIP_REASON, PG_URL, pg_schema_url, require_pg
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
-PG_URL = os.environ.get("CONTINUAL_TEST_PG_URL", "")
-BACKENDS = ["sqlite", *(["postgresql"] if PG_URL else [])]
+# The PostgreSQL cases are always collected: without a server they show as skipped, with the reason.
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 
 
-def pg_schema_url(schema: str) -> str:
-    """The test server's URL with every connection's search_path set to ``schema``."""
-    return (
-        make_url(PG_URL).update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
-    )
+def pytest_report_header() -> str:
+    return f"postgresql: {PG_URL}" if PG_URL else f"postgresql: none, those cases skip ({PG_SKIP_REASON})"
 
 
 @pytest.fixture
 def pg_schema() -> Iterator[str]:
-    """A fresh PostgreSQL schema, dropped afterwards (skips without CONTINUAL_TEST_PG_URL)."""
-    if not PG_URL:
-        pytest.skip("CONTINUAL_TEST_PG_URL is not set")
+    """A fresh PostgreSQL schema, dropped afterwards (skips, with the reason, when there is no server)."""
+    url = require_pg()
     name = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f'CREATE SCHEMA "{name}"'))
     try:

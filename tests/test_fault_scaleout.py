@@ -7,12 +7,14 @@ that (re)starts while the other trains must not interrupt the other's run.
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from looputil import LOOP_CONFIG
+from pgutil import pg_schema_url
 from serverutil import ServerProcess
 from sqlalchemy import text
 from testkit import digit_samples, merge, wait_for
@@ -127,6 +129,62 @@ def test_two_services_share_the_store_and_one_trains(tmp_path: Path, pg_url: str
     finally:
         for s in servers:
             s.stop()
+        store.dispose()
+
+
+def test_the_lease_holder_killed_mid_run_the_other_takes_over_after_the_ttl(tmp_path: Path, pg_schema: str) -> None:
+    """SIGKILL the process that holds the trainer lease while it trains: the survivor trains once the lease expires."""
+    url = pg_schema_url(pg_schema)
+    env = {"CONTINUAL_STORE__URL": url}
+    shared = {"service": {"data_dir": str(tmp_path / "shared")}, "serving": {"poll_interval_seconds": 1}}
+    # The holder's runs last tens of seconds (no early stop), so the kill lands inside one; the survivor's are short.
+    long_runs = {"training": {"epochs": 1500, "early_stopping_patience": 100000}}
+    holder = ServerProcess(merge(merge(LOOP_CONFIG, shared), long_runs), workdir=tmp_path / "holder", env=env)
+    survivor = ServerProcess(merge(LOOP_CONFIG, shared), workdir=tmp_path / "survivor", env=env)
+    store = Store(url)
+    t: dict[str, float] = {"start": time.monotonic()}
+    try:
+        holder.start()
+        assert holder.proc is not None
+        t["holder_up"] = time.monotonic()
+        wait_for(lambda: _lease_pid(store) == holder.proc.pid, 60, "the first process taking the lease")  # type: ignore[union-attr]
+        t["leased"] = time.monotonic()
+        survivor.start()
+        t["survivor_up"] = time.monotonic()
+        assert survivor.proc is not None
+        r = httpx.post(survivor.url + "/v1/feedback", json={"samples": digit_samples(prefix="s", stop=400)})
+        assert r.status_code == 200, r.text
+        first = wait_for(lambda: store.runs.active(), 120, "the bootstrap run")[0]["id"]
+        t["created"] = time.monotonic()
+        wait_for(lambda: store.runs.get(first)["status"] == "running", 120, "the bootstrap run training")
+        assert _lease_pid(store) == holder.proc.pid and store.runs.get(first)["status"] == "running"
+        t["running"] = time.monotonic()
+
+        holder.kill()  # SIGKILL: no release, no cancel; its lease is left to expire
+        t["killed"] = time.monotonic()
+        with store.engine.connect() as conn:
+            expires_at = conn.execute(text("SELECT expires_at FROM leases WHERE name = 'trainer'")).scalar_one()
+        # Its worker notices the service is gone and stops (the run is not left "running").
+        row = wait_for(lambda: (r := store.runs.get(first))["status"] != "running" and r, 30, "the orphan stopping")
+        assert row["status"] == "interrupted" and "gone" in row["error"], row
+
+        # The survivor starts its own run (the bootstrap trigger still holds) once the lease is free.
+        second = wait_for(
+            lambda: [r for r in store.runs.active() if r["id"] != first and r["status"] == "running"], 150,
+            "the survivor training",
+        )[0]  # fmt: skip
+        t["taken_over"] = time.monotonic()
+        assert second["started_at"] >= expires_at, (second["started_at"], expires_at)  # not before the TTL ran out
+        assert _lease_pid(store) == survivor.proc.pid
+        done = wait_for(lambda: (r := store.runs.get(second["id"]))["status"] in FINISHED and r, 240, "its end")
+        assert done["status"] == "succeeded", done
+        champion = wait_for(lambda: _served(survivor), 60, "the survivor serving the new champion")
+        assert champion == done["candidate_version"] == store.versions.champion_version()
+        t["served"] = time.monotonic()
+    finally:
+        print({k: round(v - t["start"], 1) for k, v in t.items()})
+        holder.stop()
+        survivor.stop()
         store.dispose()
 
 

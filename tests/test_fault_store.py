@@ -8,7 +8,6 @@ connections and its sessions are terminated, then it is let back in.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import uuid
 from pathlib import Path
@@ -17,6 +16,7 @@ import httpx
 import pytest
 from loadutil import stored_id_counts
 from looputil import LOOP_CONFIG
+from pgutil import require_pg
 from serverutil import ServerProcess
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
@@ -24,17 +24,16 @@ from testkit import digit_samples, merge, wait_for
 
 pytestmark = pytest.mark.slow
 
-PG_URL = os.environ.get("CONTINUAL_TEST_PG_URL", "")
 CONFIG = merge(LOOP_CONFIG, {"store": {"busy_timeout_ms": 300}})
 
 
 def pg_database() -> tuple[str, str]:
     name = f"continual_fault_{uuid.uuid4().hex[:10]}"
-    return name, make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+    return name, make_url(require_pg()).set(database=name).render_as_string(hide_password=False)
 
 
 def pg_admin(sql: str, **params: str) -> None:
-    engine = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    engine = create_engine(require_pg(), isolation_level="AUTOCOMMIT")
     try:
         with engine.connect() as conn:
             conn.execute(text(sql), params)
@@ -42,12 +41,11 @@ def pg_admin(sql: str, **params: str) -> None:
         engine.dispose()
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def test_store_down_feedback_503_predict_200_then_recovers(tmp_path: Path, backend: str) -> None:
     env = {}
     if backend == "postgresql":
-        if not PG_URL:
-            pytest.skip("CONTINUAL_TEST_PG_URL is not set")
+        require_pg()
         dbname, url = pg_database()
         pg_admin(f'CREATE DATABASE "{dbname}"')
         env["CONTINUAL_STORE__URL"] = url
@@ -113,6 +111,7 @@ def test_store_down_feedback_503_predict_200_then_recovers(tmp_path: Path, backe
             pg_admin(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
 
 
+@pytest.mark.postgres
 def test_a_database_that_stops_answering_gets_503s_not_hung_threads_then_nothing_is_lost(tmp_path: Path) -> None:
     """A session holds a lock on the samples table: writes wait on it. Every request must still be answered.
 
@@ -120,8 +119,7 @@ def test_a_database_that_stops_answering_gets_503s_not_hung_threads_then_nothing
     """
     import threading
 
-    if not PG_URL:
-        pytest.skip("CONTINUAL_TEST_PG_URL is not set")
+    require_pg()
     dbname, url = pg_database()
     pg_admin(f'CREATE DATABASE "{dbname}"')
     config = merge(

@@ -70,3 +70,29 @@ def test_a_rollback_between_the_gates_decision_and_its_promotion_wins(
     assert recorded is not None and (recorded["outcome"], recorded["rule"]) == ("superseded", "champion_changed")
     assert ctx.store.versions.get(candidate)["status"] == "candidate"  # neither champion nor rejected
     assert ctx.metrics.registry.get_sample_value("continual_promotions_total") == 0
+
+
+def test_a_candidate_whose_files_break_between_evaluation_and_promotion_is_rejected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ctx, _first, parent, candidate = _setup(tmp_path)
+    evaluate = gate.evaluate
+
+    def decide_then_the_disk_corrupts_the_candidate(*args: object, **kw: object) -> gate.Evaluation:
+        evaluation = evaluate(*args, **kw)  # type: ignore[arg-type]
+        assert evaluation.decision.promote
+        (ctx.registry.root / candidate / "weights.safetensors").write_bytes(b"bit rot")
+        return evaluation
+
+    monkeypatch.setattr(gate, "evaluate", decide_then_the_disk_corrupts_the_candidate)
+    decision = trainer.gate_run(ctx, 1, candidate, parent)
+
+    assert (decision.outcome, decision.rule) == ("rejected", "promotion_failed")
+    assert "promotion failed" in decision.reasons[-1] and "weights.safetensors" in decision.reasons[-1]
+    assert ctx.store.versions.champion_version() == parent  # the pointer never moved
+    recorded = ctx.store.records.last_decision()
+    assert recorded is not None and (recorded["outcome"], recorded["rule"]) == ("rejected", "promotion_failed")
+    assert ctx.store.versions.get(candidate)["status"] == "rejected"
+    assert ctx.metrics.registry.get_sample_value("continual_promotions_total") == 0
+    assert ctx.metrics.registry.get_sample_value("continual_rejections_total") == 1
+    assert ctx.store.records.events(kind="model_load_refused")[0]["data"]["version"] == candidate

@@ -145,9 +145,29 @@ def test_derived_ids_depend_on_label_and_content_only(tmp_path: Path) -> None:
         },
         s,
     )
-    assert a.external_id == b.external_id == derived_id("cat", "vector", a.payload)
-    assert a.external_id.startswith("sha256:") and len(a.external_id) == 7 + 64
+    # Pinned: sha256(b"cat" NUL b"vector" NUL float32 bytes of [1, 2, 3, 4]), computed once and kept.
+    assert a.external_id == b.external_id == "sha256:a1f43793c5c10c8805b0db3757932657bc2e6126e7978fc4440edbbb0bd091fe"
     assert c.external_id != a.external_id
+
+
+@pytest.mark.parametrize(
+    ("label", "kind", "payload", "expected"),
+    [
+        (
+            "cat",
+            "vector",
+            np.array([1, 2, 3, 4], "<f4").tobytes(),
+            "a1f43793c5c10c8805b0db3757932657bc2e6126e7978fc4440edbbb0bd091fe",
+        ),
+        ("7", "image", b"\x89PNG", "78ff876131f0ff452af39e577cc0c4e7a8382bf56f6ab9dd7328886b0d37dc6b"),
+        ("", "vector", b"", "9260b81cdbb41b64c2f776f9a9c7ff4caa38735f3945ccc16b49dabfdd3f705c"),
+    ],
+)
+def test_derived_id_known_values(label: str, kind: str, payload: bytes, expected: str) -> None:
+    """Ids already stored depend on these exact bytes: a changed separator or encoding is a breaking change."""
+    assert derived_id(label, kind, payload) == "sha256:" + expected
+    # The NUL separators keep label and kind apart: moving a character across the boundary changes the id.
+    assert derived_id(label + "v", kind[1:], payload) != derived_id(label, kind, payload)
 
 
 @pytest.mark.parametrize(

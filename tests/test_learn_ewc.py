@@ -179,3 +179,66 @@ def test_direct_penalty_gradient_equals_autograd() -> None:
     assert got.keys() == expected.keys() == {"head.weight", "head.bias"}
     for n in got:
         torch.testing.assert_close(got[n], expected[n])
+
+
+def test_the_term_moves_anchor_and_fisher_to_the_parameters_device_and_dtype() -> None:
+    # "meta" tensors have a device of their own without a GPU: a missing .to(device) shows.
+    model = _model().to(torch.float64)
+    anchor, fisher = anchor_of(_model()), _ones_fisher(_model())  # float32 on the CPU
+    term = EwcTerm(model, anchor, fisher)
+    assert {t.dtype for t in term.anchors + term.fishers} == {torch.float64}
+    on_meta = EwcTerm(_model().to("meta"), anchor, fisher)
+    assert {t.device.type for t in on_meta.anchors + on_meta.fishers} == {"meta"}
+    assert {t.dtype for t in on_meta.anchors + on_meta.fishers} == {torch.float32}
+
+
+def test_the_term_with_nothing_to_penalise_is_a_scalar_zero_on_the_models_device() -> None:
+    one = nn.Linear(3, 1, bias=False).to("meta")  # a single parameter
+    one.weight.requires_grad_(False)
+    zero = EwcTerm(one, {"weight": torch.zeros(1, 3)}, {"weight": torch.ones(1, 3)})()
+    assert zero.shape == () and zero.device.type == "meta"
+    empty = EwcTerm(_model(), {}, {})
+    assert len(empty) == 0 and empty().shape == () and float(empty()) == 0.0
+
+
+def test_combine_fisher_edges_of_decay_and_dtypes() -> None:
+    new = {"w": torch.full((2,), 2.0)}
+    old = {"w": torch.full((2,), 4.0, dtype=torch.float64), "frozen": torch.full((3,), 8.0)}
+    out = combine_fisher(old, new, 1.0)  # decay 1 is allowed: nothing is forgotten
+    assert out["w"].dtype == torch.float32 and out["w"].tolist() == [6.0, 6.0]
+    assert out["frozen"].tolist() == [8.0, 8.0, 8.0]
+    out = combine_fisher(old, new, 0.0)  # decay 0 too: only this run counts
+    assert out["w"].tolist() == [2.0, 2.0] and out["frozen"].tolist() == [0.0, 0.0, 0.0]
+    out = combine_fisher(old, new, 0.5)
+    assert out["w"].tolist() == [4.0, 4.0] and out["frozen"].tolist() == [4.0, 4.0, 4.0]
+    for bad in (-0.1, 1.1):
+        with pytest.raises(ValueError, match="fisher_decay"):
+            combine_fisher(old, new, bad)
+
+
+def test_the_per_sample_loop_gives_unused_parameters_a_zero_fisher() -> None:
+    class WithSpare(Tiny):
+        def __init__(self) -> None:
+            super().__init__()
+            self.spare = nn.Parameter(torch.ones(2))  # trainable, never used in forward
+
+    torch.manual_seed(0)
+    model = WithSpare()
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    looped, n = fisher_diagonal(model, [(x, y)], max_samples=6, vectorized=False)
+    assert n == 6 and torch.equal(looped["spare"], torch.zeros(2))
+    assert float(looped["head.weight"].sum()) > 0
+
+
+def test_fisher_edges_one_sample_the_cap_between_batches_and_float32_out() -> None:
+    torch.manual_seed(0)
+    model = _model().to(torch.float64)
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    one, n = fisher_diagonal(model, [(x[:1], y[:1])], max_samples=10)
+    assert n == 1 and {f.dtype for f in one.values()} == {torch.float32}  # float32 whatever the model's dtype
+    capped, n = fisher_diagonal(model, [(x[:2], y[:2]), (x[2:], y[2:])], max_samples=2)
+    assert n == 2
+    first, _ = fisher_diagonal(model, [(x[:2], y[:2])], max_samples=2)
+    assert all(torch.equal(capped[k], first[k]) for k in first)
+    with pytest.raises(ValueError, match=r"^fisher_diagonal got no samples$"):
+        fisher_diagonal(model, [], max_samples=5)

@@ -6,7 +6,15 @@ from learnutil import fill, make_settings
 from testkit import digit_arrays
 
 from continual.learn.data import NothingToTrain, plan_run_data
-from continual.learn.replay import MixedBatchSampler, draw_replay, in_validation, replay_per_batch
+from continual.learn.replay import (
+    MixedBatchSampler,
+    class_balance,
+    draw_replay,
+    in_validation,
+    replay_per_batch,
+    uses_ewc,
+    uses_replay,
+)
 from continual.store import NewSample
 
 
@@ -77,6 +85,12 @@ def test_validation_slice_is_a_pure_function_of_the_id() -> None:
     assert 300 < len(picked) < 500
     assert picked == [i for i in ids if in_validation(i, 0.1)]
     assert not any(in_validation(i, 0.0) for i in ids)
+    assert not any(in_validation(i, -1.0) for i in ids)
+    # Pinned (computed once, kept): a changed salt or hash would move samples between training and validation.
+    assert [f"s{i}" for i in range(40) if in_validation(f"s{i}", 0.2)] == [
+        "s4", "s7", "s17", "s21", "s22", "s26", "s27", "s30", "s31", "s32", "s33", "s38",
+    ]  # fmt: skip
+    assert all(in_validation(i, 1.0) for i in ids[:100])
 
 
 def test_run_data_never_contains_holdout_and_splits_old_from_new(store, tmp_path) -> None:
@@ -113,3 +127,44 @@ def test_unknown_labels_are_skipped_not_fatal(store, tmp_path) -> None:
     data = plan_run_data(store, settings, parent_cutoff=0, data_cutoff=store.max_seq(), seed=0)
     assert data.skipped_unknown_labels == store.count(split="train", label="cat")
     assert len(data.new) == store.count(split="train") - data.skipped_unknown_labels
+
+
+def test_batches_are_pinned_for_a_seed() -> None:
+    """The exact mix for one seed and epoch (computed once, kept): replayed indices 5-7 cycle in a shuffled order."""
+    s = MixedBatchSampler(n_new=5, n_replay=3, batch_size=4, replay_ratio=0.5, seed=3)
+    assert s.batches() == [[4, 2, 5, 6], [1, 3, 7, 5], [0, 6, 7]]
+    s.set_epoch(1)
+    assert s.batches() == [[1, 4, 5, 6], [0, 2, 7, 5], [3, 6, 7]]
+    # Fewer batches than ranks: every rank still gets one step.
+    few = MixedBatchSampler(n_new=3, n_replay=2, batch_size=2, replay_ratio=0.5, seed=3, rank=1, world_size=4)
+    assert few.batches() == [[1, 4]] and len(few) == 1
+
+
+def test_sampler_argument_edges() -> None:
+    assert replay_per_batch(10, 0.01, 5) == 1  # rounds to 0 replayed: at least one
+    assert replay_per_batch(4, 0.9, 5) == 3  # at least one new sample
+    one = MixedBatchSampler(n_new=1, n_replay=0, batch_size=1, replay_ratio=0.0, seed=0)
+    assert one.batches() == [[0]] and len(one) == 1
+    MixedBatchSampler(n_new=1, n_replay=3, batch_size=4, replay_ratio=0.99, seed=0, rank=1, world_size=2)
+    for kw, words in [
+        ({"n_new": 0}, "n_new must be >= 1"),
+        ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+        ({"replay_ratio": 1.0}, r"replay_ratio must be in \[0, 1\), got 1.0"),
+        ({"replay_ratio": -0.1}, "replay_ratio must be in"),
+        ({"rank": 2, "world_size": 2}, r"rank must be in \[0, world_size=2\), got 2"),
+        ({"rank": -1}, "rank must be in"),
+    ]:
+        args = {"n_new": 4, "n_replay": 2, "batch_size": 2, "replay_ratio": 0.5, "seed": 0, **kw}
+        with pytest.raises(ValueError, match=words):
+            MixedBatchSampler(**args)  # type: ignore[arg-type]
+
+
+def test_strategies_and_class_balance() -> None:
+    assert [(uses_replay(s), uses_ewc(s)) for s in ("naive", "replay", "ewc", "replay+ewc")] == [
+        (False, False), (True, False), (False, True), (True, True),
+    ]  # fmt: skip
+    for f in (uses_replay, uses_ewc):
+        with pytest.raises(ValueError, match=r"training\.strategy must be one of"):
+            f("ewc+replay")
+    assert class_balance(["b", "a", "b", "c", "b"]) == {"b": 3, "a": 1, "c": 1}
+    assert class_balance([]) == {}

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from testkit import wait_for
 
 from continual.store import Store
 
@@ -69,3 +71,26 @@ def test_hosts_with_wrong_clocks_still_agree_because_the_database_keeps_the_time
     assert store.leases.try_acquire("trainer", "fast-host", 1.5)
     Skewed.offset = timedelta(hours=-1)
     assert not store.leases.try_acquire("trainer", "slow-host", 1.5)  # nor the slow one, from the fast one
+
+
+def test_expiry_on_the_real_clock(store: Store) -> None:
+    """No injected clock: a renewed lease stays, an abandoned one frees itself after its TTL (and not before).
+
+    The bounds leave a second of slack for a store clock with one-second resolution.
+    """
+    ttl = 2.0
+    leases = store.leases
+    assert leases.try_acquire("trainer", "a", ttl)
+    # Renewed more often than the TTL, for longer than the TTL: nobody else gets it.
+    until = time.monotonic() + ttl + 0.5
+    while time.monotonic() < until:
+        assert not leases.try_acquire("trainer", "b", ttl)
+        assert leases.try_acquire("trainer", "a", ttl)
+        time.sleep(0.3)
+    # a stops renewing (it crashed): b takes over once the TTL has run out.
+    abandoned = time.monotonic()
+    wait_for(lambda: leases.try_acquire("trainer", "b", ttl), ttl + 3, "the abandoned lease expiring", 0.05)
+    waited = time.monotonic() - abandoned
+    assert waited >= ttl - 1.05, f"b took the lease {waited:.2f} s after a's last renewal (TTL {ttl} s)"
+    assert leases.holder_of("trainer") == "b"
+    assert not leases.try_acquire("trainer", "a", ttl)

@@ -42,6 +42,7 @@ def test_feedback_predict_and_training_at_once(tmp_path: Path) -> None:
         with Load(server.url, feeders=8, predictors=4, tag="load") as load:
             deadline = time.monotonic() + LOAD_SECONDS
             while time.monotonic() < deadline:
+                load.check()  # a client thread that raised fails the test now
                 status = admin.get("/v1/status")
                 assert status.status_code == 200, status.text
                 active = status.json()["active_run"]

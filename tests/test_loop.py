@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from testkit import digit_samples
 
 from continual.config import load_settings
 from continual.learn.run import create_run, request_run
+from continual.procutil import process_alive
 from continual.service import jobs, recovery
 from continual.store import NewSample, Store
 from continual.store.engine import write_tx
@@ -48,6 +51,16 @@ def test_trigger_rules() -> None:
     # Nothing arrived since the last gated run: the same data would build the same candidate.
     assert trigger_reason(t(True, 10_000, 1_000.0, True, new_since_last_run=False), s.triggers) is None
     assert trigger_reason(t(True, 0, 1.0, False, requested=True, new_since_last_run=False), s.triggers) == "manual"
+    # The reasons are recorded on the run row: exact, and the cooldown ends at exactly cooldown_seconds.
+    assert trigger_reason(t(True, 600, 300.0, True), trig) == "drift detected with 600 new samples"
+    assert trigger_reason(t(True, 600, 299.9, True), trig) is None
+    assert trigger_reason(t(False, 500, None, False), trig) == "bootstrap: 500 samples >= min_new_samples 500"
+    assert trigger_reason(t(True, 5000, 300.0, False), trig) == "5000 new samples >= max_new_samples 5000"
+    assert (
+        trigger_reason(t(True, 600, 86_400.0, False), trig) == "600 new samples and max_interval_seconds 86400 passed"
+    )
+    failed = t(True, 600, 1e9, True, consecutive_failures=2)
+    assert trigger_reason(failed, trig) == "drift detected with 600 new samples (after 2 failed runs in a row)"
 
 
 def test_bootstrap_waits_for_cooldown_and_new_data() -> None:
@@ -240,3 +253,44 @@ def test_stop_ends_the_ticks_marks_stopping_and_frees_the_lease(tmp_path: Path) 
     assert loop.store.leases.holder_of("trainer") is None
     assert jobs.check(loop) == {"skipped": "stopping"}
     loop.store.dispose()
+
+
+@pytest.mark.slow
+def test_a_trainer_that_loses_the_lease_mid_run_stops_its_worker(tmp_path: Path) -> None:
+    """Another process took the lease (this one stalled past its TTL): this one must stop training, not finish."""
+    from continual.learn.launch import wait_for_progress
+    from continual.service import trainer
+    from continual.service.context import TRAINER_LEASE
+
+    loop = make_loop(tmp_path, {"training": {"epochs": 5000, "early_stopping_patience": 100_000}})
+    store = loop.store
+    feed(store, digit_samples("original", stop=300))
+    assert loop.hold_trainer_lease()
+    run_id = create_run(store, loop.settings, trigger="test")
+    outcome: list[trainer.RunOutcome] = []
+    thread = threading.Thread(target=lambda: outcome.append(trainer.train_and_gate(loop, run_id)), daemon=True)
+    thread.start()
+    try:
+        assert wait_for_progress(store, run_id, phase="training", timeout=120)["status"] == "running"
+        worker_pid = int(store.runs.get(run_id)["pid"])
+        # The lease expires under this process and another one takes it.
+        store.leases.release(TRAINER_LEASE, loop.holder)
+        assert store.leases.try_acquire(TRAINER_LEASE, "elsewhere:1", 600)
+        lost_at = time.monotonic()
+        thread.join(60)
+        assert not thread.is_alive(), "the trainer went on training without the lease"
+    finally:
+        loop.stop.set()  # on failure: cancel the worker (the trainer's own stop path)
+        thread.join(60)
+    took = time.monotonic() - lost_at
+    row = store.runs.get(run_id)
+    assert (row["status"], row["candidate_version"]) == ("cancelled", None), row
+    assert "trainer lease moved to elsewhere:1" in row["error"], row
+    assert not process_alive(worker_pid)
+    assert outcome[0].status == "cancelled" and outcome[0].decision is None
+    assert store.records.last_decision() is None and store.versions.champion_version() is None
+    (event,) = store.records.events(kind="trainer_lease_lost")
+    assert event["data"] == {"run_id": run_id, "holder": "elsewhere:1", "lost_by": loop.holder}
+    assert took < 30, f"stopping took {took:.1f} s"
+    assert store.leases.holder_of(TRAINER_LEASE) == "elsewhere:1"  # and it did not take the lease back
+    store.dispose()

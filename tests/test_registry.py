@@ -235,6 +235,28 @@ def test_promote_and_rollback_are_recorded(reg: Registry) -> None:
     assert {v["version"]: v["status"] for v in reg.store.versions.rows()} == {a: "champion", b: "retired"}
 
 
+def test_two_rollbacks_in_a_row_toggle_back(reg: Registry) -> None:
+    """README: rollback makes the champion before the current one champion again, so a second one undoes the first."""
+    a, b, c = write(reg, 1), write(reg, 2), write(reg, 3)
+    reg.promote(a, expected=None, reason="import")
+    reg.promote(b, expected=a, reason="gate")
+    reg.promote(c, expected=b, reason="gate")
+    assert reg.rollback(actor="token:x") == (c, b)
+    assert reg.rollback(actor="token:y") == (b, c)  # back to c, not further back in time to a
+    assert reg.store.versions.champion_version() == c
+    assert reg.rollback() == (c, b)
+    history = [(h["version"], h["previous"], h["reason"]) for h in reg.store.versions.history()]
+    assert history == [
+        (b, c, "rollback"),
+        (c, b, "rollback"),
+        (b, c, "rollback"),
+        (c, b, "gate"),
+        (b, a, "gate"),
+        (a, None, "import"),
+    ]
+    assert {v["version"]: v["status"] for v in reg.store.versions.rows()} == {a: "retired", b: "champion", c: "retired"}
+
+
 def test_rollback_refuses_a_corrupt_previous_champion(reg: Registry) -> None:
     a, b = write(reg, 1), write(reg, 2)
     reg.promote(a, expected=reg.store.versions.champion_version(), reason="import")

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from prometheus_client import CollectorRegistry
+from testkit import Threads, wait_for
 
 from continual.config import InputSettings, ModelSettings, Settings
 from continual.ingest import Decoded
@@ -118,29 +120,43 @@ def test_requests_in_flight_keep_the_model_they_started_with(reg: Registry, metr
 
 
 def test_concurrent_predicts_during_swaps_always_answer(reg: Registry, metrics: Metrics) -> None:
+    """Four threads predict while the model is swapped ten times: every swap lands under traffic, none fails."""
     versions = [new_version(reg, i)[0] for i in range(2)]
     serving = Serving(SETTINGS, events=metrics)
     reg.promote(versions[0], expected=reg.store.versions.champion_version(), reason="import")
     serving.sync(reg)
-    stop, seen, errors = threading.Event(), set(), []
+    stop = threading.Event()
+    answers: list[tuple[float, float, str]] = []  # (started, ended, version) of every predict
 
     def client() -> None:
         while not stop.is_set():
-            try:
-                seen.add(serving.predict([vec(1, 2, 3, 4)] * 3)[0])
-            except Exception as e:  # any error fails the test below
-                errors.append(e)
+            started = time.perf_counter()
+            version = serving.predict([vec(1, 2, 3, 4)] * 3)[0]
+            answers.append((started, time.perf_counter(), version))
 
-    threads = [threading.Thread(target=client) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for i in range(10):
-        reg.promote(versions[(i + 1) % 2], expected=reg.store.versions.champion_version(), reason="manual")
-        serving.sync(reg)
-    stop.set()
-    for t in threads:
-        t.join()
-    assert errors == [] and seen <= set(versions)
+    threads = Threads()  # an exception in a client fails the test at join
+    for _ in range(4):
+        threads.start(client)
+    swaps: list[tuple[float, float]] = []
+    try:
+        for i in range(10):
+            n = len(answers)
+            wait_for(lambda n=n: len(answers) >= n + 8, 30, "predicts between two swaps", 0.001)
+            reg.promote(versions[(i + 1) % 2], expected=reg.store.versions.champion_version(), reason="manual")
+            started = time.perf_counter()
+            assert serving.sync(reg) is True
+            swaps.append((started, time.perf_counter()))
+        n = len(answers)
+        wait_for(lambda: len(answers) >= n + 8, 30, "predicts after the last swap", 0.001)
+    finally:
+        stop.set()
+        threads.join()
+    assert {v for _, _, v in answers} == set(versions)
+    # A predict overlaps a swap when it was in flight while the new model was loaded and put in place.
+    overlapped = [sum(1 for a0, a1, _ in answers if a0 < s1 and a1 > s0) for s0, s1 in swaps]
+    assert all(overlapped), f"predicts in flight during each swap: {overlapped}"
+    after_last = [v for a0, _, v in answers if a0 > swaps[-1][1]]
+    assert after_last and set(after_last) == {versions[0]}, after_last  # 10 swaps from versions[0]: back on it
 
 
 def test_the_reservoir_keeps_recent_embeddings_of_the_serving_model(reg: Registry, metrics: Metrics) -> None:

@@ -128,6 +128,17 @@ def test_split_is_a_stable_function_of_the_id(store: Store, store_url: str) -> N
     assert json.loads(out) == stored
 
 
+def test_split_of_known_values() -> None:
+    """Stored rows keep the split they got: the hash and its salt are pinned (computed once, kept)."""
+    ids = [f"s{i}" for i in range(40)]
+    assert [i for i in ids if split_of(i, 0.2) == "holdout"] == ["s1", "s6", "s9", "s10", "s32"]
+    assert [i for i in ids if split_of(i, 0.5) == "holdout"] == [
+        "s1", "s3", "s6", "s8", "s9", "s10", "s11", "s18", "s19", "s22", "s28", "s30", "s32", "s37", "s39",
+    ]  # fmt: skip
+    assert {split_of(i, 0.0) for i in ids} == {"train"}
+    assert {split_of(i, 1.0) for i in ids} == {"holdout"}
+
+
 def test_migration_from_empty_and_refusal_when_behind(store_url: str) -> None:
     store = Store(store_url)
     with pytest.raises(SchemaOutOfDate, match="continual db upgrade"):

@@ -3,12 +3,14 @@
 Area-specific builders live beside their tests (``serverutil``: a real server;
 ``learnutil``: training settings and a filled store; ``looputil``: the service's
 jobs over a fresh store; ``loadutil``: client load; ``ingestutil``: an app over a
-real store) and build on these.
+real store) and build on these. Client threads go through :class:`Threads`, so
+what they raise fails the test.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Mapping
 from functools import cache
@@ -107,3 +109,48 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: fl
         if time.monotonic() >= deadline:
             raise TimeoutError(f"{what} did not happen within {timeout:g} s (last: {last!r})")
         time.sleep(interval)
+
+
+# -- client threads -------------------------------------------------------------------------------------
+class Threads:
+    """Background threads whose exceptions fail the test (pytest alone would only warn about them).
+
+    ``join`` waits for all of them and raises an AssertionError carrying the first
+    exception (and naming the thread) if any raised, or if any is still running.
+    """
+
+    def __init__(self) -> None:
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self.errors: list[tuple[str, BaseException]] = []
+
+    def start(self, target: Callable[..., object], *args: object) -> threading.Thread:
+        def run() -> None:
+            try:
+                target(*args)
+            except BaseException as e:  # every exception, so that none is lost to a warning
+                with self._lock:
+                    self.errors.append((threading.current_thread().name, e))
+
+        thread = threading.Thread(target=run, name=f"{getattr(target, '__name__', 'thread')}-{len(self._threads)}")
+        thread.daemon = True
+        self._threads.append(thread)
+        thread.start()
+        return thread
+
+    def check(self) -> None:
+        """Raise now if a thread has raised (call it while the threads still run, to fail early)."""
+        with self._lock:
+            errors = list(self.errors)
+        if errors:
+            name, first = errors[0]
+            raise AssertionError(f"{len(errors)} thread(s) raised; the first, in {name}: {first!r}") from first
+
+    def join(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        self.check()
+        alive = [t.name for t in self._threads if t.is_alive()]
+        if alive:
+            raise AssertionError(f"threads still running {timeout:g} s after they were told to stop: {alive}")

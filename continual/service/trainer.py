@@ -1,7 +1,8 @@
 """One run from the trainer's side: claim it, train it in a child process, gate the candidate, promote it.
 
 The worker (``continual.service.worker``) records its own outcome; this side only
-waits for it (renewing the trainer lease), then hands the candidate to the gate
+waits for it (renewing the trainer lease, and stopping it if another process took
+the lease meanwhile), then hands the candidate to the gate
 (:func:`continual.gate.evaluate`) and moves the champion pointer by
 compare-and-swap from the parent the candidate was trained from. A rollback or
 promotion that lands while the gate evaluates wins: the candidate is deferred.
@@ -16,9 +17,9 @@ from typing import Any
 
 from continual import gate
 from continual.gate import Decision, Scores
-from continual.learn.launch import launch_run
+from continual.learn.launch import RunHandle, launch_run
 from continual.registry import ChampionMoved, ChecksumMismatch, VersionNotFound
-from continual.service.context import ServiceContext
+from continual.service.context import TRAINER_LEASE, ServiceContext
 from continual.store import StoreUnavailable
 
 log = logging.getLogger("continual.service.trainer")
@@ -68,7 +69,8 @@ def train_and_gate(ctx: ServiceContext, run_id: int) -> RunOutcome:
 
 
 def _run_child(ctx: ServiceContext, run_id: int) -> dict[str, Any]:
-    """Wait for the worker, renewing the lease; cancel it on shutdown, kill it past its hard deadline.
+    """Wait for the worker, renewing the lease; cancel it on shutdown or when the lease is lost, kill it past
+    its hard deadline.
 
     The worker stops itself at ``max_duration_seconds`` between training steps; a worker
     stuck elsewhere (planning, embedding, preloading, validation, a hung C call) would
@@ -80,12 +82,11 @@ def _run_child(ctx: ServiceContext, run_id: int) -> dict[str, Any]:
     deadline = time.monotonic() + t.max_duration_seconds + t.deadline_grace_seconds
     try:
         while handle.wait(timeout=2.0) is None:
-            try:
-                ctx.hold_trainer_lease()
-            except StoreUnavailable:
-                log.warning("could not renew the trainer lease: store unavailable")
             if ctx.stop.is_set():
                 handle.cancel()
+                break
+            if not _renew_lease(ctx):
+                _lease_lost(ctx, handle, run_id)
                 break
             if time.monotonic() > deadline:
                 phase = (ctx.store.runs.get(run_id).get("progress") or {}).get("phase", "unknown")
@@ -99,6 +100,30 @@ def _run_child(ctx: ServiceContext, run_id: int) -> dict[str, Any]:
     finally:
         ctx.handle = None
     return ctx.store.runs.get(run_id)
+
+
+def _renew_lease(ctx: ServiceContext) -> bool:
+    """False only when another process holds the lease; an unreachable store proves nothing, so training goes on."""
+    try:
+        return ctx.hold_trainer_lease()
+    except StoreUnavailable:
+        log.warning("could not renew the trainer lease: store unavailable")
+        return True
+
+
+def _lease_lost(ctx: ServiceContext, handle: RunHandle, run_id: int) -> None:
+    """Another process holds the lease (this one stalled past its TTL): it trains now, so this run stops."""
+    holder = ctx.store.leases.holder_of(TRAINER_LEASE)
+    why = f"cancelled: the trainer lease moved to {holder} (this process is {ctx.holder})"
+    # Recorded before the worker stops, so its own "stop requested" does not hide why.
+    ctx.store.runs.finish(run_id, "cancelled", error=why)
+    log.error("training run %d %s: stopping its worker", run_id, why)
+    handle.cancel()
+    ctx.store.records.add_event(
+        "trainer_lease_lost",
+        f"training run {run_id} {why}",
+        {"run_id": run_id, "holder": holder, "lost_by": ctx.holder},
+    )
 
 
 def gate_run(ctx: ServiceContext, run_id: int, candidate: str, parent: str | None) -> Decision:

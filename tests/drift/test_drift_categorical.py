@@ -169,3 +169,38 @@ def test_sparse_tables_keep_the_false_alarm_rate() -> None:
         rng.choice(4, 30, p=prior), rng.choice(4, 30, p=[0.4, 0.2, 0.2, 0.2])
     )
     assert shifted.p_value < alpha and shifted.details["p_value_method"] == "permutation"
+
+
+def test_prediction_shift_result_in_full() -> None:
+    """Every field of one result, and the argument names in its errors (torch tensors accepted)."""
+    ref = torch.tensor([0, 0, 1, 1, 2, 2, 0, 1])
+    cur = np.array([0, 1, 1, 1, 2, 2, 2, 2])
+    ref_conf, cur_conf = torch.linspace(0.5, 0.9, 8, dtype=torch.float32), np.linspace(0.4, 0.8, 8)
+    r = PredictionShiftDetector(alpha=0.2, min_effect=0.3, num_classes=4).check(ref, cur, ref_conf, cur_conf)
+    chi2, *_ = stats.chi2_contingency(np.array([[3, 3, 2], [1, 3, 4]]), correction=False)
+    ks = stats.ks_2samp(ref_conf.numpy().astype(np.float64), cur_conf)
+    assert (r.detector, r.n_reference, r.n_current) == ("prediction_shift", 8, 8)
+    assert r.details["classes_chi2"] == pytest.approx(chi2)
+    assert r.details["confidence_p_value"] == pytest.approx(ks.pvalue)
+    assert r.details["confidence_ks_d"] == pytest.approx(ks.statistic)
+    assert (r.details["alpha"], r.details["min_effect"]) == (0.2, 0.3)
+    assert r.statistic == pytest.approx(min(ks.pvalue, r.details["classes_p_value"]))
+    assert r.p_value == pytest.approx(min(1.0, 2 * r.statistic))
+    # A permutation p-value for a sparse table; num_classes keeps the empty class in the table width.
+    assert r.details["p_value_method"] == "permutation" and r.details["classes_seen"] == 3
+    assert r.details["total_variation"] == pytest.approx(0.5 * (2 / 8 + 0 + 2 / 8 + 0))
+    # Both components insignificant: p is capped at 1, never above.
+    flat = PredictionShiftDetector().check([0, 1] * 20, [1, 0] * 20, [0.5] * 40, [0.5] * 40)
+    assert flat.p_value == 1.0 and flat.effect == 0.0 and not flat.detected
+    with pytest.raises(ValueError, match=r"current class indices must be in \[0, 4\)"):
+        PredictionShiftDetector(num_classes=4).check([0, 1], [0, 4])
+    with pytest.raises(ValueError, match="num_classes must be None or >= 1, got 0"):
+        PredictionShiftDetector(num_classes=0)
+    with pytest.raises(ValueError, match="reference must hold integer"):
+        PredictionShiftDetector().check([0.5, 1.0], [0, 1])
+    with pytest.raises(ValueError, match="current must be a non-empty 1-D"):
+        PredictionShiftDetector().check([0, 1], [])
+    with pytest.raises(ValueError, match=r"reference_confidence must be 2 finite numbers .* got shape \(3,\)"):
+        PredictionShiftDetector().check([0, 1], [0, 1], [0.5, 0.5, 0.5], [0.5, 0.5])
+    with pytest.raises(ValueError, match="current_confidence must be 2 finite"):
+        PredictionShiftDetector().check([0, 1], [0, 1], torch.tensor([0.5, 0.5]), [0.5, float("nan")])

@@ -114,3 +114,45 @@ def test_mismatched_windows_rejected() -> None:
 def test_statistics_match_scipy_on_heavily_tied_data(x: np.ndarray, y: np.ndarray) -> None:
     expected = [stats.ks_2samp(x[:, j], y[:, j]).statistic for j in range(3)]
     np.testing.assert_allclose(ks_statistics(x.astype(float), y.astype(float)), expected, atol=1e-12)
+
+
+def test_pca_basis_is_the_top_axes_of_the_centred_pooled_sample() -> None:
+    rng = np.random.default_rng(3)
+    # Spread 10 / 3 / 0.1 along axes 0 / 1 / 2, and a large mean on axis 2: centring must remove it.
+    scale, mean = np.array([10.0, 3.0, 0.1]), np.array([0.0, 0.0, 50.0])
+    ref, cur = rng.normal(size=(400, 3)) * scale + mean, rng.normal(size=(300, 3)) * scale + mean
+    basis = KSDetector(max_features=2, projection="pca")._basis(ref, cur, 2)
+    assert basis.shape == (3, 2)
+    np.testing.assert_allclose(np.abs(basis), [[1, 0], [0, 1], [0, 0]], atol=0.02)
+    # Feature means of different sizes: centring is per feature, not by one grand mean.
+    shifted = np.array([0.0, 40.0, -40.0])
+    again = KSDetector(projection="pca")._basis(ref + shifted, cur + shifted, 2)
+    np.testing.assert_allclose(np.abs(again), np.abs(basis), atol=1e-6)
+
+
+def test_random_basis_ignores_the_data() -> None:
+    rng = np.random.default_rng(4)
+    det = KSDetector(max_features=3, projection="random", seed=7)
+    a = det._basis(rng.normal(size=(50, 8)), rng.normal(size=(40, 8)), 3)
+    b = det._basis(rng.normal(size=(60, 8)) * 100, rng.normal(size=(30, 8)), 3)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(a.T @ a, np.eye(3), atol=1e-12)
+
+
+def test_edges_one_sample_one_feature_axis_and_exactly_k_features() -> None:
+    rng = np.random.default_rng(5)
+    ref, cur = rng.normal(size=(30, 3)), rng.normal(size=(1, 3))
+    r = KSDetector(alpha=0.01, min_effect=0.2).check(ref, cur)  # one current sample is a window
+    assert (r.detector, r.n_reference, r.n_current) == ("ks", 30, 1)
+    assert (r.details["alpha"], r.details["min_effect"]) == (0.01, 0.2)
+    one_axis = KSDetector(max_features=1, projection="pca").check(ref, rng.normal(size=(20, 3)))
+    assert one_axis.details["features"] == 1 and one_axis.details["projection"] == "pca"
+    # Exactly max_features features: nothing to reduce, the features are tested as they are.
+    exact = KSDetector(max_features=3).check(ref, cur)
+    assert exact.details["projection"] is None and exact.statistic == r.statistic
+    # The default seed is 0: the same random axes as asking for seed 0.
+    a, b = rng.normal(size=(40, 6)), rng.normal(size=(40, 6))
+    assert KSDetector(max_features=2).check(a, b) == KSDetector(max_features=2, seed=0).check(a, b)
+    # A tensor that requires grad is detached, not refused.
+    t = torch.tensor(a, requires_grad=True)
+    assert KSDetector().check(t, b).statistic == KSDetector().check(a, b).statistic

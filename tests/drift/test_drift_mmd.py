@@ -134,3 +134,31 @@ def test_cuda_matches_cpu() -> None:
     assert gpu.details["device"].startswith("cuda")
     assert gpu.statistic == pytest.approx(cpu.statistic, rel=1e-3)
     assert gpu.p_value == pytest.approx(cpu.p_value, abs=0.02)
+
+
+def test_defaults_boundaries_and_the_result_in_full() -> None:
+    d = MMDDetector()
+    assert (d.alpha, d.min_effect, d.permutations, d.exact_max_n, d.rff_features) == (0.05, 0.02, 500, 10_000, 2048)
+    assert (d.bandwidth, d.bandwidth_sample, d.standardize, d.seed) == (None, 1000, True, 0)
+    # The smallest values each check allows.
+    MMDDetector(permutations=1, exact_max_n=4, rff_features=2, bandwidth=0.5, bandwidth_sample=2)
+    rng = np.random.default_rng(1)
+    ref, cur = rng.normal(size=(20, 3)), rng.normal(size=(20, 3))
+    ref[:, 2] = cur[:, 2] = 1.0  # a constant feature: standardising must not divide by its zero spread
+    exact = MMDDetector(permutations=30, exact_max_n=40).check(ref, cur)  # 40 pooled = exact_max_n: exact
+    assert exact.detector == "mmd" and np.isfinite(exact.statistic) and exact.p_value == pytest.approx(6 / 31)
+    details = {k: v for k, v in exact.details.items() if k not in {"mmd2_biased", "bandwidth"}}
+    assert details == {
+        "method": "exact", "permutations": 30, "rff_features": None, "standardized": True, "device": "cpu",
+        "alpha": 0.05, "min_effect": 0.02,
+    }  # fmt: skip
+    assert exact.details["bandwidth"] == pytest.approx(1.5552288, rel=1e-5)
+    rff = MMDDetector(permutations=30, exact_max_n=39, rff_features=64).check(ref, cur)
+    assert (rff.details["method"], rff.details["rff_features"]) == ("rff", 64)
+    assert MMDDetector(permutations=30, standardize=False).check(ref, cur).details["standardized"] is False
+
+
+def test_ties_with_the_observed_statistic_count_as_extreme() -> None:
+    same = np.zeros((10, 2))  # every permutation's statistic equals the observed one
+    assert MMDDetector(permutations=10).check(same, same).p_value == 1.0
+    assert MMDDetector(permutations=7, exact_max_n=4, rff_features=8).check(same, same).p_value == 1.0

@@ -63,3 +63,15 @@ def test_resolve_device() -> None:
     assert resolve_device("cpu") == torch.device("cpu")
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device("auto", np.zeros(3)).type == expected
+
+
+def test_auto_follows_a_non_cpu_input_and_windows_name_their_minimum() -> None:
+    meta = torch.zeros(2, device="meta")  # a non-CPU device that exists without a GPU
+    assert resolve_device("auto", np.zeros(2), torch.zeros(2), meta) == torch.device("meta")
+    assert resolve_device("auto", torch.zeros(2)) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match=r"^reference needs at least 2 samples, got 1$"):
+        check_windows(np.zeros((1, 3)), np.zeros((5, 3)))
+    with pytest.raises(ValueError, match=r"^current needs at least 3 samples, got 2$"):
+        check_windows(np.zeros((5, 3)), np.zeros((2, 3)), min_samples=3)
+    ref, cur = check_windows(np.zeros((2, 3)), np.zeros((2, 3)))  # exactly the minimum is enough
+    assert ref.shape == cur.shape == (2, 3)
