@@ -110,6 +110,8 @@ def _new_rows(
 ) -> tuple[Tensor, Tensor]:
     weight = head.weight.detach()
     dim, k = head.in_features, len(added)
+    if k == 0:
+        return weight.new_empty(0, dim), weight.new_empty(0)
     if init == "random":
         gen = torch.Generator().manual_seed(seed)
         bound = 1.0 / dim**0.5
