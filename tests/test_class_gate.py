@@ -68,6 +68,12 @@ def test_old_accuracy_exactly_at_the_threshold_passes_and_epsilon_below_fails() 
     assert decide_classes(Y, cand, CHAMP, OLD, NEW, GATE).outcome == "promoted"
     d = decide_classes(Y, cand, CHAMP, OLD, NEW, ClassGate(0.05 - 1e-6, 0.8, 0.1, 10))
     assert (d.outcome, d.rule) == ("rejected", "max_old_forgetting")
+    # Float rounding must not fail an exact tie: 42/60 = 0.7 but 48/60 - 0.1 = 0.7000000000000001.
+    champ = predict(Y, {"a": 4, "b": 4, "c": 4, "d": 10}, "x")
+    cand = predict(Y, {"a": 6, "b": 6, "c": 6}, "x")
+    d = decide_classes(Y, cand, champ, OLD, NEW, ClassGate(0.1, 0.8, 0.1, 10))
+    assert d.metrics["candidate_old_accuracy"] < d.metrics["champion_old_accuracy"] - 0.1
+    assert d.outcome == "promoted", d.reasons
 
 
 def test_one_collapsed_class_rejects_even_when_the_average_is_fine() -> None:
