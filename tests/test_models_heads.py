@@ -18,8 +18,12 @@ def head(seed: int = 0, dim: int = 6, n: int = 3) -> nn.Linear:
 
 
 def embeddings(seed: int = 1, dim: int = 6) -> dict[str, torch.Tensor]:
+    """Non-negative (post-ReLU-like) embeddings of two old and two new classes, each around its own centre."""
     g = torch.Generator().manual_seed(seed)
-    return {"d": torch.rand(5, dim, generator=g), "e": torch.rand(7, dim, generator=g) * 3}
+    return {
+        c: torch.rand(n, dim, generator=g) + 2 * torch.eye(dim)[i]
+        for i, (c, n) in enumerate(zip("abde", (4, 6, 5, 7), strict=True))
+    }
 
 
 def mlp(classes: tuple[str, ...] = OLD) -> ModelSettings:
@@ -40,18 +44,28 @@ def test_old_rows_are_copied_bit_for_bit_and_the_parent_is_untouched(init: str) 
     assert torch.isfinite(grown.weight).all() and grown.weight.requires_grad
 
 
-def test_imprinted_rows_point_at_the_class_mean_at_the_old_rows_scale() -> None:
+def test_imprinted_rows_point_from_the_centre_to_the_class_at_the_old_rows_scale() -> None:
     h, emb = head(), embeddings()
     grown = grow_head(h, OLD, NEW, init="imprint", embeddings_by_class=emb)
-    scale = h.weight.detach().norm(dim=1).mean()
+    w, b = h.weight.detach().double(), h.bias.detach().double()
+    means = {c: e.double().mean(0) for c, e in emb.items()}
+    centre = torch.stack(list(means.values())).mean(0)
     for i, c in enumerate(("d", "e"), start=3):
-        e = emb[c] / emb[c].norm(dim=1, keepdim=True)
-        direction = e.mean(0) / e.mean(0).norm()
-        torch.testing.assert_close(grown.weight[i].detach(), direction * scale)
-        torch.testing.assert_close(grown.bias[i].detach(), h.bias.detach().mean())
-    # Each embedding is normalised first: scaling one class's samples does not change its row.
-    scaled = {"d": emb["d"] * 100, "e": emb["e"]}
-    torch.testing.assert_close(grow_head(h, OLD, NEW, embeddings_by_class=scaled).weight, grown.weight)
+        direction = (means[c] - centre) / (means[c] - centre).norm()
+        row = direction * w.norm(dim=1).mean()
+        torch.testing.assert_close(grown.weight[i].detach().double(), row, rtol=1e-6, atol=1e-6)
+        # At the centre the new logit equals the old classes' mean logit there.
+        torch.testing.assert_close(grown(centre.float())[i].double(), (w @ centre + b).mean(), rtol=1e-5, atol=1e-5)
+    # Imprinted rows tell the new classes apart before any training; random rows do not need to.
+    with torch.no_grad():
+        assert grown(emb["d"]).argmax(1).eq(3).all() and grown(emb["e"]).argmax(1).eq(4).all()
+
+
+def test_imprinting_without_old_embeddings_is_refused() -> None:
+    # Centring needs the old classes: a plain (uncentred) imprint of non-negative embeddings scores high everywhere.
+    only_new = {c: e for c, e in embeddings().items() if c in "de"}
+    with pytest.raises(ValueError, match="also needs embeddings of at least one old class"):
+        grow_head(head(), OLD, NEW, embeddings_by_class=only_new)
 
 
 def test_random_rows_are_seeded_small_and_unbiased() -> None:
@@ -80,7 +94,9 @@ def test_bad_arguments_name_what_is_wrong() -> None:
     with pytest.raises(ValueError, match="needs embeddings_by_class"):
         grow_head(head(), OLD, NEW)
     with pytest.raises(ValueError, match="embeddings_by_class\\['e'\\] must be a non-empty \\[n, 6\\]"):
-        grow_head(head(), OLD, NEW, embeddings_by_class={"d": torch.ones(2, 6)})
+        grow_head(head(), OLD, NEW, embeddings_by_class={"a": torch.ones(2, 6), "d": torch.ones(2, 6)})
+    with pytest.raises(ValueError, match="embeddings_by_class has classes \\['z'\\] that are not in new_classes"):
+        grow_head(head(), OLD, NEW, embeddings_by_class={**embeddings(), "z": torch.ones(2, 6)})
     with pytest.raises(ValueError, match="old_classes has 2 names but the head has 3 outputs"):
         grow_head(head(), ("a", "b"), NEW, init="random")
 
@@ -96,7 +112,7 @@ def test_grown_classifier_gives_the_parents_old_logits_before_training(init: str
     torch.manual_seed(0)
     parent = build_model(mlp()).eval()
     x = torch.randn(32, 6)
-    emb = {c: parent.embed(x[i * 4 : i * 4 + 4]).detach() for i, c in enumerate(("d", "e"))}
+    emb = {c: parent.embed(x[i * 4 : i * 4 + 4]).detach() for i, c in enumerate(("a", "d", "e"))}
     child = grow_classifier(parent, NEW, init=init, embeddings_by_class=emb)
     assert child.classes == NEW and child.architecture == "mlp" and not child.training
     with torch.no_grad():

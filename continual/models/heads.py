@@ -60,23 +60,32 @@ def grow_head(
     Rows of the old classes (weight and bias) are copied bit for bit. A new
     class's row is initialised by
 
-    - ``"imprint"`` (the default): the direction of the class's mean embedding
-      (each embedding L2-normalised first, as in Qi et al., "Low-Shot Learning
-      with Imprinted Weights", 2018), scaled to the mean norm of the old rows;
-      its bias is the mean of the old biases. ``embeddings_by_class[c]`` holds
-      the backbone's outputs ``[n, in_features]`` for class ``c``'s samples.
+    - ``"imprint"`` (the default), centred: with ``mu_k`` the mean embedding of
+      class ``k`` and ``m`` the mean of the class means of every class in
+      ``embeddings_by_class`` (each new class and at least one old class:
+      backbone outputs ``[n, in_features]``), the row is
+      ``w_c = s * (mu_c - m) / |mu_c - m|`` with ``s`` the old rows' mean norm,
+      and its bias puts its logit at ``m`` level with the old classes' mean
+      logit there: ``b_c = mean_k(w_k . m + b_k) - w_c . m``.
     - ``"random"``: ``nn.Linear``'s own initialisation (uniform in ±1/sqrt(in_features)),
       seeded, with zero bias.
 
-    Why imprinting is the default: a new row starts out pointing at its class,
-    so the new class is already partly recognised before training and the first
-    gradient steps (the ones that hurt old classes most) are smaller. Scaling to
-    the old rows' norm keeps the new logit on the old logits' scale, so the new
-    class neither swamps the old ones nor stays invisible; the old rows' mean
-    bias puts it on an equal footing. ``bench/classes.py`` measures both inits.
+    Why imprinting is the default: the new row starts out pointing from the
+    middle of the known classes towards the new one, on the old logits' scale,
+    so the grown model already tells the new class apart before training and
+    the first steps need not drag a random row into place. Why centred, not the
+    plain imprint of Qi et al. ("Low-Shot Learning with Imprinted Weights",
+    2018: the direction of the class's mean embedding, bias = the old biases'
+    mean): after a ReLU every embedding is non-negative, so all of them point
+    roughly the same way and an uncentred row scores high on every sample.
+    ``bench/classes.py`` (digits, mlp) measured all-class accuracy right after
+    growing, tasks 5-6 / 7-9: plain imprint 0.26 / 0.37 (the new classes took
+    most old samples), random 0.71 / 0.68, centred 0.86 / 0.78. After training
+    (10 epochs, or 3) the three end within noise of each other.
 
     >>> head = nn.Linear(4, 2)
-    >>> grown = grow_head(head, ["a", "b"], ["a", "b", "c"], embeddings_by_class={"c": torch.ones(3, 4)})
+    >>> emb = {"a": torch.rand(5, 4), "c": torch.rand(3, 4) + 1}
+    >>> grown = grow_head(head, ["a", "b"], ["a", "b", "c"], embeddings_by_class=emb)
     >>> grown.out_features, torch.equal(grown.weight[:2], head.weight)
     (3, True)
     """
@@ -85,6 +94,9 @@ def grow_head(
     if len(old_classes) != head.out_features:
         raise ValueError(f"old_classes has {len(old_classes)} names but the head has {head.out_features} outputs")
     added = added_classes(old_classes, new_classes)
+    unknown = sorted(set(embeddings_by_class or ()) - set(new_classes))
+    if unknown:
+        raise ValueError(f"embeddings_by_class has classes {unknown} that are not in new_classes")
     n_old, dim = head.out_features, head.in_features
     bias = head.bias is not None
     weight = head.weight.detach()
@@ -118,21 +130,31 @@ def _new_rows(
         w = (torch.rand(k, dim, generator=gen, dtype=torch.float64) * 2 - 1) * bound
         return w.to(weight), torch.zeros(k, dtype=weight.dtype, device=weight.device)
     if embeddings_by_class is None:
-        raise ValueError('init="imprint" needs embeddings_by_class (the backbone outputs of each new class)')
-    rows = []
-    for c in added:
+        raise ValueError(
+            'init="imprint" needs embeddings_by_class: backbone outputs of each new class and of some old classes'
+        )
+    old = [c for c in embeddings_by_class if c not in added]
+    means: dict[str, Tensor] = {}
+    for c in [*added, *old]:
         e = embeddings_by_class.get(c)
         if e is None or e.ndim != 2 or len(e) == 0 or e.shape[1] != dim:
             shape = None if e is None else list(e.shape)
             raise ValueError(f"embeddings_by_class[{c!r}] must be a non-empty [n, {dim}] tensor, got {shape}")
-        e = e.detach().to(torch.float64)
-        # Normalise each embedding first: one sample with a large norm must not set the direction alone.
-        mean = (e / e.norm(dim=1, keepdim=True).clamp_min(1e-12)).mean(0)
-        rows.append(mean / mean.norm().clamp_min(1e-12))
-    direction = torch.stack(rows)
-    scale = weight.to(torch.float64).norm(dim=1).mean() if len(weight) else torch.tensor(1.0, dtype=torch.float64)
-    b = head.bias.detach().mean() if head.bias is not None and len(head.bias) else torch.zeros(())
-    return (direction * scale).to(weight), b.to(weight).expand(k).clone()
+        means[c] = e.detach().to(torch.float64).mean(0).cpu()
+    if not old:
+        # Centring needs to know what the new class must be told apart from.
+        raise ValueError(
+            f"embeddings_by_class holds only the new classes {list(added)}; "
+            'init="imprint" also needs embeddings of at least one old class (e.g. the replayed samples)'
+        )
+    w_old = weight.to(torch.float64).cpu()
+    b_old = head.bias.detach().to(torch.float64).cpu() if head.bias is not None else torch.zeros(len(w_old))
+    # The class-balanced centre: a class with many samples must not pull it towards itself.
+    centre = torch.stack(list(means.values())).mean(0)
+    scale = w_old.norm(dim=1).mean()
+    rows = torch.stack([(means[c] - centre) / (means[c] - centre).norm().clamp_min(1e-12) for c in added]) * scale
+    biases = (w_old @ centre + b_old).mean() - rows @ centre
+    return rows.to(weight), biases.to(weight)
 
 
 def grow_classifier(
