@@ -1,34 +1,45 @@
 """New classes benchmark: digits arrive as class tasks (0-4, then 5-6, then 7-9), strategies side by side.
 
-    PYTHONPATH=. .venv/bin/python bench/classes.py [--seeds 0,1,2] [--set distill_weight=2] ...
+    PYTHONPATH=. .venv/bin/python bench/classes.py [--seeds 0,1,2] [--jobs 2] [--set distill_weight=1] ...
 
 Same data, same split and the same task-1 model for every strategy; per seed a
 fresh split (70/30 train/test per class, plus a 10-per-class validation slice
 carved from train that no strategy trains on). The model is the service's
 ``mlp`` (``build_model``, 64-d vectors, hidden 128); after task 1 each
-strategy grows the head of its own previous model with ``grow_classifier`` and
-fine-tunes it. Strategies:
+strategy grows the head of its own previous model with ``grow_classifier``
+(centred imprint, old-class embeddings from the replay buffer) and fine-tunes it:
 
 - ``naive``: the new classes' samples only.
 - ``replay``: plus a class-balanced fixed buffer of ``buffer`` old samples (an
-  equal share per old class, like ``draw_replay``), mixed into every batch at
-  ``replay_ratio`` (``MixedBatchSampler``, the service's sampler).
+  equal share per old class, like ``draw_replay``) mixed into every batch by
+  ``MixedBatchSampler`` (the service's sampler); with ``balanced_batches`` the
+  replayed share of a batch is the old classes' share of all classes.
 - ``replay+distill``: plus ``distill_weight * distillation_loss`` against the
   parent on every batch (learning without forgetting).
 - ``replay+distill+bias``: plus BiC bias correction fitted on the validation
   slice and folded into the head.
 - ``joint``: the baseline; a fresh model trained on every class seen so far,
-  from scratch with the task-1 recipe (the upper bound an incremental update
-  is measured against, not a continual strategy).
+  from scratch with the task-1 recipe (the upper bound, not a continual strategy).
 
 The incremental recipe is the service's (AdamW, cosine schedule to 5%, grad
 clip 1, weight decay 1e-4, batch 32, an epoch = one pass over the new
-samples), at lr 5e-3 instead of the service's 1e-4: the service default is for
-a pretrained base; a from-scratch MLP needs the higher rate (as in
+samples), at lr 5e-3 instead of the service's 1e-4: the default is for a
+pretrained base; a from-scratch MLP needs the higher rate (as in
 ``bench/stream.py``). Printed: per task the accuracy on all classes seen so
 far; average incremental accuracy; final all-class accuracy; per old class the
-recall drop from its best to the end; imprint vs random init of the new rows.
-Means over seeds.
+recall drop from its best to the end; imprint vs random init. Means over seeds.
+
+Tuning (replay+distill+bias, worst old class's mean recall drop; 5 seeds unless
+noted). Start (buffer 200, 10 epochs, weight 1, T 2, ratio 0.5): final 0.956,
+class 1 drops 0.10 (its samples go to 8 and 9). Distill weight 3 / 10: 0.12 /
+0.18 (worse: it holds the features that must now tell 1 from 8); T 1 / 4: 0.10
+/ 0.13; 5 epochs: 0.16; lr 2e-3: 0.17; 20-per-class validation slice: 0.15;
+buffer 400 + 20 epochs: 0.055; + weight 0.5: 0.044 (0.076 on seeds 5-9); +
+balanced batches, 10 seeds: 0.051 (30 epochs: 0.047). With a small buffer
+distillation and bias correction matter most: buffer 50, 20 epochs: replay
+0.38, +distill 0.28, +bias 0.14. Joint's own "drop" (test noise on ~54 samples
+a class, and the max over tasks) is about 0.03, so the per-class target sits
+at the noise; read it over 10 seeds.
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -65,6 +77,9 @@ class Recipe:
     lr: float = 5e-3
     batch_size: int = 32
     replay_ratio: float = 0.5
+    # Replayed share of a batch = the old classes' share of the classes, so every class gets the same
+    # number of slots per batch (overrides replay_ratio).
+    balanced_batches: bool = True
     buffer: int = 400  # replayed old samples, class-balanced (about half of the old training samples)
     distill_weight: float = 0.5
     temperature: float = 2.0
@@ -133,6 +148,9 @@ def train(
     xr, yr = replay if replay is not None else (x[:0], y[:0])
     xs, ys = torch.cat([x, xr]), torch.cat([y, yr])
     ratio = t.replay_ratio if len(xr) else 0.0
+    if len(xr) and recipe.balanced_batches:
+        n_old, n_new = len(torch.unique(yr)), len(torch.unique(y))
+        ratio = n_old / (n_old + n_new)
     sampler = MixedBatchSampler(n_new=len(x), n_replay=len(xr), batch_size=t.batch_size, replay_ratio=ratio, seed=seed)
     opt = make_optimizer(model, t)
     sched = make_scheduler(opt, t, steps_per_epoch=len(sampler), total_steps=epochs * len(sampler))
@@ -316,9 +334,10 @@ def report(summary: dict[str, dict[str, Any]], recipe: Recipe, seeds: list[int],
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a Recipe field")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (small matrices: 1 is fastest)")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run in this many processes at once")
     args = parser.parse_args(argv)
     kinds = {f.name: type(getattr(Recipe(), f.name)) for f in fields(Recipe)}
     overrides: dict[str, Any] = {}
@@ -326,13 +345,17 @@ def main(argv: list[str] | None = None) -> int:
         key, _, value = item.partition("=")
         if key not in kinds:
             raise SystemExit(f"--set {key}: not a Recipe field; one of {sorted(kinds)}")
-        overrides[key] = kinds[key](value)
+        overrides[key] = value.lower() in ("1", "true", "yes") if kinds[key] is bool else kinds[key](value)
     recipe = replace(Recipe(), **overrides)
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
     x, y = digit_vectors()
     t0 = time.perf_counter()
-    runs = [run_seed(seed, recipe, x, y) for seed in seeds]
+    if args.jobs > 1:
+        with ProcessPoolExecutor(args.jobs, initializer=torch.set_num_threads, initargs=(args.threads,)) as pool:
+            runs = list(pool.map(run_seed, seeds, [recipe] * len(seeds), [x] * len(seeds), [y] * len(seeds)))
+    else:
+        runs = [run_seed(seed, recipe, x, y) for seed in seeds]
     ok = report(summarise(runs), recipe, seeds, time.perf_counter() - t0)
     return 0 if ok else 1
 
