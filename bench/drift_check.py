@@ -71,7 +71,7 @@ def main() -> None:
             parent=None,
             data_cutoff=store.max_seq(),
         ).version
-        registry.promote(version, reason="import")
+        registry.promote(version, expected=registry.store.versions.champion_version(), reason="import")
         feed("inverted", w, 2 * w)
 
         cache = EmbeddingCache()

@@ -145,7 +145,7 @@ def main() -> int:
         parent=None,
         data_cutoff=0,
     )
-    reg.promote(m.version, reason="import", actor="bench")
+    reg.promote(m.version, expected=reg.store.versions.champion_version(), reason="import", actor="bench")
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONTINUAL_")}

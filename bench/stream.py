@@ -30,9 +30,8 @@ from typing import Any
 import numpy as np
 
 from continual.config import Settings, settings_from_dict
-from continual.learn import runs
 from continual.learn.evaluate import evaluate
-from continual.learn.worker import execute_run
+from continual.learn.run import create_run, execute_run
 from continual.registry import Registry
 from continual.store import NewSample, Store
 
@@ -116,11 +115,13 @@ def holdout_seqs(store: Store, first: int, last: int) -> np.ndarray:
 
 
 def update(store: Store, settings: Settings, registry: Registry) -> dict[str, Any]:
-    run_id = runs.create_run(store, settings, trigger="bench")
-    row = execute_run(store, settings, run_id)
+    run_id = create_run(store, settings, trigger="bench")
+    row = execute_run(store, settings.resolved_store(), run_id, open_files=lambda s: Registry(s.models_dir, store))
     if row["status"] != "succeeded":
         raise RuntimeError(f"run {run_id} {row['status']}: {row['error']}")
-    registry.promote(row["candidate_version"], reason="manual", actor="bench")
+    registry.promote(
+        row["candidate_version"], expected=registry.store.versions.champion_version(), reason="manual", actor="bench"
+    )
     return row
 
 

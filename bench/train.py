@@ -26,8 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from continual.config import Settings, settings_from_dict
-from continual.learn import runs
-from continual.learn.worker import execute_run
+from continual.learn.run import create_run, execute_run
 from continual.models import build_model
 from continual.registry import Registry
 from continual.store import NewSample, Store
@@ -115,7 +114,12 @@ def plain_loop(
 
 
 def run_once(store: Store, settings: Settings) -> dict:
-    row = execute_run(store, settings, runs.create_run(store, settings, trigger="bench"))
+    row = execute_run(
+        store,
+        settings.resolved_store(),
+        create_run(store, settings, trigger="bench"),
+        open_files=lambda s: Registry(s.models_dir, store),
+    )
     if row["status"] != "succeeded":
         raise RuntimeError(f"run {row['id']} {row['status']}: {row['error']}")
     return row
@@ -153,7 +157,12 @@ def main(argv: list[str] | None = None) -> int:
                 store.insert(batch[i : i + 1000])
             if phase == 0:
                 bootstrap = run_once(store, settings)
-                registry.promote(bootstrap["candidate_version"], reason="manual", actor="bench")
+                registry.promote(
+                    bootstrap["candidate_version"],
+                    expected=registry.store.versions.champion_version(),
+                    reason="manual",
+                    actor="bench",
+                )
         # This machine is shared: alternate the two loops and keep each one's best round.
         reals, plains, reals_wall, plains_wall, bare = [], [], [], [], []
         for _ in range(args.rounds):

@@ -49,7 +49,11 @@ class FeedbackResult:
 
 
 def vector_sample(
-    x: Any, label: str, *, id: str | None = None, metadata: dict[str, Any] | None = None
+    x: Any,  # Any: a flat list of numbers, nested lists, or a numpy array
+    label: str,
+    *,
+    id: str | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A feedback sample with a vector input (a list, nested lists or a numpy array)."""
     return _sample({"x": x.tolist() if hasattr(x, "tolist") else x}, label, id, metadata)
@@ -171,7 +175,7 @@ class Client:
             on_batch(batch, result)
         return result
 
-    def _request(self, method: str, path: str, payload: Any) -> Any:
+    def _request(self, method: str, path: str, payload: Any) -> Any:  # Any: JSON in, JSON out
         content = None if payload is None else json.dumps(payload, default=_jsonable).encode("utf-8")
         headers = {"Content-Type": "application/json"} if content is not None else {}
         last: ClientError | None = None
@@ -218,7 +222,7 @@ def _retry_after(resp: httpx.Response) -> float | None:
         return None
 
 
-def _jsonable(v: Any) -> Any:
+def _jsonable(v: Any) -> Any:  # Any: json.dumps' default hook
     if hasattr(v, "tolist"):  # numpy arrays and scalars
         return v.tolist()
     raise TypeError(f"cannot send a {type(v).__name__} as JSON")

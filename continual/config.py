@@ -2,6 +2,9 @@
 
 Every default lives here. Loading fails with one :class:`ConfigError` whose message
 names the key, the value and what is allowed.
+
+One module on purpose (it is longer than most): the design keeps every default in
+one place, and the override and error-message code walks the whole settings tree.
 """
 
 from __future__ import annotations
@@ -258,16 +261,10 @@ class Settings(_Section):
     gate: GateSettings = GateSettings()
     serving: ServingSettings = ServingSettings()
 
-    @property
-    def store_url(self) -> str:
-        """The SQLAlchemy URL, with the SQLite default in the data dir and the password file applied."""
+    def resolved_store(self) -> StoreSettings:
+        """The store section with the URL filled in (the SQLite default in the data dir); no password in it."""
         url = self.store.url or f"sqlite:///{(self.service.data_dir / 'continual.db').as_posix()}"
-        if self.store.password_file:
-            from sqlalchemy.engine import make_url
-
-            password = read_secret_file(self.store.password_file).strip()
-            url = make_url(url).set(password=password).render_as_string(hide_password=False)
-        return url
+        return self.store.model_copy(update={"url": url})
 
     @property
     def models_dir(self) -> Path:
@@ -359,7 +356,7 @@ def _field_is_sequence(path: list[str]) -> bool:
     return False
 
 
-def _parse_env_value(raw: str, sequence: bool) -> Any:
+def _parse_env_value(raw: str, sequence: bool) -> Any:  # Any: a string or a parsed JSON list
     text = raw.strip()
     if sequence:
         if text.startswith("["):
@@ -389,7 +386,7 @@ def _describe(error: ValidationError, data: Mapping[str, Any], source: str) -> s
     return "; ".join(lines)
 
 
-def _allowed(err: Any) -> str:
+def _allowed(err: Any) -> str:  # Any: pydantic's ErrorDetails dict
     ctx = err.get("ctx") or {}
     kind = err["type"]
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
@@ -405,8 +402,8 @@ def _allowed(err: Any) -> str:
 _MISSING = object()
 
 
-def _lookup(data: Mapping[str, Any], loc: tuple[Any, ...]) -> Any:
-    node: Any = data
+def _lookup(data: Mapping[str, Any], loc: tuple[Any, ...]) -> Any:  # Any: whatever the user wrote there
+    node: Any = data  # Any: walks user-written TOML
     for part in loc:
         try:
             node = node[part]

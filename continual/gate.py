@@ -1,7 +1,8 @@
 """The promotion gate: candidate vs champion on the same old and new holdout samples.
 
 The rule is a pure function (:func:`decide`) of per-sample correctness; the shell
-(:func:`evaluate_pair`) only runs both models on the holdouts.
+(:func:`evaluate`) draws the holdouts, runs both models on them and decides.
+Promoting, recording and metrics belong to the caller (``continual.service.trainer``).
 """
 
 from __future__ import annotations
@@ -12,12 +13,18 @@ from typing import Any, Literal
 import numpy as np
 from scipy.stats import binom
 
-from continual.config import GateSettings
+from continual.config import GateSettings, Settings
+from continual.learn.evaluate import evaluate as evaluate_model
+from continual.models.device import resolve_device
+from continual.models.manifest import ModelSource
+from continual.store import Store
 
 Outcome = Literal["promoted", "rejected", "deferred"]
 # Accuracies are ratios of counts; compare with a tolerance so that an exactly
 # equal accuracy never fails a ">=" rule through float rounding.
 _EPS = 1e-9
+# Holdouts are capped (seeded draw) so the gate's cost stays bounded as the store grows.
+MAX_HOLDOUT = 5_000
 
 
 @dataclass(frozen=True)
@@ -170,3 +177,46 @@ def _against_champion(candidate: Scores, champion: Scores, gate: GateSettings, m
             )
         passed.append(f"McNemar p = {p:.4g} (b={b}, c={c}) < {gate.significance}")
     return Decision("promoted", "all_rules_passed", passed, metrics)
+
+
+# -- the shell: both models on the same holdouts ------------------------------------------------------
+@dataclass(frozen=True)
+class Evaluation:
+    decision: Decision
+    candidate: Scores
+    champion: Scores | None
+
+
+def holdouts(store: Store, parent_cutoff: int, data_cutoff: int, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Old holdout (at or before the champion's cutoff) and new holdout (after it, up to the candidate's)."""
+    old = (
+        store.draw(MAX_HOLDOUT, upto=parent_cutoff, split="holdout", seed=seed)
+        if parent_cutoff
+        else np.empty(0, np.int64)
+    )
+    new = store.draw(MAX_HOLDOUT, after=parent_cutoff, upto=data_cutoff, split="holdout", seed=seed)
+    return old, new
+
+
+def score(
+    store: Store, models: ModelSource, settings: Settings, version: str, old: np.ndarray, new: np.ndarray
+) -> Scores:
+    """Per-sample correctness of ``version`` on both holdouts."""
+    device = resolve_device(settings.serving.device)
+    model = models.load_model(version, settings).to(device)
+    result = evaluate_model(model, store, np.concatenate([old, new]), settings, device)
+    correct = dict(zip(result.seqs.tolist(), (result.predictions == result.labels).tolist(), strict=True))
+    return Scores(
+        np.array([correct[s] for s in old if s in correct], bool),
+        np.array([correct[s] for s in new if s in correct], bool),
+    )
+
+
+def evaluate(store: Store, models: ModelSource, settings: Settings, candidate: str, parent: str | None) -> Evaluation:
+    """Score the candidate and its parent (the champion it was trained from) on the same holdouts, and decide."""
+    manifest = models.manifest(candidate)
+    parent_cutoff = models.manifest(parent).data_cutoff if parent else 0
+    old, new = holdouts(store, parent_cutoff, manifest.data_cutoff, seed=settings.training.seed)
+    cand = score(store, models, settings, candidate, old, new)
+    champ = score(store, models, settings, parent, old, new) if parent else None
+    return Evaluation(decide(cand, champ, settings.gate), cand, champ)

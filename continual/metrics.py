@@ -1,6 +1,13 @@
-"""Every Prometheus metric, defined once, against an injectable registry."""
+"""Every Prometheus metric, defined once, against an injectable registry.
+
+Metrics mirror state that lives elsewhere (the store, the service, the live
+model); nothing reads them back to decide anything.
+"""
 
 from __future__ import annotations
+
+import math
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -109,6 +116,25 @@ class Metrics:
     def set_model(self, version: str, architecture: str) -> None:
         self.model_info.clear()
         self.model_info.labels(version=version, architecture=architecture).set(1)
+
+    # ``continual.serving.ServingEvents``
+    def model_swapped(self, version: str, architecture: str) -> None:
+        self.set_model(version, architecture)
+
+    def model_refused(self, version: str) -> None:
+        self.model_load_failures.inc()
+
+    def set_drift(self, detector: str, *, effect: float | None, p_value: float | None, detected: bool) -> None:
+        """One detector's outcome of the last check; a detector that could not run reports no drift."""
+        if effect is not None and math.isfinite(effect):
+            self.drift_score.labels(detector=detector).set(effect)
+        if p_value is not None and math.isfinite(p_value):
+            self.drift_p_value.labels(detector=detector).set(p_value)
+        self.drift_detected.labels(detector=detector).set(1 if detected else 0)
+
+    def drift_checked(self) -> None:
+        self.drift_checks.inc()
+        self.last_drift_check.set(time.time())
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,4 +1,4 @@
-"""Model versions on disk (weights + manifest, written atomically), checksums, and the champion pointer.
+"""Model files on disk: versions written atomically, verified by checksum, loaded, pruned, imported.
 
 A version is ``<root>/<version>/`` with ``weights.safetensors``, optional extra
 tensor files (``fisher.safetensors``) and ``manifest.json``, which lists the
@@ -8,8 +8,12 @@ are fsynced, and one ``rename`` publishes it: a directory without a manifest
 never exists under a version name, and a file whose checksum does not match
 its manifest is never loaded.
 
-The champion pointer is the newest ``champion_history`` row; moving it is one
-transaction that also updates ``model_versions.status``.
+Rows live in the store (``store.versions``): the version's row, and the champion
+pointer, which moves by compare-and-swap. :meth:`Registry.promote` verifies the
+files and then moves the pointer; the store refuses a stale expectation.
+
+One module on purpose: writing (temporary name, fsync, rename, manifest last),
+verifying, and cleaning up after a crashed writer must agree on one on-disk layout.
 """
 
 from __future__ import annotations
@@ -24,25 +28,28 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from sqlalchemy import insert, select, update
-from sqlalchemy.exc import IntegrityError
 
+from continual.config import Settings
+from continual.models import Classifier, build_model, load_weights
+from continual.models.manifest import Manifest, model_settings_for
 from continual.procutil import process_alive
-from continual.store import Store
-from continual.store.engine import read_tx, write_tx
-from continual.store.schema import champion_history, model_versions
+from continual.store import ChampionMoved, NoPreviousChampion, Store, VersionNotFound
 
-if TYPE_CHECKING:
-    from continual.config import Settings
-    from continual.metrics import Metrics
-    from continual.models import Classifier
+__all__ = [
+    "ChampionMoved",
+    "ChecksumMismatch",
+    "Manifest",
+    "NoPreviousChampion",
+    "Registry",
+    "VersionNotFound",
+    "new_version_id",
+]
 
 log = logging.getLogger("continual.registry")
 
@@ -67,46 +74,6 @@ class ChecksumMismatch(RuntimeError):
             f"model version {version}: {file} does not match its manifest (expected {expected}, found {actual}); "
             f"refusing to load it"
         )
-
-
-class VersionNotFound(KeyError):
-    def __init__(self, version: str, reason: str = "no such version") -> None:
-        self.version = version
-        super().__init__(version)
-        self.message = f"model version {version!r}: {reason}"
-
-    def __str__(self) -> str:
-        return self.message
-
-
-class NoPreviousChampion(LookupError):
-    """Rollback asked for, but there is no earlier champion to go back to."""
-
-
-@dataclass(frozen=True)
-class Manifest:
-    version: str
-    architecture: str
-    classes: tuple[str, ...]
-    input: dict[str, Any]
-    parent: str | None
-    data_cutoff: int
-    created_at: str
-    files: dict[str, dict[str, Any]]
-    metrics: dict[str, Any] = field(default_factory=dict)
-    run_id: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> bytes:
-        d = asdict(self)
-        d["classes"] = list(self.classes)
-        return json.dumps(d, indent=2, sort_keys=True).encode()
-
-    @classmethod
-    def from_json(cls, raw: bytes) -> Manifest:
-        d = json.loads(raw)
-        d["classes"] = tuple(d["classes"])
-        return cls(**d)
 
 
 def new_version_id(now: datetime | None = None) -> str:
@@ -145,12 +112,16 @@ def _crash_point(step: str) -> None:
 
 
 class Registry:
-    """Model versions under ``root`` plus their rows in the store."""
+    """Model versions under ``root`` plus their rows in the store.
 
-    def __init__(self, root: Path, store: Store, metrics: Metrics | None = None) -> None:
+    ``on_refused(version)`` runs whenever a version's files fail verification (the
+    service counts it in ``continual_model_load_failures_total``).
+    """
+
+    def __init__(self, root: Path, store: Store, *, on_refused: Callable[[str], None] | None = None) -> None:
         self.root = Path(root)
         self.store = store
-        self.metrics = metrics
+        self.on_refused = on_refused
         self.root.mkdir(parents=True, exist_ok=True)
 
     # -- writing ----------------------------------------------------------------
@@ -212,43 +183,53 @@ class Registry:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self._insert_row(manifest, hashlib.sha256(raw).hexdigest())
+        self._add_row(manifest, hashlib.sha256(raw).hexdigest())
         _crash_point("insert")
         log.info("wrote model version %s (%s, parent %s, cutoff %d)", version, architecture, parent, data_cutoff)
         return manifest
 
-    def _insert_row(self, m: Manifest, manifest_sha: str) -> None:
-        try:
-            with write_tx(self.store.engine) as conn:
-                conn.execute(
-                    insert(model_versions).values(
-                        version=m.version,
-                        parent=m.parent,
-                        architecture=m.architecture,
-                        created_at=datetime.fromisoformat(m.created_at),
-                        data_cutoff=m.data_cutoff,
-                        run_id=m.run_id,
-                        status="candidate",
-                        metrics=m.metrics,
-                        manifest_sha256=manifest_sha,
-                    )
-                )
-        except IntegrityError:
-            pass  # another process adopted it first (see discard_unfinished)
+    def _add_row(self, m: Manifest, manifest_sha: str) -> None:
+        # False: another process adopted it first (see discard_unfinished).
+        self.store.versions.add(
+            version=m.version,
+            parent=m.parent,
+            architecture=m.architecture,
+            created_at=datetime.fromisoformat(m.created_at),
+            data_cutoff=m.data_cutoff,
+            run_id=m.run_id,
+            metrics=m.metrics,
+            manifest_sha256=manifest_sha,
+        )
 
-    def set_metrics(self, version: str, metrics: Mapping[str, Any], status: str | None = None) -> None:
-        """Record gate metrics (and optionally a status such as "rejected") on a version's row."""
-        values: dict[str, Any] = {"metrics": dict(metrics)}
-        if status is not None:
-            values["status"] = status
-        with write_tx(self.store.engine) as conn:
-            if (
-                conn.execute(
-                    update(model_versions).where(model_versions.c.version == version).values(**values)
-                ).rowcount
-                == 0
-            ):
-                raise VersionNotFound(version)
+    def import_model(
+        self,
+        model: Classifier,
+        *,
+        input_spec: Mapping[str, Any],
+        data_cutoff: int = 0,
+        promote: bool = True,
+        actor: str = "",
+        extra: Mapping[str, Any] | None = None,
+    ) -> Manifest:
+        """Register a model built outside the loop (a file, a notebook) and, by default, make it champion."""
+        manifest = self.write_version(
+            model.state_dict(),
+            architecture=model.architecture,
+            classes=model.classes,
+            input_spec=input_spec,
+            parent=None,
+            data_cutoff=data_cutoff,
+            extra=extra,
+        )
+        if promote:
+            self.promote(
+                manifest.version,
+                expected=self.store.versions.champion_version(),
+                reason="import",
+                actor=actor,
+                details=dict(extra or {}),
+            )
+        return manifest
 
     # -- reading ----------------------------------------------------------------
     def _dir(self, version: str) -> Path:
@@ -271,10 +252,7 @@ class Registry:
     def verify(self, version: str) -> Manifest:
         """The manifest, after checking it against the store and every file against it."""
         m = self.manifest(version)
-        with read_tx(self.store.engine) as conn:
-            expected = conn.execute(
-                select(model_versions.c.manifest_sha256).where(model_versions.c.version == version)
-            ).scalar_one_or_none()
+        expected = self.store.versions.manifest_sha256(version)
         if expected:
             actual = _sha256(self._dir(version) / MANIFEST)
             if actual != expected:
@@ -297,10 +275,10 @@ class Registry:
 
     def _refused(self, version: str, fname: str, why: str) -> None:
         log.error("refusing model version %s: %s %s", version, fname, why)
-        if self.metrics is not None:
-            self.metrics.model_load_failures.inc()
+        if self.on_refused is not None:
+            self.on_refused(version)
         try:
-            self.store.record_event(
+            self.store.records.add_event(
                 "model_load_refused", f"model version {version}: {fname} {why}", {"version": version, "file": fname}
             )
         except Exception:  # the refusal must surface even if the store is down
@@ -321,96 +299,63 @@ class Registry:
 
     def load_model(self, version: str, settings: Settings) -> Classifier:
         """The version's classifier in eval mode, built from its manifest (not the current config)."""
-        from continual.models import build_model, load_weights
-
         m = self.verify(version)
         state = self._load_file(m, WEIGHTS)
         model = build_model(model_settings_for(m, settings, state), weights="none")
         load_weights(model, state, head_key=None, source=f"model version {version}")
         return model.eval()
 
-    # -- champion ---------------------------------------------------------------
-    def champion(self) -> str | None:
-        with read_tx(self.store.engine) as conn:
-            return conn.execute(
-                select(champion_history.c.version).order_by(champion_history.c.id.desc()).limit(1)
-            ).scalar_one_or_none()
+    # -- the champion pointer (rows in store.versions) -------------------------------------
+    def promote(
+        self,
+        version: str,
+        *,
+        expected: str | None,
+        reason: str,
+        actor: str = "",
+        details: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Verify ``version``'s files, then move the champion to it if it is still ``expected``.
 
-    def promote(self, version: str, *, reason: str, actor: str = "", details: dict | None = None) -> None:
-        """Make ``version`` champion: one transaction (history row + statuses). Verifies its files first.
-
-        Promoting the current champion records nothing, so the history's ``previous``
-        column always names a different version and rollback always changes the model.
+        False when ``version`` is champion already (nothing recorded). Raises
+        :class:`ChecksumMismatch`/:class:`VersionNotFound` for a version that cannot be
+        served, :class:`ChampionMoved` when the champion is no longer ``expected``.
         """
         self.verify(version)
-        with write_tx(self.store.engine) as conn:
-            current = conn.execute(
-                select(champion_history.c.version).order_by(champion_history.c.id.desc()).limit(1)
-            ).scalar_one_or_none()
-            if current == version:
-                return
-            self._move_pointer(conn, version, reason=reason, actor=actor, details=details)
-        if self.metrics is not None and reason != "rollback":
-            self.metrics.promotions.inc()
-        log.info("champion <- %s (%s%s)", version, reason, f" by {actor}" if actor else "")
-
-    def rollback(self, *, actor: str = "") -> str:
-        """The champion before the current one becomes champion again (reason "rollback")."""
-        with write_tx(self.store.engine) as conn:
-            row = conn.execute(select(champion_history).order_by(champion_history.c.id.desc()).limit(1)).first()
-            if row is None:
-                raise NoPreviousChampion("there is no champion to roll back")
-            if row.previous is None:
-                raise NoPreviousChampion(f"{row.version} is the first champion; there is nothing to roll back to")
-            target = row.previous
-        self.verify(target)
-        with write_tx(self.store.engine) as conn:
-            # Re-read inside the write transaction: the pointer may have moved meanwhile.
-            current = conn.execute(
-                select(champion_history.c.version).order_by(champion_history.c.id.desc()).limit(1)
-            ).scalar_one()
-            if current != row.version:
-                raise NoPreviousChampion(f"the champion changed to {current} while rolling back; try again")
-            self._move_pointer(conn, target, reason="rollback", actor=actor, details={"from": current})
-        if self.metrics is not None:
-            self.metrics.rollbacks.inc()
-        log.warning("rolled back champion %s -> %s%s", row.version, target, f" by {actor}" if actor else "")
-        return target
-
-    def _move_pointer(self, conn: Any, version: str, *, reason: str, actor: str, details: dict | None) -> None:
-        exists = conn.execute(select(model_versions.c.version).where(model_versions.c.version == version)).first()
-        if exists is None:
-            raise VersionNotFound(version, "not registered in the store")
-        previous = conn.execute(
-            select(champion_history.c.version).order_by(champion_history.c.id.desc()).limit(1)
-        ).scalar_one_or_none()
-        conn.execute(
-            insert(champion_history).values(
-                version=version,
-                previous=previous,
-                promoted_at=datetime.now(UTC),
-                reason=reason,
-                actor=actor or "",
-                details=details,
-            )
+        moved = self.store.versions.move(
+            version,
+            expected=expected,
+            reason=reason,
+            actor=actor,
+            details=details,
+            # Test hook: die inside the open transaction (the pointer must stay where it was).
+            during=lambda: _crash_point("promote"),
         )
-        # Test hook: die inside the open transaction (the pointer must stay where it was).
-        _crash_point("promote")
-        if previous and previous != version:
-            conn.execute(update(model_versions).where(model_versions.c.version == previous).values(status="retired"))
-        conn.execute(update(model_versions).where(model_versions.c.version == version).values(status="champion"))
+        if moved:
+            log.info("champion <- %s (%s%s)", version, reason, f" by {actor}" if actor else "")
+        return moved
 
-    # -- listing ----------------------------------------------------------------
-    def versions(self) -> list[dict[str, Any]]:
-        with read_tx(self.store.engine) as conn:
-            rows = conn.execute(select(model_versions).order_by(model_versions.c.created_at, model_versions.c.version))
-            return [dict(r._mapping) for r in rows]
+    def rollback(self, *, actor: str = "") -> tuple[str, str]:
+        """The champion before the current one becomes champion again (reason "rollback"); returns (from, to).
 
-    def history(self) -> list[dict[str, Any]]:
-        """Champion history, newest first."""
-        with read_tx(self.store.engine) as conn:
-            rows = conn.execute(select(champion_history).order_by(champion_history.c.id.desc()))
-            return [dict(r._mapping) for r in rows]
+        Two rollbacks in a row toggle back: the second one's "previous" is the first one's champion.
+        """
+        current = self.store.versions.champion()
+        if current is None:
+            raise NoPreviousChampion("there is no champion to roll back")
+        if current.previous is None:
+            raise NoPreviousChampion(f"{current.version} is the first champion; there is nothing to roll back to")
+        self.promote(
+            current.previous,
+            expected=current.version,
+            reason="rollback",
+            actor=actor,
+            details={"from": current.version},
+        )
+        log.warning(
+            "rolled back champion %s -> %s%s", current.version, current.previous, f" by {actor}" if actor else ""
+        )
+        return current.version, current.previous
 
     # -- housekeeping -------------------------------------------------------------
     def discard_unfinished(self, *, stale_seconds: float = 3600.0) -> list[str]:
@@ -439,7 +384,7 @@ class Registry:
         return removed
 
     def _adopt_orphans(self) -> None:
-        known = {v["version"] for v in self.versions()}
+        known = self.store.versions.names()
         for path in sorted(self.root.iterdir()):
             if path.name in known or not _VERSION_RE.match(path.name) or not (path / MANIFEST).is_file():
                 continue
@@ -447,16 +392,15 @@ class Registry:
                 m = self.verify(path.name)
             except ChecksumMismatch:
                 continue
-            self._insert_row(m, _sha256(path / MANIFEST))
+            self._add_row(m, _sha256(path / MANIFEST))
             log.warning("registered model version %s found on disk without a store row", m.version)
 
     def apply_retention(self, keep_last: int) -> list[str]:
         """Delete all but the newest ``keep_last`` versions, always keeping every past champion."""
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-        with read_tx(self.store.engine) as conn:
-            champions = set(conn.execute(select(champion_history.c.version).distinct()).scalars())
-        live = [v["version"] for v in self.versions() if v["status"] != "deleted"]
+        champions = self.store.versions.past_champions()
+        live = [v["version"] for v in self.store.versions.rows() if v["status"] != "deleted"]
         keep = set(live[-keep_last:]) | champions
         deleted = []
         for version in live:
@@ -468,29 +412,8 @@ class Registry:
                 trash = self.root / f"{TMP_PREFIX}deleted-{version}-{os.getpid()}@{socket.gethostname()}"
                 os.rename(path, trash)
                 shutil.rmtree(trash, ignore_errors=True)
-            with write_tx(self.store.engine) as conn:
-                conn.execute(update(model_versions).where(model_versions.c.version == version).values(status="deleted"))
+            self.store.versions.mark_deleted([version])
             deleted.append(version)
         if deleted:
             log.info("retention deleted model versions: %s", ", ".join(deleted))
         return deleted
-
-
-def model_settings_for(m: Manifest, settings: Settings, state: Mapping[str, torch.Tensor] | None = None) -> Any:
-    """The configured model settings with the version's own architecture, classes and input spec.
-
-    With ``state``, an ``mlp``'s hidden sizes come from its weights, so a version
-    still loads after ``[model] hidden`` changed.
-    """
-    from continual.config import InputSettings
-    from continual.models.zoo import mlp_hidden_of
-
-    update: dict[str, Any] = {
-        "architecture": m.architecture,
-        "classes": tuple(m.classes),
-        "input": InputSettings.model_validate(m.input),
-        "weights": "none",
-    }
-    if state is not None and m.architecture == "mlp":
-        update["hidden"] = mlp_hidden_of(dict(state))
-    return settings.model.model_copy(update=update)

@@ -4,7 +4,7 @@ Requests read ``Serving.live`` once and use that object to the end, so a swap
 never changes the model under a request in flight, and the read path takes no
 lock. A swap builds and warms up the new :class:`LiveModel` first, then replaces
 the reference (an atomic attribute store). The service's ``sync_champion`` job
-(:mod:`continual.daemon`) calls :meth:`Serving.sync` every
+(:mod:`continual.service.jobs`) calls :meth:`Serving.sync` every
 ``serving.poll_interval_seconds``, so every process follows the pointer.
 """
 
@@ -14,19 +14,18 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from continual.config import InputSettings, Settings
 from continual.models import Classifier, ModelError, input_shape, make_transform
-from continual.registry import ChecksumMismatch, VersionNotFound, model_settings_for
+from continual.models.device import resolve_device
+from continual.models.manifest import model_settings_for
+from continual.models.transforms import DecodedLike
+from continual.registry import ChecksumMismatch, Registry, VersionNotFound
 from continual.store import StoreUnavailable
-
-if TYPE_CHECKING:
-    from continual.metrics import Metrics
-    from continual.registry import Registry
 
 log = logging.getLogger("continual.serving")
 
@@ -35,10 +34,12 @@ class NoModel(RuntimeError):
     """No champion has been loaded yet."""
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+class ServingEvents(Protocol):
+    """What serving reports as it happens (``continual.metrics.Metrics`` mirrors it)."""
+
+    def model_swapped(self, version: str, architecture: str) -> None: ...
+
+    def model_refused(self, version: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class LiveModel:
     version: str
     architecture: str
     module: Classifier  # eval mode, on ``device``
-    transform: Callable[[Any], torch.Tensor]
+    transform: Callable[[DecodedLike], torch.Tensor]
     classes: tuple[str, ...]
     input: InputSettings
     device: torch.device
@@ -64,6 +65,16 @@ class LiveModel:
         """(embeddings, probabilities): the backbone runs once, the head on its output."""
         emb = self.module.backbone(batch.to(self.device, non_blocking=True))
         return emb, torch.softmax(self.module.head(emb).float(), dim=1)
+
+
+@dataclass(frozen=True)
+class ReservoirSnapshot:
+    """Recent predictions, oldest first: embeddings ``[n, D]``, predicted class indices, confidences."""
+
+    embeddings: np.ndarray
+    predicted: np.ndarray
+    confidence: np.ndarray
+    version: str | None
 
 
 class Reservoir:
@@ -98,20 +109,22 @@ class Reservoir:
                 self._emb[idx], self._pred[idx], self._conf[idx] = e, p, c
                 self._n += len(e)
 
-    def snapshot(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, str | None]:
+    def snapshot(self) -> ReservoirSnapshot:
         with self._lock:
             n = min(self._n, self.size)
             # Oldest first.
             order = (np.arange(n) + (self._n - n)) % self.size
-            return self._emb[order].copy(), self._pred[order].copy(), self._conf[order].copy(), self.version
+            return ReservoirSnapshot(
+                self._emb[order].copy(), self._pred[order].copy(), self._conf[order].copy(), self.version
+            )
 
 
 class Serving:
     """Holds the live model, predicts with it, and follows the champion pointer."""
 
-    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(self, settings: Settings, events: ServingEvents | None = None) -> None:
         self.settings = settings
-        self.metrics = metrics
+        self.events = events
         self.device = resolve_device(settings.serving.device)
         self.max_batch = settings.serving.max_batch
         self._live: LiveModel | None = None
@@ -131,7 +144,7 @@ class Serving:
         live = self._live
         return live.version if live else None
 
-    def predict(self, inputs: Sequence[Any], live: LiveModel | None = None) -> tuple[str, list[Prediction]]:
+    def predict(self, inputs: Sequence[DecodedLike], live: LiveModel | None = None) -> tuple[str, list[Prediction]]:
         """Predict decoded inputs with ``live`` (default: the current model); returns (version, predictions)."""
         live = live or self._live
         if live is None:
@@ -152,8 +165,7 @@ class Serving:
                 out.append(Prediction(label=live.classes[int(p)], confidence=float(c), scores=scores))
         return live.version, out
 
-    def reservoir_snapshot(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, str | None]:
-        """(embeddings [n, D], predicted class indices [n], confidences [n], model version), oldest first."""
+    def reservoir_snapshot(self) -> ReservoirSnapshot:
         return self._reservoir.snapshot()
 
     # -- swapping -----------------------------------------------------------------
@@ -180,8 +192,8 @@ class Serving:
     def swap(self, live: LiveModel) -> None:
         old = self._live
         self._live = live
-        if self.metrics is not None:
-            self.metrics.set_model(live.version, live.architecture)
+        if self.events is not None:
+            self.events.model_swapped(live.version, live.architecture)
         log.info("serving model version %s (was %s)", live.version, old.version if old else "none")
 
     def sync(self, registry: Registry) -> bool:
@@ -192,7 +204,7 @@ class Serving:
         recorded once per version.
         """
         try:
-            target = registry.champion()
+            target = registry.store.versions.champion_version()
         except StoreUnavailable as e:
             log.warning("cannot read the champion pointer (%s); still serving %s", e, self.version())
             return False
@@ -202,7 +214,7 @@ class Serving:
             # Read the pointer again under the lock: a caller that read it before a
             # concurrent swap would otherwise swap back to the older version.
             try:
-                target = registry.champion()
+                target = registry.store.versions.champion_version()
             except StoreUnavailable:
                 return False
             if target is None or target == self.version() or target == self._failed:
@@ -223,10 +235,10 @@ class Serving:
 
     def _count_failure(self, registry: Registry, version: str, err: Exception) -> None:
         log.error("NOT serving champion %s: cannot load it (%s); still serving %s", version, err, self.version())
-        if self.metrics is not None:
-            self.metrics.model_load_failures.inc()
+        if self.events is not None:
+            self.events.model_refused(version)
         try:
-            registry.store.record_event(
+            registry.store.records.add_event(
                 "model_load_refused", f"model version {version}: {err}", {"version": version, "error": str(err)}
             )
         except StoreUnavailable:

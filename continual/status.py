@@ -4,88 +4,44 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
-
 from continual.config import Settings
-from continual.learn.runs import consecutive_failures, failure_backoff
 from continual.store import Store
-from continual.store.engine import read_tx
-from continual.store.schema import champion_history, drift_checks, gate_decisions, model_versions, training_runs
+from continual.triggers import failure_backoff
 
-
-def champion_row(store: Store) -> dict[str, Any] | None:
-    """The newest champion-history row joined with its version, or None before the first champion."""
-    with read_tx(store.engine) as conn:
-        q = (
-            select(
-                champion_history, model_versions.c.data_cutoff, model_versions.c.metrics, model_versions.c.architecture
-            )
-            .join(model_versions, model_versions.c.version == champion_history.c.version)
-            .order_by(champion_history.c.id.desc())
-            .limit(1)
-        )
-        row = conn.execute(q).first()
-        return dict(row._mapping) if row else None
-
-
-def decision_for_run(store: Store, run_id: int) -> dict[str, Any] | None:
-    """The gate's decision on a run's candidate, or None while there is none."""
-    with read_tx(store.engine) as conn:
-        row = conn.execute(
-            select(gate_decisions).where(gate_decisions.c.run_id == run_id).order_by(gate_decisions.c.id.desc())
-        ).first()
-    return dict(row._mapping) if row else None
+RECENT_RUNS = 5
+_RUN_FIELDS = ("id", "trigger", "status", "created_at", "finished_at", "candidate_version", "progress", "error")
 
 
 def collect_status(settings: Settings, store: Store, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    champion = champion_row(store)
-    cutoff = int(champion["data_cutoff"]) if champion else 0
+    champion = store.versions.champion()
+    cutoff = champion.data_cutoff if champion else 0
     counts: dict[str, dict[str, int]] = {}
     for (split, label), n in sorted(store.split_label_counts().items()):
         counts.setdefault(label, {"train": 0, "holdout": 0})[split] = n
-    with read_tx(store.engine) as conn:
-        runs = [
-            dict(r._mapping)
-            for r in conn.execute(
-                select(
-                    training_runs.c.id,
-                    training_runs.c.trigger,
-                    training_runs.c.status,
-                    training_runs.c.created_at,
-                    training_runs.c.finished_at,
-                    training_runs.c.candidate_version,
-                    training_runs.c.progress,
-                    training_runs.c.error,
-                )
-                .order_by(training_runs.c.id.desc())
-                .limit(5)
-            )
-        ]
-        drift = conn.execute(select(drift_checks).order_by(drift_checks.c.id.desc()).limit(1)).first()
-        decision = conn.execute(select(gate_decisions).order_by(gate_decisions.c.id.desc()).limit(1)).first()
+    runs = [{k: r[k] for k in _RUN_FIELDS} for r in store.runs.recent(limit=RECENT_RUNS)]
     status: dict[str, Any] = {
         "state": "unknown",
         "role": settings.service.role,
         "champion": None
         if champion is None
         else {
-            "version": champion["version"],
-            "architecture": champion["architecture"],
-            "promoted_at": champion["promoted_at"],
-            "reason": champion["reason"],
-            "actor": champion["actor"],
+            "version": champion.version,
+            "architecture": champion.architecture,
+            "promoted_at": champion.promoted_at,
+            "reason": champion.reason,
+            "actor": champion.actor,
             "data_cutoff": cutoff,
-            "metrics": champion["metrics"],
+            "metrics": champion.metrics,
         },
         "samples": {
             "total": sum(v["train"] + v["holdout"] for v in counts.values()),
             "pending": store.count(after=cutoff),
             "by_label": counts,
         },
-        "last_drift_check": dict(drift._mapping) if drift else None,
+        "last_drift_check": store.records.last_drift_check(),
         "active_run": next((r for r in runs if r["status"] in ("pending", "running")), None),
         "last_runs": runs,
-        "last_decision": dict(decision._mapping) if decision else None,
+        "last_decision": store.records.last_decision(),
         "training_backoff": _backoff(settings, store),
     }
     status.update(extra or {})
@@ -94,7 +50,7 @@ def collect_status(settings: Settings, store: Store, extra: dict[str, Any] | Non
 
 def _backoff(settings: Settings, store: Store) -> dict[str, Any] | None:
     """Failed runs in a row and how long after the last one the next automatic run waits (None: no failures)."""
-    failures = consecutive_failures(store)
+    failures = store.runs.consecutive_failures()
     if not failures:
         return None
     return {"consecutive_failures": failures, "retry_wait_seconds": failure_backoff(failures, settings.triggers)}

@@ -5,23 +5,16 @@ from __future__ import annotations
 import base64
 import io
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
+from testkit import merge
 
 from continual.config import Settings, settings_from_dict
 
 CLASSES = ["cat", "dog", "bird"]
-
-
-def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
-    return out
 
 
 def vector_settings(tmp_path: Path, **over: Any) -> Settings:

@@ -15,23 +15,11 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
-from typing import Any
 
 import httpx
 import numpy as np
-from sklearn.datasets import load_digits
 from sqlalchemy import create_engine, text
-
-_X, _Y = load_digits(return_X_y=True)
-_X = (_X / 16.0).astype(np.float32)
-
-
-def digit_samples(prefix: str, start: int, n: int) -> list[dict[str, Any]]:
-    """``n`` labeled digits vectors with ids ``<prefix>-<k>`` (the digits data set, cycled)."""
-    return [
-        {"id": f"{prefix}-{k}", "label": str(int(_Y[k % len(_Y)])), "x": _X[k % len(_Y)].tolist()}
-        for k in range(start, start + n)
-    ]
+from testkit import digit_arrays, digit_samples
 
 
 def percentile(values: Iterable[float], q: float) -> float:
@@ -98,7 +86,7 @@ class Load:
         with httpx.Client(base_url=self.url, timeout=30) as http:
             k = 0
             while not self._stop.is_set():
-                samples = digit_samples(f"{self.tag}-f{worker}", k * self.batch, self.batch)
+                samples = digit_samples(prefix=f"{self.tag}-f{worker}", start=k * self.batch, stop=(k + 1) * self.batch)
                 k += 1
                 ids = {s["id"] for s in samples}
                 try:
@@ -119,10 +107,11 @@ class Load:
         rng = np.random.default_rng(worker)
         with httpx.Client(base_url=self.url, timeout=30) as http:
             while not self._stop.is_set():
-                rows = rng.integers(0, len(_Y), 4)
+                x, _ = digit_arrays()
+                rows = rng.integers(0, len(x), 4)
                 started = time.perf_counter()
                 try:
-                    r = http.post("/v1/predict", json={"inputs": [{"x": _X[i].tolist()} for i in rows]})
+                    r = http.post("/v1/predict", json={"inputs": [{"x": x[i].tolist()} for i in rows]})
                 except httpx.TransportError:
                     self._record("predict", 0)
                     time.sleep(0.2)
@@ -149,18 +138,3 @@ def stored_id_counts(db_url: str, prefix: str = "") -> Counter[str]:
     finally:
         engine.dispose()
     return Counter({r[0]: int(r[1]) for r in rows})
-
-
-def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.25) -> Any:
-    """Poll ``predicate`` until it returns something truthy; TimeoutError naming ``what`` otherwise."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-        except httpx.TransportError as e:
-            last = e
-        if last:
-            return last
-        time.sleep(interval)
-    raise TimeoutError(f"{what} did not happen within {timeout:g} s (last: {last!r})")

@@ -1,18 +1,17 @@
-"""Digits as a drifting stream of 64-d vectors, and a tiny-model config that trains in seconds."""
+"""The service's jobs over a fresh store, with a tiny-model config that trains on the digits stream in seconds."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from serverutil import BASE_CONFIG, merge, to_toml
-from sklearn.datasets import load_digits
+from serverutil import BASE_CONFIG
+from testkit import merge, write_toml
 
-from continual import daemon
 from continual.config import load_settings
 from continual.metrics import Metrics
 from continual.registry import Registry
+from continual.service.context import ServiceContext, State
 from continual.serving import Serving
 from continual.store import Store
 
@@ -38,38 +37,22 @@ LOOP_CONFIG: dict[str, Any] = merge(
 
 def write_config(workdir: Path, over: dict[str, Any] | None = None) -> Path:
     cfg = merge(LOOP_CONFIG, {"service": {"data_dir": str(workdir / "data")}, **(over or {})})
-    path = workdir / "config.toml"
-    path.write_text(to_toml(cfg))
-    return path
+    return write_toml(workdir / "config.toml", cfg)
 
 
-def make_loop(workdir: Path, over: dict[str, Any] | None = None) -> daemon.Loop:
-    """The service's loop over a fresh store in ``workdir``, its jobs to be called directly (no scheduler)."""
+def make_loop(workdir: Path, over: dict[str, Any] | None = None) -> ServiceContext:
+    """The service's context over a fresh store in ``workdir``, its jobs to be called directly (no scheduler)."""
     path = write_config(workdir, over)
     settings = load_settings(path, env={})
     store = Store.from_settings(settings)
     store.upgrade()
     metrics = Metrics()
-    return daemon.Loop(
+    return ServiceContext(
         settings=settings,
         store=store,
-        registry=Registry(settings.models_dir, store, metrics),
+        registry=Registry(settings.models_dir, store, on_refused=metrics.model_refused),
         metrics=metrics,
-        serving=Serving(settings, metrics),
+        state=State(metrics),
+        serving=Serving(settings, events=metrics),
         config_path=str(path),
     )
-
-
-def digits(phase: str, *, start: int = 0, stop: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
-    """Feedback samples: "original", "inverted" (1 - x), "transposed" strokes, or "poison" (random labels)."""
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32)
-    if phase == "inverted":
-        x = 1.0 - x
-    elif phase == "transposed":
-        x = x.reshape(-1, 8, 8).transpose(0, 2, 1).reshape(-1, 64)
-    labels = [str(v) for v in y]
-    if phase == "poison":
-        labels = [str(v) for v in np.random.default_rng(seed).integers(0, 10, len(y))]
-    stop = len(y) if stop is None else stop
-    return [{"id": f"{phase}-{i}", "label": labels[i], "x": x[i].tolist()} for i in range(start, stop)]

@@ -8,14 +8,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 import tomllib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -23,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from testkit import merge, to_toml, wait_for
 
 # A tiny vector model: starts fast, no weights to download.
 BASE_CONFIG: dict[str, Any] = {
@@ -42,27 +41,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
-    return out
-
-
-def to_toml(data: Mapping[str, Any], prefix: str = "") -> str:
-    """Nested dicts of scalars and lists -> TOML (JSON scalars are valid TOML values)."""
-    lines, tables = [], []
-    for k, v in data.items():
-        if isinstance(v, Mapping):
-            tables.append((k, v))
-        else:
-            lines.append(f"{k} = {json.dumps(v.as_posix() if isinstance(v, Path) else v)}")
-    out = (f"[{prefix}]\n" if prefix and lines else "") + "".join(line + "\n" for line in lines)
-    for k, v in tables:
-        out += "\n" + to_toml(v, f"{prefix}.{k}" if prefix else k)
-    return out
 
 
 class ServerProcess:
@@ -112,18 +90,19 @@ class ServerProcess:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: kill() reaches every child
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"continual serve exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1.0).status_code == 200:
-                    return self.url
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        self.kill()
-        raise TimeoutError(f"continual serve did not answer /healthz within {timeout}s:\n{self.log_tail()}")
+        proc = self.proc
+
+        def healthy() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"continual serve exited with {proc.returncode}:\n{self.log_tail()}")
+            return httpx.get(self.url + "/healthz", timeout=1.0).status_code == 200
+
+        try:
+            wait_for(healthy, timeout, "continual serve answering /healthz", 0.1)
+        except TimeoutError as e:
+            self.kill()
+            raise TimeoutError(f"{e}:\n{self.log_tail()}") from None
+        return self.url
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal the whole process group (also children left behind by an exited server)."""

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from ingestutil import make_client, vector_settings
 
-from continual.api import Auth, require_scope
+from continual.api.auth import Auth, require
 from continual.config import ConfigError
-from tests.ingestutil import make_client, vector_settings
 
 AUTH = {"enabled": True, "ingest_tokens": ["ing-token"], "admin_tokens": ["adm-token"]}
 BODY = json.dumps({"samples": [{"label": "cat", "x": [1, 2, 3, 4]}]}).encode()
@@ -24,7 +24,7 @@ def authed(tmp_path: Path):  # type: ignore[no-untyped-def]
     client, store, metrics = make_client(vector_settings(tmp_path, auth=AUTH), f"sqlite:///{tmp_path / 'store.db'}")
 
     # An admin-only route, as the admin routes of other parts declare it.
-    @client.app.post("/v1/_admin_probe", dependencies=[require_scope("admin")])
+    @client.app.post("/v1/_admin_probe", dependencies=[require("admin")])
     def _probe() -> dict[str, bool]:
         return {"ok": True}
 

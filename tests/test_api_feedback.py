@@ -7,8 +7,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-
-from tests.ingestutil import b64, image_bytes, image_settings, make_client, vector_settings
+from ingestutil import b64, image_bytes, image_settings, make_client, vector_settings
 
 JSON = {"Content-Type": "application/json"}
 

@@ -7,8 +7,7 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from tests.ingestutil import CLASSES, b64, image_bytes, make_client, vector_settings
+from ingestutil import CLASSES, b64, image_bytes, make_client, vector_settings
 
 # Strings JSON allows but databases may not: NUL, unpaired surrogates (generated rarely on their own).
 odd_text = st.sampled_from(["a\x00b", "\ud800", "x\udc00", "\x7f", "é"])
@@ -76,7 +75,7 @@ mangled = st.builds(
 
 
 def test_mangled_images_never_5xx(tmp_path: Path) -> None:
-    from tests.ingestutil import image_settings
+    from ingestutil import image_settings
 
     client, store, _ = make_client(image_settings(tmp_path), f"sqlite:///{tmp_path / 'store.db'}")
 

@@ -20,7 +20,7 @@ def test_exclude_by_id_needs_admin_and_takes_samples_out(tmp_path: Path, store_u
     r = client.post("/v1/samples/exclude", json=body, headers={"Authorization": "Bearer ad"})
     assert r.status_code == 200 and r.json() == {"excluded": 2, "unknown": ["missing"]}
     assert store.count() == 8
-    [event] = store.recent_events(kind="samples_excluded")
+    [event] = store.records.events(kind="samples_excluded")
     assert event["data"]["reason"] == "poisoned batch" and event["data"]["n"] == 2
     for bad in ({}, {"ids": []}, {"ids": "s1"}, {"ids": [1, 2]}, {"ids": [""]}):
         r = client.post("/v1/samples/exclude", json=bad, headers={"Authorization": "Bearer ad"})

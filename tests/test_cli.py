@@ -10,7 +10,7 @@ import pytest
 from continual import __version__
 from continual.cli import main
 from continual.config import load_settings
-from continual.learn import runs
+from continual.learn.run import create_run
 from continual.store import NewSample, Store
 
 
@@ -75,9 +75,9 @@ def test_db_upgrade_then_status(tmp_path: Path, capsys: pytest.CaptureFixture[st
     # Two failed runs in a row: status says how long the next automatic run waits.
     settings = load_settings(Path(cfg), env={})
     for _ in range(2):
-        run_id = runs.create_run(store, settings, trigger="test")
-        runs.start_run(store, run_id, parent=None, data_cutoff=20)
-        runs.finish_run(store, run_id, "failed", error="boom")
+        run_id = create_run(store, settings, trigger="test")
+        store.runs.start(run_id, parent=None, data_cutoff=20)
+        store.runs.finish(run_id, "failed", error="boom")
     assert main(["status", "--config", cfg]) == 0
     out = capsys.readouterr().out
     assert "training backoff: 2 failed runs in a row; the next automatic run waits 600 s" in out, out

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-from looputil import LOOP_CONFIG, digits
-from serverutil import ServerProcess, merge
+from looputil import LOOP_CONFIG
+from serverutil import ServerProcess
+from testkit import digit_samples, merge, wait_for
 
 from continual.client import Client
-from continual.learn import runs
 from continual.procutil import process_alive
-from continual.status import decision_for_run
 from continual.store import Store
+from continual.store.runs import ACTIVE
 
 pytestmark = pytest.mark.slow
 
@@ -30,16 +29,16 @@ def test_train_wait_follows_a_requested_run_to_the_gate(tmp_path: Path) -> None:
     store = Store(f"sqlite:///{tmp_path / 'data' / 'continual.db'}")
     try:
         with Client(url, timeout=60) as client:
-            client.feedback(digits("original", stop=300), batch_size=100)
+            client.feedback(digit_samples("original", stop=300), batch_size=100)
             assert client.status()["active_run"] is None
         proc = subprocess.run(
             [sys.executable, "-m", "continual.cli", "train", "--wait", "--quiet", "--timeout", "300"],
             capture_output=True, text=True, env=server.env, cwd=server.workdir, timeout=400,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        run = runs.list_runs(store, limit=1)[0]
+        run = store.runs.recent(limit=1)[0]
         assert run["trigger"] == "manual: cli" and run["status"] == "succeeded", run
-        decision = decision_for_run(store, run["id"])
+        decision = store.records.decision_for_run(run["id"])
         assert decision is not None and decision["candidate"] == run["candidate_version"]
         assert f"training run {run['id']}: succeeded" in proc.stdout
         assert f"gate: {decision['outcome']} (rule {decision['rule']})" in proc.stdout, proc.stdout
@@ -57,30 +56,33 @@ def test_train_cancel_stops_the_running_worker_and_the_service_goes_on(tmp_path:
     store = Store(f"sqlite:///{tmp_path / 'data' / 'continual.db'}")
     try:
         with Client(url, timeout=60) as client:
-            client.feedback(digits("original", stop=300), batch_size=100)
+            client.feedback(digit_samples("original", stop=300), batch_size=100)
             run_id = client.train()["run_id"]
-        deadline = time.monotonic() + 180
-        while (row := runs.get_run(store, run_id))["status"] != "running" or not (row["progress"] or {}).get("step"):
-            assert time.monotonic() < deadline and row["status"] in runs.ACTIVE, row
-            time.sleep(0.2)
+
+        def training() -> dict[str, object] | None:
+            row = store.runs.get(run_id)
+            assert row["status"] in ACTIVE, row  # it must not end before it is cancelled
+            return row if row["status"] == "running" and (row["progress"] or {}).get("step") else None
+
+        row = wait_for(training, 180, f"run {run_id} training")
         pid = int(row["pid"])
 
         proc = server.cli("train", "--cancel", check=False)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert f"training run {run_id}: cancelled" in proc.stdout
-        row = runs.get_run(store, run_id)
+        row = store.runs.get(run_id)
         assert row["status"] == "cancelled" and row["candidate_version"] is None, row
-        deadline = time.monotonic() + 30  # the row says cancelled just before the worker exits
-        while process_alive(pid):
-            assert time.monotonic() < deadline, f"worker {pid} still running after its run was cancelled"
-            time.sleep(0.1)
+        # The row says cancelled just before the worker exits.
+        wait_for(lambda: not process_alive(pid), 30, f"worker {pid} exiting after its run was cancelled", 0.1)
 
         # The service goes on: healthy, no failure counted, a new request is accepted.
         assert httpx.get(url + "/healthz", timeout=10).status_code == 200
-        deadline = time.monotonic() + 30
-        while 'continual_state{state="idle"} 1.0' not in (text := httpx.get(url + "/metrics", timeout=10).text):
-            assert time.monotonic() < deadline, "the service did not return to idle"
-            time.sleep(0.2)
+
+        def idle() -> str | None:
+            text = httpx.get(url + "/metrics", timeout=10).text
+            return text if 'continual_state{state="idle"} 1.0' in text else None
+
+        text = wait_for(idle, 30, "the service returning to idle")
         assert "continual_training_failures_total 0.0" in text
         assert httpx.post(url + "/v1/train", timeout=30).status_code == 202
     finally:

@@ -14,10 +14,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from ingestutil import image_bytes
+from serverutil import ServerProcess, free_port, running_server
 
 from continual.client import Client, ClientError, FeedbackResult, ServiceUnavailable, image_sample, vector_sample
-from tests.ingestutil import image_bytes
-from tests.serverutil import ServerProcess, free_port, running_server
 
 INGEST, ADMIN = "ingest-secret", "admin-secret"
 CONFIG = {

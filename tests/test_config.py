@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from continual.config import ConfigError, Settings, load_settings
+from continual.store import store_url
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +23,8 @@ def test_every_section_loads_from_the_repository_config() -> None:
     assert s.model.architecture == "efficientnet_lite0"
     assert s.model.input.kind == "image" and s.model.input.mean == (0.5, 0.5, 0.5)
     assert s.training.strategy == "replay+ewc"
-    assert s.store_url.startswith("sqlite:///") and s.store_url.endswith("continual.db")
+    url = s.resolved_store().url
+    assert url.startswith("sqlite:///") and url.endswith("continual.db")
 
 
 def test_the_repository_config_sets_every_key_explicitly() -> None:
@@ -127,4 +129,6 @@ def test_password_file_goes_into_the_store_url(tmp_path: Path) -> None:
     p = write(
         tmp_path, f"[store]\nurl = 'postgresql+psycopg://app@db/continual'\npassword_file = '{tmp_path / 'pw'}'\n"
     )
-    assert load_settings(p, env={}).store_url == "postgresql+psycopg://app:s3cret@db/continual"
+    settings = load_settings(p, env={})
+    assert store_url(settings.resolved_store()) == "postgresql+psycopg://app:s3cret@db/continual"
+    assert "s3cret" not in settings.resolved_store().url  # what goes to a worker names the file, not the secret

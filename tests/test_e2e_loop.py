@@ -9,9 +9,10 @@ from typing import Any
 
 import httpx
 import pytest
-from looputil import LOOP_CONFIG, digits
+from looputil import LOOP_CONFIG
 from prometheus_client.parser import text_string_to_metric_families
 from serverutil import ServerProcess
+from testkit import digit_samples, wait_for
 
 from continual.client import Client
 
@@ -19,13 +20,11 @@ pytestmark = pytest.mark.slow
 
 
 def wait(client: Client, what: str, done: Callable[[dict[str, Any]], bool], timeout: float = 180) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def reached() -> dict[str, Any] | None:
         st = client.status()
-        if done(st):
-            return st
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}; last status: {st}")
+        return st if done(st) else None
+
+    return wait_for(reached, timeout, what, 0.5)
 
 
 def champion(st: dict[str, Any]) -> str | None:
@@ -46,12 +45,12 @@ def test_bootstrap_drift_run_gate_promote(tmp_path: Path) -> None:
     url = server.start()
     try:
         with Client(url, timeout=60) as client:
-            client.feedback(digits("original", stop=700), batch_size=100)
+            client.feedback(digit_samples("original", stop=700), batch_size=100)
             st = wait(client, "the first champion", lambda s: champion(s) is not None)
             first = champion(st)
             assert st["champion"]["reason"] == "bootstrap"
 
-            client.feedback(digits("inverted", stop=700), batch_size=100)
+            client.feedback(digit_samples("inverted", stop=700), batch_size=100)
             st = wait(client, "a promotion after drift", lambda s: champion(s) not in (None, first), timeout=240)
             second = champion(st)
             assert st["champion"]["reason"] == "gate"
@@ -61,7 +60,7 @@ def test_bootstrap_drift_run_gate_promote(tmp_path: Path) -> None:
             decision = st["last_decision"]
             assert decision["outcome"] == "promoted" and decision["candidate"] == second
 
-            x = digits("inverted", start=700, stop=702)
+            x = digit_samples("inverted", start=700, stop=702)
             out = client.predict([{"x": s["x"]} for s in x])
             assert out["model_version"] == second and len(out["predictions"]) == 2
 

@@ -18,14 +18,15 @@ from typing import Any
 
 import httpx
 import pytest
-from loadutil import Load, digit_samples, stored_id_counts, wait_for
+from loadutil import Load, stored_id_counts
 from looputil import LOOP_CONFIG
-from serverutil import ServerProcess, merge
+from serverutil import ServerProcess
 from sqlalchemy import text
+from testkit import digit_samples, merge, wait_for
 
-from continual.learn import runs
 from continual.registry import CRASH_ENV, TMP_PREFIX
-from continual.store import Store
+from continual.store import RunNotFound, Store
+from continual.store.runs import ACTIVE, FINISHED, is_request
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +44,10 @@ def db_url(tmp_path: Path) -> str:
 def feed(url: str, prefix: str, n: int, start: int = 0) -> None:
     with httpx.Client(base_url=url, timeout=30) as http:
         for k in range(start, start + n, 100):
-            r = http.post("/v1/feedback", json={"samples": digit_samples(prefix, k, min(100, start + n - k))})
+            r = http.post(
+                "/v1/feedback",
+                json={"samples": digit_samples(prefix=prefix, start=k, stop=k + min(100, start + n - k))},
+            )
             assert r.status_code == 200, r.text
 
 
@@ -64,19 +68,19 @@ def wait_champion(url: str, other_than: str | None = None, timeout: float = 180)
 
 def wait_run_finished(store: Store, run_id: int, timeout: float = 180) -> dict[str, Any]:
     return wait_for(
-        lambda: (r := runs.get_run(store, run_id))["status"] in runs.FINISHED and r, timeout, f"run {run_id} finishing"
+        lambda: (r := store.runs.get(run_id))["status"] in FINISHED and r, timeout, f"run {run_id} finishing"
     )
 
 
 def phase_of(store: Store, run_id: int) -> str | None:
     try:
-        return (runs.get_run(store, run_id).get("progress") or {}).get("phase")
-    except runs.RunNotFound:
+        return (store.runs.get(run_id).get("progress") or {}).get("phase")
+    except RunNotFound:
         return None
 
 
 def active_runs(store: Store) -> list[dict[str, Any]]:
-    return [r for r in runs.list_runs(store, limit=50) if r["status"] in runs.ACTIVE]
+    return [r for r in store.runs.recent(limit=50) if r["status"] in ACTIVE]
 
 
 def pid_alive(pid: int) -> bool:
@@ -119,7 +123,7 @@ def kill_and_inspect(server: ServerProcess, store: Store) -> list[dict[str, Any]
         wait_for(lambda: not any(pid_alive(p) for p in workers), 30, f"workers {workers} exiting after their service")
     finally:
         for p in workers:  # never leave one running past the test (and never kill a reused pid)
-            if pid_alive(p) and b"continual.learn.worker" in Path(f"/proc/{p}/cmdline").read_bytes():
+            if pid_alive(p) and b"continual.service.worker" in Path(f"/proc/{p}/cmdline").read_bytes():
                 os.kill(p, signal.SIGKILL)
     return left
 
@@ -128,8 +132,8 @@ def restart_and_check(server: ServerProcess, store: Store, left: list[dict[str, 
     server.start()
     data_dir = Path(server.env["CONTINUAL_SERVICE__DATA_DIR"])
     for r in left:
-        after = runs.get_run(store, r["id"])
-        if r["status"] == "pending" and runs.is_request(r["trigger"] or "") and not r["host"]:
+        after = store.runs.get(r["id"])
+        if r["status"] == "pending" and is_request(r["trigger"] or "") and not r["host"]:
             # A request no trainer had claimed survives the restart and runs (tests/test_loop.py
             # checks that); one claimed in the instant after this snapshot was interrupted.
             continue
@@ -260,14 +264,14 @@ def test_crash_during_the_promotion_transaction(tmp_path: Path, server: ServerPr
     server.env[CRASH_ENV] = "promote"
     server.start()
     with httpx.Client(base_url=server.url, timeout=30) as http:
-        x = [dict(s, x=[1.0 - v for v in s["x"]]) for s in digit_samples("inv", 0, 600)]
+        x = [dict(s, x=[1.0 - v for v in s["x"]]) for s in digit_samples(prefix="inv", stop=600)]
         for k in range(0, 600, 100):
             assert http.post("/v1/feedback", json={"samples": x[k : k + 100]}).status_code == 200
         run_id = http.post("/v1/train").json()["run_id"]
     assert server.proc is not None
     server.proc.wait(timeout=180)  # SIGKILLed by the crash point inside the promotion
     assert server.proc.returncode == -signal.SIGKILL, server.log_tail()
-    run = runs.get_run(store, run_id)
+    run = store.runs.get(run_id)
     assert run["status"] == "succeeded", run
     candidate = run["candidate_version"]
     assert_pointer_consistent(store)

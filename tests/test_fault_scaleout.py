@@ -13,13 +13,13 @@ from typing import Any
 import httpx
 import pytest
 from conftest import pg_schema_url
-from loadutil import digit_samples, wait_for
 from looputil import LOOP_CONFIG
-from serverutil import ServerProcess, merge
+from serverutil import ServerProcess
 from sqlalchemy import text
+from testkit import digit_samples, merge, wait_for
 
-from continual.learn import runs
 from continual.store import Store
+from continual.store.runs import FINISHED
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -88,17 +88,20 @@ def test_two_services_share_the_store_and_one_trains(tmp_path: Path, pg_schema: 
         with Watcher(store) as watch:
             # Both ingest: alternate the batches between them.
             for i, k in enumerate(range(0, 400, 50)):
-                r = httpx.post(servers[i % 2].url + "/v1/feedback", json={"samples": digit_samples("s", k, 50)})
+                r = httpx.post(
+                    servers[i % 2].url + "/v1/feedback",
+                    json={"samples": digit_samples(prefix="s", start=k, stop=k + 50)},
+                )
                 assert r.status_code == 200, r.text
             champion = wait_for(lambda: (v := _served(a)) and v == _served(b) and v, 180, "both serving one champion")
             predicted = {s.url: _predict(s) for s in servers}
             assert set(predicted.values()) == {champion}, predicted
 
             # A manual run; while it trains, the other process is killed and restarted.
-            feed = digit_samples("t", 0, 200)
+            feed = digit_samples(prefix="t", stop=200)
             assert httpx.post(b.url + "/v1/feedback", json={"samples": feed}).status_code == 200
             run_id = httpx.post(a.url + "/v1/train", timeout=30).json()["run_id"]
-            wait_for(lambda: runs.get_run(store, run_id)["status"] == "running", 120, "the run starting")
+            wait_for(lambda: store.runs.get(run_id)["status"] == "running", 120, "the run starting")
             trainer = next(s for s in servers if s.proc is not None and s.proc.pid == _lease_pid(store))
             other = b if trainer is a else a
             other.kill()
@@ -106,13 +109,12 @@ def test_two_services_share_the_store_and_one_trains(tmp_path: Path, pg_schema: 
             assert other.proc is not None
             pids.add(other.proc.pid)
             # The restarted process's recovery left the other's run alone.
-            assert runs.get_run(store, run_id)["status"] == "running", runs.get_run(store, run_id)
-            row = wait_for(
-                lambda: (r := runs.get_run(store, run_id))["status"] in runs.FINISHED and r, 180, "the run finishing"
-            )
+            assert store.runs.get(run_id)["status"] == "running", store.runs.get(run_id)
+            row = wait_for(lambda: (r := store.runs.get(run_id))["status"] in FINISHED and r, 180, "the run finishing")
             assert row["status"] == "succeeded", row
             assert (
-                httpx.post(other.url + "/v1/feedback", json={"samples": digit_samples("u", 0, 10)}).status_code == 200
+                httpx.post(other.url + "/v1/feedback", json={"samples": digit_samples(prefix="u", stop=10)}).status_code
+                == 200
             )
         assert watch.max_active <= 1, "two runs were active at once"
         assert {pid_of(h) for h in watch.holders} <= pids, watch.holders
@@ -134,7 +136,9 @@ def _served(s: ServerProcess) -> str | None:
 
 
 def _predict(s: ServerProcess) -> Any:
-    r = httpx.post(s.url + "/v1/predict", json={"inputs": [{"x": digit_samples("p", 0, 1)[0]["x"]}]}, timeout=30)
+    r = httpx.post(
+        s.url + "/v1/predict", json={"inputs": [{"x": digit_samples(prefix="p", stop=1)[0]["x"]}]}, timeout=30
+    )
     assert r.status_code == 200, r.text
     return r.json()["model_version"]
 

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from loadutil import digit_samples, stored_id_counts, wait_for
+from loadutil import stored_id_counts
 from looputil import LOOP_CONFIG
-from serverutil import ServerProcess, merge
+from serverutil import ServerProcess
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from testkit import digit_samples, merge, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -60,9 +61,14 @@ def test_store_down_feedback_503_predict_200_then_recovers(tmp_path: Path, backe
         if backend == "sqlite":
             locker = sqlite3.connect(tmp_path / "data" / "continual.db", isolation_level=None)
         for k in (0, 100, 200):
-            assert http.post("/v1/feedback", json={"samples": digit_samples("boot", k, 100)}).status_code == 200
+            assert (
+                http.post(
+                    "/v1/feedback", json={"samples": digit_samples(prefix="boot", start=k, stop=k + 100)}
+                ).status_code
+                == 200
+            )
         wait_for(lambda: http.get("/v1/status").json()["serving_version"], 180, "the bootstrap champion served")
-        x = digit_samples("probe", 0, 4)
+        x = digit_samples(prefix="probe", stop=4)
 
         # -- down ---------------------------------------------------------------------
         if locker is not None:
@@ -70,7 +76,7 @@ def test_store_down_feedback_503_predict_200_then_recovers(tmp_path: Path, backe
         else:
             pg_admin(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
             pg_admin("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d", d=dbname)
-        down = digit_samples("down", 0, 20)
+        down = digit_samples(prefix="down", stop=20)
         for _ in range(3):
             r = http.post("/v1/feedback", json={"samples": down})
             assert r.status_code == 503, r.text

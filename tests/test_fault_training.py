@@ -9,15 +9,15 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from loadutil import digit_samples, wait_for
 from looputil import LOOP_CONFIG
 from safetensors.torch import save_file
-from serverutil import ServerProcess, merge
+from serverutil import ServerProcess
+from testkit import digit_samples, merge, wait_for
 
 from continual.config import settings_from_dict
-from continual.learn import runs
 from continual.models import build_model
 from continual.store import Store
+from continual.store.runs import FINISHED
 
 pytestmark = pytest.mark.slow
 
@@ -43,18 +43,23 @@ def test_worker_killed_fails_the_run_service_serves_next_run_works(tmp_path: Pat
     server.start()
     http = httpx.Client(base_url=server.url, timeout=60)
     store = Store(f"sqlite:///{tmp_path / 'data' / 'continual.db'}")
-    probe = {"inputs": [{"x": s["x"]} for s in digit_samples("probe", 0, 4)]}
+    probe = {"inputs": [{"x": s["x"]} for s in digit_samples(prefix="probe", stop=4)]}
     try:
         assert http.get("/readyz").status_code == 200
         champion = http.post("/v1/predict", json=probe).json()["model_version"]
         for k in (0, 100, 200):
-            assert http.post("/v1/feedback", json={"samples": digit_samples("s", k, 100)}).status_code == 200
+            assert (
+                http.post(
+                    "/v1/feedback", json={"samples": digit_samples(prefix="s", start=k, stop=k + 100)}
+                ).status_code
+                == 200
+            )
         run_id = http.post("/v1/train").json()["run_id"]
         # The worker records its pid when it starts; kill it at once, mid-run.
-        row = wait_for(lambda: (r := runs.get_run(store, run_id))["pid"] and r, 120, "the worker starting", 0.02)
+        row = wait_for(lambda: (r := store.runs.get(run_id))["pid"] and r, 120, "the worker starting", 0.02)
         assert row["status"] == "running"
         os.kill(int(row["pid"]), signal.SIGKILL)
-        row = wait_for(lambda: (r := runs.get_run(store, run_id))["status"] in runs.FINISHED and r, 60, "run failing")
+        row = wait_for(lambda: (r := store.runs.get(run_id))["status"] in FINISHED and r, 60, "run failing")
         assert row["status"] == "failed" and "SIGKILL" in row["error"] and row["candidate_version"] is None, row
 
         p = http.post("/v1/predict", json=probe)
@@ -74,7 +79,7 @@ def test_worker_killed_fails_the_run_service_serves_next_run_works(tmp_path: Pat
         # The next run works: it trains, and the gate decides on its candidate.
         run_id = wait_for(lambda: (r := http.post("/v1/train")).status_code == 202 and r, 60, "train accepted")
         run_id = run_id.json()["run_id"]
-        row = wait_for(lambda: (r := runs.get_run(store, run_id))["status"] in runs.FINISHED and r, 180, "next run")
+        row = wait_for(lambda: (r := store.runs.get(run_id))["status"] in FINISHED and r, 180, "next run")
         assert row["status"] == "succeeded" and row["candidate_version"], row
         decision = wait_for(lambda: http.get("/v1/status").json()["last_decision"], 60, "the gate decision")
         assert decision["run_id"] == run_id and decision["candidate"] == row["candidate_version"], decision

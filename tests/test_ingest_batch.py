@@ -4,17 +4,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ingestutil import b64, image_bytes, image_settings, vector_settings
 
 from continual.ingest import (
     BatchTooLarge,
     MalformedBody,
-    SampleTooLarge,
     ValidationFailed,
     derived_id,
     feedback_samples,
     parse_json,
 )
-from tests.ingestutil import b64, image_bytes, image_settings, vector_settings
+from continual.store import PayloadTooLarge, Store
 
 
 def fails(doc: object, settings) -> list[tuple[object, str]]:  # type: ignore[no-untyped-def]
@@ -71,16 +71,25 @@ def test_empty_batch_is_fine(tmp_path: Path) -> None:
     assert feedback_samples({"samples": []}, vector_settings(tmp_path)) == []
 
 
-def test_batch_and_payload_limits(tmp_path: Path) -> None:
+def test_batch_limit(tmp_path: Path) -> None:
     s = vector_settings(tmp_path, ingest={"max_batch_samples": 2})
     with pytest.raises(BatchTooLarge, match=r"3 samples .*ingest.max_batch_samples = 2"):
         feedback_samples({"samples": [{"label": "cat", "x": [0, 0, 0, 0]}] * 3}, s)
-    img = image_settings(tmp_path, store={"max_payload_bytes": 100})
+
+
+def test_the_payload_limit_is_the_stores_and_names_each_sample(tmp_path: Path, store: Store) -> None:
+    img = image_settings(tmp_path)
     small, big = image_bytes(w=2, h=2), image_bytes(w=64, h=64)
+    capped = Store(store.url, max_payload_bytes=100)
     assert len(small) <= 100 < len(big)
-    with pytest.raises(SampleTooLarge) as e:
-        feedback_samples({"samples": [{"label": "cat", "image": b64(small)}, {"label": "cat", "image": b64(big)}]}, img)
+    batch = feedback_samples(
+        {"samples": [{"label": "cat", "image": b64(small)}, {"label": "cat", "image": b64(big)}]}, img
+    )
+    with pytest.raises(PayloadTooLarge) as e:
+        capped.insert(batch)
     assert [(d["index"], d["field"]) for d in e.value.details] == [(1, "image")]
+    assert capped.count() == 0
+    capped.dispose()
 
 
 def test_derived_ids_depend_on_label_and_content_only(tmp_path: Path) -> None:

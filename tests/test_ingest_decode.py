@@ -6,11 +6,11 @@ import zlib
 
 import numpy as np
 import pytest
+from ingestutil import b64, image_bytes
 from PIL import Image
 
 from continual.config import InputSettings
 from continual.ingest import InputError, ValidationFailed, decode_input, decode_inputs, decode_payload
-from tests.ingestutil import b64, image_bytes
 
 VEC = InputSettings(kind="vector", shape=(4,))
 GRID = InputSettings(kind="vector", shape=(2, 3))

@@ -8,10 +8,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from serverutil import ServerProcess
 from sqlalchemy import create_engine, text
 
 from continual.client import Client, FeedbackResult, vector_sample
-from tests.serverutil import ServerProcess
 
 pytestmark = pytest.mark.slow
 

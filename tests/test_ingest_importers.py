@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ingestutil import image_bytes, image_settings, make_client, vector_settings
 
-from continual.cli_ingest import format_report, send_all
+from continual.cli.ingest import format_report, send_all
 from continual.client import Client
 from continual.ingest.importers import ImportFormatError, Item, Skipped, open_source, sample_id
-from tests.ingestutil import image_bytes, image_settings, make_client, vector_settings
 
 
 def items(path: Path, **kw: bool) -> list[Item | Skipped]:

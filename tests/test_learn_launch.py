@@ -10,12 +10,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from learnutil import digits, fill, settings_dict, write_config
+from learnutil import fill, settings_dict
+from testkit import digit_arrays, write_toml
 
 from continual.config import load_settings
-from continual.learn import runs
 from continual.learn.evaluate import evaluate
 from continual.learn.launch import describe_exit, launch_run, wait_for_progress, worker_command
+from continual.learn.run import create_run
 from continual.registry import Registry
 from continual.store import Store
 
@@ -23,10 +24,10 @@ from continual.store import Store
 def _setup(tmp_path: Path, n: int = 600, **training: object) -> tuple[Path, Store]:
     data_dir = tmp_path / "data"
     url = f"sqlite:///{tmp_path / 'store.db'}"
-    cfg = write_config(tmp_path / "config.toml", settings_dict(data_dir, url, **training))
+    cfg = write_toml(tmp_path / "config.toml", settings_dict(data_dir, url, **training))
     store = Store(url)
     store.upgrade()
-    x, y = digits()
+    x, y = digit_arrays()
     fill(store, x[:n], y[:n], "s")
     return cfg, store
 
@@ -39,7 +40,14 @@ def _versions(data_dir: Path) -> list[str]:
 def test_worker_command_local_and_torchrun(tmp_path: Path) -> None:
     cfg, _ = _setup(tmp_path, n=0)
     settings = load_settings(cfg)
-    assert worker_command(settings, 7, cfg)[1:] == ["-m", "continual.learn.worker", "--run", "7", "--config", str(cfg)]
+    assert worker_command(settings, 7, cfg)[1:] == [
+        "-m",
+        "continual.service.worker",
+        "--run",
+        "7",
+        "--config",
+        str(cfg),
+    ]
     tr = settings.model_copy(
         update={"training": settings.training.model_copy(update={"launcher": "torchrun", "nproc_per_node": 4})}
     )
@@ -56,20 +64,20 @@ def test_worker_command_local_and_torchrun(tmp_path: Path) -> None:
 def test_worker_process_succeeds_then_sigterm_cancels_the_next(tmp_path: Path) -> None:
     cfg, store = _setup(tmp_path, epochs=2)
     settings = load_settings(cfg)
-    run_id = runs.create_run(store, settings, trigger="test")
+    run_id = create_run(store, settings, trigger="test")
     handle = launch_run(settings, store, run_id, cfg)
     assert handle.wait(300) == 0, handle.log_path.read_text()
-    row = runs.get_run(store, run_id)
+    row = store.runs.get(run_id)
     assert row["status"] == "succeeded" and row["candidate_version"] in _versions(settings.service.data_dir)
 
     endless = {"epochs": 5000, "early_stopping_patience": 100_000}
     long = settings.model_copy(update={"training": settings.training.model_copy(update=endless)})
-    run_id = runs.create_run(store, long, trigger="test")
+    run_id = create_run(store, long, trigger="test")
     handle = launch_run(long, store, run_id, cfg)
     assert wait_for_progress(store, run_id, phase="training", timeout=300)["status"] == "running"
     # 143: the worker stopped on its own after SIGTERM (a SIGKILL after the grace period would read -9).
     assert handle.cancel(grace=60) == 143, handle.log_path.read_text()
-    row = runs.get_run(store, run_id)
+    row = store.runs.get(run_id)
     assert row["status"] == "cancelled" and row["candidate_version"] is None
     assert len(_versions(settings.service.data_dir)) == 1
 
@@ -86,21 +94,21 @@ def test_sigkill_mid_epoch_fails_the_run_and_the_service_keeps_serving(tmp_path:
     server.start()
     try:
         store = Store(url)
-        x, y = digits()
+        x, y = digit_arrays()
         fill(store, x[:500], y[:500], "s")
         settings = load_settings(server.config_path)
-        run_id = runs.create_run(store, settings, trigger="test")
+        run_id = create_run(store, settings, trigger="test")
         handle = launch_run(settings, store, run_id, server.config_path)
         row = wait_for_progress(store, run_id, phase="training", timeout=300)
         assert row["status"] == "running" and row["progress"]["step"] >= 1
         os.kill(handle.pid, signal.SIGKILL)
         assert handle.wait(60) == -signal.SIGKILL
-        row = runs.get_run(store, run_id)
+        row = store.runs.get(run_id)
         assert row["status"] == "failed" and "SIGKILL" in row["error"]
         assert _versions(data_dir) == []
 
         # The parent dies too (no one calls wait): restart recovery marks the run interrupted.
-        run_id = runs.create_run(store, settings, trigger="test")
+        run_id = create_run(store, settings, trigger="test")
         handle = launch_run(settings, store, run_id, server.config_path)
         wait_for_progress(store, run_id, phase="training", timeout=300)
         os.kill(handle.pid, signal.SIGKILL)
@@ -108,8 +116,8 @@ def test_sigkill_mid_epoch_fails_the_run_and_the_service_keeps_serving(tmp_path:
         # Two things race for the orphaned run: restart recovery (called here) and the running
         # service's own tick, which interrupts a "running" run whose local worker pid is gone.
         # Either way it must end interrupted, exactly once, and say why.
-        interrupted = runs.mark_interrupted_runs(store)
-        row = runs.get_run(store, run_id)
+        interrupted = store.runs.interrupt_all()
+        row = store.runs.get(run_id)
         assert row["status"] == "interrupted", row
         if interrupted != [run_id]:
             assert interrupted == [] and row["error"] == "its trainer or worker is gone", (interrupted, row)
@@ -135,10 +143,10 @@ def test_torchrun_two_gloo_processes_match_a_single_process(tmp_path: Path) -> N
             work, n=1200, epochs=6, launcher=launcher, nproc_per_node=nproc, batch_size=16 if nproc == 2 else 32
         )
         settings = load_settings(cfg)
-        run_id = runs.create_run(store, settings, trigger="test")
+        run_id = create_run(store, settings, trigger="test")
         handle = launch_run(settings, store, run_id, cfg)
         assert handle.wait(500) == 0, handle.log_path.read_text()[-3000:]
-        row = runs.get_run(store, run_id)
+        row = store.runs.get(run_id)
         assert row["status"] == "succeeded", row["error"]
         registry = Registry(settings.models_dir, store)
         manifest = registry.manifest(row["candidate_version"])
@@ -165,7 +173,7 @@ def test_cli_train_now_prints_the_candidate(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "training run 1: succeeded" in proc.stdout
     assert "validation_accuracy:" in proc.stdout and "candidate: " in proc.stdout
-    assert runs.get_run(store, 1)["candidate_version"] in proc.stdout
+    assert store.runs.get(1)["candidate_version"] in proc.stdout
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         cmd = [sys.executable, "-m", "continual.cli", "train", "--config", str(cfg), *args]
@@ -175,7 +183,7 @@ def test_cli_train_now_prints_the_candidate(tmp_path: Path) -> None:
     requested = cli()
     assert requested.returncode == 0 and requested.stdout.strip() == "2", requested.stderr
     assert "requested" in requested.stderr and "gates it" in requested.stderr
-    row = runs.get_run(store, 2)
+    row = store.runs.get(2)
     assert row["status"] == "pending" and row["trigger"] == "manual: cli"
     for args, message in (
         ((), "training run 2 is pending already"),
@@ -188,11 +196,11 @@ def test_cli_train_now_prints_the_candidate(tmp_path: Path) -> None:
         refused = cli(*args)
         assert refused.returncode == 1 and message in refused.stderr, (args, refused.stderr)
         assert "Traceback" not in refused.stderr
-    assert [r["id"] for r in runs.list_runs(store)] == [2, 1]
+    assert [r["id"] for r in store.runs.recent()] == [2, 1]
     # The operator changes their mind before any trainer took it.
     cancelled = cli("--cancel")
     assert cancelled.returncode == 0 and "training run 2: cancelled (it had not started)" in cancelled.stdout
-    assert runs.get_run(store, 2)["status"] == "cancelled"
+    assert store.runs.get(2)["status"] == "cancelled"
     nothing = cli("--cancel")
     assert nothing.returncode == 1 and "no training run is pending or running" in nothing.stderr
     assert cli("--cancel", "--now").returncode == 1

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from learnutil import digits, fill, make_settings
+from learnutil import fill, make_settings
+from testkit import digit_arrays
 
 from continual.learn.data import NothingToTrain, plan_run_data
 from continual.learn.replay import MixedBatchSampler, draw_replay, in_validation, replay_per_batch
@@ -79,7 +80,7 @@ def test_validation_slice_is_a_pure_function_of_the_id() -> None:
 
 
 def test_run_data_never_contains_holdout_and_splits_old_from_new(store, tmp_path) -> None:
-    x, y = digits()
+    x, y = digit_arrays()
     settings = make_settings(tmp_path, store.url, strategy="replay", replay_buffer=200, validation_fraction=0.1)
     fill(store, x[:600], y[:600], "old")
     cutoff = store.max_seq()
@@ -105,7 +106,7 @@ def test_run_data_never_contains_holdout_and_splits_old_from_new(store, tmp_path
 
 
 def test_unknown_labels_are_skipped_not_fatal(store, tmp_path) -> None:
-    x, y = digits()
+    x, y = digit_arrays()
     fill(store, x[:50], y[:50], "ok")
     store.insert([NewSample(f"odd{i}", "cat", "vector", x[i].astype("<f4").tobytes()) for i in range(20)])
     settings = make_settings(tmp_path, store.url, validation_fraction=0.0)

@@ -7,19 +7,19 @@ import threading
 import numpy as np
 import pytest
 import torch
-from learnutil import digits, fill, make_settings
+from learnutil import fill, make_settings, run_here
+from testkit import digit_arrays
 
-from continual.learn import runs
 from continual.learn.evaluate import evaluate
-from continual.learn.features import FeatureCache, backbone_hash, embed_samples
-from continual.learn.worker import execute_run, settings_for_run
+from continual.learn.run import create_run, make_spec, settings_for_run
+from continual.models.features import FeatureCache, backbone_hash, embed_rows
 from continual.registry import Registry
-from continual.store import NewSample
+from continual.store import NewSample, RunNotFound, RunNotPending
 
 
 def _run(store, settings, **kw):  # type: ignore[no-untyped-def]
-    run_id = runs.create_run(store, settings, trigger="test")
-    return execute_run(store, settings, run_id, **kw)
+    run_id = create_run(store, settings, trigger="test")
+    return run_here(store, settings, run_id, **kw)
 
 
 def _version_dirs(settings) -> list[str]:  # type: ignore[no-untyped-def]
@@ -28,7 +28,7 @@ def _version_dirs(settings) -> list[str]:  # type: ignore[no-untyped-def]
 
 
 def test_bootstrap_then_update_with_replay_and_ewc(store, tmp_path) -> None:
-    x, y = digits()
+    x, y = digit_arrays()
     settings = make_settings(tmp_path, store.url, strategy="replay+ewc", epochs=4)
     fill(store, x[:700], y[:700], "p1")
     first = _run(store, settings)
@@ -45,7 +45,7 @@ def test_bootstrap_then_update_with_replay_and_ewc(store, tmp_path) -> None:
     assert first["metrics"]["validation_accuracy"] > 0.7
     assert first["metrics"]["replay_samples"] == 0
 
-    registry.promote(v1, reason="manual", actor="test")
+    registry.promote(v1, expected=registry.store.versions.champion_version(), reason="manual", actor="test")
     fill(store, x[700:1000], y[700:1000], "p2")
     second = _run(store, settings)
     assert second["status"] == "succeeded", second["error"]
@@ -67,7 +67,7 @@ def test_bootstrap_then_update_with_replay_and_ewc(store, tmp_path) -> None:
 
 
 def test_naive_strategy_writes_no_fisher_and_replays_nothing(store, tmp_path) -> None:
-    x, y = digits()
+    x, y = digit_arrays()
     settings = make_settings(tmp_path, store.url, strategy="naive", epochs=1)
     fill(store, x[:200], y[:200], "p1")
     row = _run(store, settings)
@@ -78,7 +78,7 @@ def test_naive_strategy_writes_no_fisher_and_replays_nothing(store, tmp_path) ->
 
 
 def test_nan_loss_fails_the_run_and_writes_nothing(store, tmp_path) -> None:
-    x, y = digits()
+    x, y = digit_arrays()
     settings = make_settings(tmp_path, store.url, epochs=1, validation_fraction=0.0)
     fill(store, x[:100], y[:100], "ok")
     bad = np.full(64, np.nan, dtype="<f4").tobytes()
@@ -91,7 +91,7 @@ def test_nan_loss_fails_the_run_and_writes_nothing(store, tmp_path) -> None:
 
 
 def test_a_corrupt_sample_fails_the_run_naming_it(store, tmp_path) -> None:
-    x, y = digits()
+    x, y = digit_arrays()
     settings = make_settings(tmp_path, store.url, epochs=1, validation_fraction=0.0)
     fill(store, x[:50], y[:50], "ok")
     store.insert([NewSample("short-vector", "1", "vector", np.zeros(10, dtype="<f4").tobytes())])
@@ -101,7 +101,7 @@ def test_a_corrupt_sample_fails_the_run_naming_it(store, tmp_path) -> None:
 
 
 def test_time_budget_ends_the_run(store, tmp_path) -> None:
-    x, y = digits()
+    x, y = digit_arrays()
     settings = make_settings(tmp_path, store.url, epochs=500, max_duration_seconds=0.5, validation_fraction=0.0)
     fill(store, x[:400], y[:400], "p1")
     row = _run(store, settings)
@@ -111,7 +111,7 @@ def test_time_budget_ends_the_run(store, tmp_path) -> None:
 
 
 def test_stop_request_cancels_without_a_version(store, tmp_path) -> None:
-    x, y = digits()
+    x, y = digit_arrays()
     settings = make_settings(tmp_path, store.url, epochs=50)
     fill(store, x[:400], y[:400], "p1")
     stop = threading.Event()
@@ -135,17 +135,17 @@ def test_nothing_new_fails_clearly(store, tmp_path) -> None:
 
 
 def test_progress_is_written_to_the_run_row(store, tmp_path) -> None:
-    x, y = digits()
+    x, y = digit_arrays()
     settings = make_settings(tmp_path, store.url, epochs=2)
     fill(store, x[:300], y[:300], "p1")
-    run_id = runs.create_run(store, settings, trigger="test")
+    run_id = create_run(store, settings, trigger="test")
     rows: list[dict] = []
 
     def on_progress(p: dict) -> None:
         if p.get("phase") == "training" and not rows:
-            rows.append(runs.get_run(store, run_id))
+            rows.append(store.runs.get(run_id))
 
-    execute_run(store, settings, run_id, on_progress=on_progress)
+    run_here(store, settings, run_id, on_progress=on_progress)
     assert rows[0]["status"] == "running"
     progress = rows[0]["progress"]
     assert progress["phase"] == "training" and progress["epoch"] == 1 and "loss" in progress
@@ -153,7 +153,7 @@ def test_progress_is_written_to_the_run_row(store, tmp_path) -> None:
 
 
 def test_feature_extraction_caches_base_outputs(store, tmp_path) -> None:
-    x, y = digits()
+    x, y = digit_arrays()
     settings = make_settings(tmp_path, store.url, strategy="replay+ewc", epochs=3, head_learning_rate=1e-2)
     settings = settings.model_copy(update={"model": settings.model.model_copy(update={"mode": "feature_extraction"})})
     fill(store, x[:400], y[:400], "p1")
@@ -167,7 +167,7 @@ def test_feature_extraction_caches_base_outputs(store, tmp_path) -> None:
 
     fresh = models.build_model(settings.model)
     torch.manual_seed(0)
-    registry.promote(v1, reason="manual")
+    registry.promote(v1, expected=registry.store.versions.champion_version(), reason="manual")
     fill(store, x[400:600], y[400:600], "p2")
     second = _run(store, settings)
     assert second["status"] == "succeeded", second["error"]
@@ -180,8 +180,8 @@ def test_feature_extraction_caches_base_outputs(store, tmp_path) -> None:
     del fresh
 
 
-def test_embed_samples_matches_the_backbone_and_uses_the_cache(store, tmp_path) -> None:
-    x, y = digits()
+def test_embed_rows_matches_the_backbone_and_uses_the_cache(store, tmp_path) -> None:
+    x, y = digit_arrays()
     settings = make_settings(tmp_path, store.url)
     fill(store, x[:40], y[:40], "e")
     import continual.models as models
@@ -189,12 +189,12 @@ def test_embed_samples_matches_the_backbone_and_uses_the_cache(store, tmp_path) 
     model = models.build_model(settings.model)
     seqs = store.draw(40, split=None)[::-1]  # any order: results follow it
     cache = FeatureCache(backbone_hash(model), 100, tmp_path / "cache")
-    out = embed_samples(model, seqs, spec=settings.model.input, store=store, cache=cache)
     rows = {r.seq: r for r in store.get_samples(seqs)}
+    out = embed_rows(model, [rows[s] for s in seqs], spec=settings.model.input, cache=cache)
     direct = model.embed(torch.stack([torch.from_numpy(np.frombuffer(rows[s].payload, "<f4").copy()) for s in seqs]))
     np.testing.assert_allclose(out, direct.detach().numpy(), rtol=1e-5, atol=1e-6)
     assert cache.misses == 40 and len(cache) == 40
-    again = embed_samples(model, [rows[s] for s in seqs], spec=settings.model.input, cache=cache)
+    again = embed_rows(model, [rows[s] for s in seqs], spec=settings.model.input, cache=cache)
     np.testing.assert_array_equal(again, out)
     assert cache.hits == 40
     cache.save()
@@ -207,7 +207,7 @@ def test_embed_samples_matches_the_backbone_and_uses_the_cache(store, tmp_path) 
 
 
 def test_evaluate_counts_correct_predictions(store, tmp_path) -> None:
-    x, y = digits()
+    x, y = digit_arrays()
     settings = make_settings(tmp_path, store.url)
     fill(store, x[:64], y[:64], "v")
     import continual.models as models
@@ -227,42 +227,40 @@ def test_evaluate_counts_correct_predictions(store, tmp_path) -> None:
 
 def test_mark_interrupted_runs(store, tmp_path) -> None:
     settings = make_settings(tmp_path, store.url)
-    a = runs.create_run(store, settings, trigger="t")
-    b = runs.create_run(store, settings, trigger="t")
-    runs.start_run(store, b, parent=None, data_cutoff=0)
-    c = runs.create_run(store, settings, trigger="t")
-    runs.start_run(store, c, parent=None, data_cutoff=0)
-    runs.finish_run(store, c, "succeeded", candidate="v")
+    a = create_run(store, settings, trigger="t")
+    b = create_run(store, settings, trigger="t")
+    store.runs.start(b, parent=None, data_cutoff=0)
+    c = create_run(store, settings, trigger="t")
+    store.runs.start(c, parent=None, data_cutoff=0)
+    store.runs.finish(c, "succeeded", candidate="v")
     # Requests (POST /v1/train, `continual train`): unclaimed ones wait for the trainer, a claimed one was launched.
-    waiting = runs.create_run(store, settings, trigger="manual: cli")
-    claimed = runs.create_run(store, settings, trigger="manual")
-    assert runs.claim_run(store, claimed) and not runs.claim_run(store, claimed)
-    assert sorted(runs.mark_interrupted_runs(store)) == [a, b, claimed]
-    assert runs.get_run(store, a)["status"] == runs.get_run(store, b)["status"] == "interrupted"
-    assert (
-        runs.get_run(store, waiting)["status"] == "pending" and runs.get_run(store, claimed)["status"] == "interrupted"
-    )
-    assert runs.claim_run(store, waiting) and not runs.claim_run(store, a)  # only a pending run is claimed
-    assert runs.get_run(store, c)["status"] == "succeeded"
+    waiting = create_run(store, settings, trigger="manual: cli")
+    claimed = create_run(store, settings, trigger="manual")
+    assert store.runs.claim(claimed) and not store.runs.claim(claimed)
+    assert sorted(store.runs.interrupt_all()) == [a, b, claimed]
+    assert store.runs.get(a)["status"] == store.runs.get(b)["status"] == "interrupted"
+    assert store.runs.get(waiting)["status"] == "pending" and store.runs.get(claimed)["status"] == "interrupted"
+    assert store.runs.claim(waiting) and not store.runs.claim(a)  # only a pending run is claimed
+    assert store.runs.get(c)["status"] == "succeeded"
     # A finished run is never moved again.
-    assert runs.finish_run(store, c, "failed", error="late") is False
-    with pytest.raises(runs.RunNotPending):
-        runs.start_run(store, b, parent=None, data_cutoff=0)
-    with pytest.raises(runs.RunNotFound):
-        runs.get_run(store, 10_000)
+    assert store.runs.finish(c, "failed", error="late") is False
+    with pytest.raises(RunNotPending):
+        store.runs.start(b, parent=None, data_cutoff=0)
+    with pytest.raises(RunNotFound):
+        store.runs.get(10_000)
 
 
 def test_run_settings_come_from_the_spec_but_the_store_from_the_process(tmp_path) -> None:
     base = make_settings(tmp_path, "sqlite:///a.db", strategy="naive")
-    spec = runs.make_spec(make_settings(tmp_path, "sqlite:///secret.db", strategy="ewc", epochs=7), trigger="t")
+    spec = make_spec(make_settings(tmp_path, "sqlite:///secret.db", strategy="ewc", epochs=7), trigger="t")
     assert "store" not in spec["settings"] and "auth" not in spec["settings"]
-    merged = settings_for_run(base, spec)
+    merged = settings_for_run(base.resolved_store(), spec)
     assert merged.training.strategy == "ewc" and merged.training.epochs == 7
     assert merged.store.url == "sqlite:///a.db"
 
 
 def test_dataloader_worker_processes_decode_from_the_store(store, tmp_path) -> None:
-    x, y = digits()
+    x, y = digit_arrays()
     settings = make_settings(tmp_path, store.url, strategy="replay", epochs=2, num_workers=2)
     fill(store, x[:300], y[:300], "p1")
     row = _run(store, settings)

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from loadutil import Load, digit_samples, percentile, stored_id_counts, wait_for
+from loadutil import Load, percentile, stored_id_counts
 from looputil import LOOP_CONFIG
 from serverutil import ServerProcess
+from testkit import digit_samples, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +21,7 @@ def bootstrap(url: str, n: int = 300) -> str:
     """Feed ``n`` >= min_new_samples samples and wait until the service serves its first champion."""
     with httpx.Client(base_url=url, timeout=30) as http:
         for k in range(0, n, 100):
-            r = http.post("/v1/feedback", json={"samples": digit_samples("boot", k, 100)})
+            r = http.post("/v1/feedback", json={"samples": digit_samples(prefix="boot", start=k, stop=k + 100)})
             assert r.status_code == 200, r.text
         status = wait_for(
             lambda: (s := http.get("/v1/status").json())["champion"] and s["serving_version"] and s,

@@ -1,4 +1,4 @@
-"""The loop's jobs called directly (no scheduler): real store, real worker child processes."""
+"""The service's jobs called directly (no scheduler): real store, real worker child processes."""
 
 from __future__ import annotations
 
@@ -9,15 +9,17 @@ from typing import Any
 
 import numpy as np
 import pytest
-from looputil import digits, make_loop
-from sqlalchemy import select, update
+from looputil import make_loop
+from sqlalchemy import update
+from testkit import digit_samples
 
-from continual import daemon
 from continual.config import load_settings
-from continual.learn import runs
+from continual.learn.run import create_run, request_run
+from continual.service import jobs, recovery
 from continual.store import NewSample, Store
-from continual.store.engine import read_tx, write_tx
-from continual.store.schema import gate_decisions, training_runs
+from continual.store.engine import write_tx
+from continual.store.schema import training_runs
+from continual.triggers import TriggerInput, failure_backoff, trigger_reason
 
 
 def feed(store: Store, samples: list[dict[str, Any]]) -> None:
@@ -25,57 +27,56 @@ def feed(store: Store, samples: list[dict[str, Any]]) -> None:
 
 
 def decisions(store: Store) -> list[dict[str, Any]]:
-    with read_tx(store.engine) as conn:
-        return [dict(r._mapping) for r in conn.execute(select(gate_decisions).order_by(gate_decisions.c.id))]
+    return store.records.decisions()
 
 
 def test_trigger_rules() -> None:
     s = load_settings(None, env={}, require_file=False).model_copy()
     trig = s.triggers  # min 500, max 5000, cooldown 300, max_interval 86400
-    t = daemon.TriggerInput
-    assert daemon.trigger_reason(t(False, 499, None, False), s) is None
-    assert daemon.trigger_reason(t(False, 500, None, False), s).startswith("bootstrap")
+    t = TriggerInput
+    assert trigger_reason(t(False, 499, None, False), s.triggers) is None
+    assert trigger_reason(t(False, 500, None, False), s.triggers).startswith("bootstrap")
     # With a champion: enough samples is necessary, never sufficient alone.
-    assert daemon.trigger_reason(t(True, 600, 1_000.0, False), s) is None
-    assert "drift" in daemon.trigger_reason(t(True, 600, 1_000.0, True), s)
-    assert daemon.trigger_reason(t(True, 499, 1_000.0, True), s) is None
-    assert "max_new_samples" in daemon.trigger_reason(t(True, trig.max_new_samples, 1_000.0, False), s)
-    assert "max_interval" in daemon.trigger_reason(t(True, 600, trig.max_interval_seconds, False), s)
+    assert trigger_reason(t(True, 600, 1_000.0, False), s.triggers) is None
+    assert "drift" in trigger_reason(t(True, 600, 1_000.0, True), s.triggers)
+    assert trigger_reason(t(True, 499, 1_000.0, True), s.triggers) is None
+    assert "max_new_samples" in trigger_reason(t(True, trig.max_new_samples, 1_000.0, False), s.triggers)
+    assert "max_interval" in trigger_reason(t(True, 600, trig.max_interval_seconds, False), s.triggers)
     # The cooldown holds even with drift; a manual request does not wait.
-    assert daemon.trigger_reason(t(True, 10_000, 10.0, True), s) is None
-    assert daemon.trigger_reason(t(True, 0, 10.0, False, requested=True), s) == "manual"
+    assert trigger_reason(t(True, 10_000, 10.0, True), s.triggers) is None
+    assert trigger_reason(t(True, 0, 10.0, False, requested=True), s.triggers) == "manual"
     # Nothing arrived since the last gated run: the same data would build the same candidate.
-    assert daemon.trigger_reason(t(True, 10_000, 1_000.0, True, new_since_last_run=False), s) is None
-    assert daemon.trigger_reason(t(True, 0, 1.0, False, requested=True, new_since_last_run=False), s) == "manual"
+    assert trigger_reason(t(True, 10_000, 1_000.0, True, new_since_last_run=False), s.triggers) is None
+    assert trigger_reason(t(True, 0, 1.0, False, requested=True, new_since_last_run=False), s.triggers) == "manual"
 
 
 def test_bootstrap_waits_for_cooldown_and_new_data() -> None:
     s = load_settings(None, env={}, require_file=False)
-    t = daemon.TriggerInput
+    t = TriggerInput
     # A first candidate below min_accuracy is not rebuilt from the same data every tick.
-    assert daemon.trigger_reason(t(False, 10_000, 1_000.0, False, new_since_last_run=False), s) is None
-    assert daemon.trigger_reason(t(False, 10_000, 10.0, False), s) is None  # cooldown 300
-    assert daemon.trigger_reason(t(False, 10_000, 1_000.0, False), s).startswith("bootstrap")
+    assert trigger_reason(t(False, 10_000, 1_000.0, False, new_since_last_run=False), s.triggers) is None
+    assert trigger_reason(t(False, 10_000, 10.0, False), s.triggers) is None  # cooldown 300
+    assert trigger_reason(t(False, 10_000, 1_000.0, False), s.triggers).startswith("bootstrap")
 
 
 def test_failure_backoff_doubles_up_to_max_interval() -> None:
     s = load_settings(None, env={}, require_file=False)
     trig = s.triggers  # cooldown 300, check interval 60, max_interval 86400
-    waits = [runs.failure_backoff(k, trig) for k in range(12)]
+    waits = [failure_backoff(k, trig) for k in range(12)]
     assert waits[:5] == [300, 300, 600, 1200, 2400]
     assert all(a <= b for a, b in itertools.pairwise(waits)) and waits[-1] == trig.max_interval_seconds
-    assert runs.failure_backoff(10_000, trig) == trig.max_interval_seconds  # no float overflow
+    assert failure_backoff(10_000, trig) == trig.max_interval_seconds  # no float overflow
     # A zero cooldown still backs off, from the check interval.
     zero = trig.model_copy(update={"cooldown_seconds": 0.0, "check_interval_seconds": 5.0})
-    assert [runs.failure_backoff(k, zero) for k in range(4)] == [0, 5, 10, 20]
+    assert [failure_backoff(k, zero) for k in range(4)] == [0, 5, 10, 20]
 
-    t = daemon.TriggerInput
+    t = TriggerInput
     after_3 = t(True, 10_000, 1_000.0, True, consecutive_failures=3)  # waits 1200 s
-    assert daemon.trigger_reason(after_3, s) is None
+    assert trigger_reason(after_3, s.triggers) is None
     late = t(True, 10_000, 1_300.0, True, consecutive_failures=3)
-    assert daemon.trigger_reason(late, s) == "drift detected with 10000 new samples (after 3 failed runs in a row)"
+    assert trigger_reason(late, s.triggers) == "drift detected with 10000 new samples (after 3 failed runs in a row)"
     # A manual request is never held back by failures.
-    assert daemon.trigger_reason(t(True, 0, 1.0, False, requested=True, consecutive_failures=9), s) == "manual"
+    assert trigger_reason(t(True, 0, 1.0, False, requested=True, consecutive_failures=9), s.triggers) == "manual"
 
 
 def test_consecutive_failures_counts_back_to_the_last_success(tmp_path: Path) -> None:
@@ -83,23 +84,23 @@ def test_consecutive_failures_counts_back_to_the_last_success(tmp_path: Path) ->
     store, settings = loop.store, loop.settings
 
     def finished(status: str, error: str | None = None) -> int:
-        run_id = runs.create_run(store, settings, trigger="test")
-        runs.start_run(store, run_id, parent=None, data_cutoff=0)
-        assert runs.finish_run(store, run_id, status, error=error or (None if status == "succeeded" else status))
+        run_id = create_run(store, settings, trigger="test")
+        store.runs.start(run_id, parent=None, data_cutoff=0)
+        assert store.runs.finish(run_id, status, error=error or (None if status == "succeeded" else status))
         return run_id
 
-    assert runs.consecutive_failures(store) == 0
+    assert store.runs.consecutive_failures() == 0
     finished("failed")
-    assert runs.consecutive_failures(store) == 1
+    assert store.runs.consecutive_failures() == 1
     finished("succeeded")
-    assert runs.consecutive_failures(store) == 0
+    assert store.runs.consecutive_failures() == 0
     for status in ("failed", "interrupted", "failed", "cancelled", "failed"):
         finished(status)
-    assert runs.consecutive_failures(store) == 3  # a restart or a cancel is not the trainer failing
+    assert store.runs.consecutive_failures() == 3  # a restart or a cancel is not the trainer failing
     finished("failed", "NothingToTrain: no new train-split samples ...")  # nor is a request with no new data
-    assert runs.consecutive_failures(store) == 3
-    runs.create_run(store, settings, trigger="test")  # active runs are not finished ones
-    assert runs.consecutive_failures(store) == 3
+    assert store.runs.consecutive_failures() == 3
+    create_run(store, settings, trigger="test")  # active runs are not finished ones
+    assert store.runs.consecutive_failures() == 3
     store.dispose()
 
 
@@ -107,13 +108,13 @@ def test_consecutive_failures_counts_back_to_the_last_success(tmp_path: Path) ->
 def test_a_failed_bootstrap_run_is_retried_only_after_the_backoff(tmp_path: Path) -> None:
     loop = make_loop(tmp_path, {"triggers": {"check_interval_seconds": 30}})
     store, settings = loop.store, loop.settings
-    feed(store, digits("original", stop=300))  # >= min_new_samples (200): bootstrap is due
-    run_id = runs.create_run(store, settings, trigger="test")
-    runs.start_run(store, run_id, parent=None, data_cutoff=store.max_seq())
-    runs.finish_run(store, run_id, "failed", error="CUDA out of memory")
+    feed(store, digit_samples("original", stop=300))  # >= min_new_samples (200): bootstrap is due
+    run_id = create_run(store, settings, trigger="test")
+    store.runs.start(run_id, parent=None, data_cutoff=store.max_seq())
+    store.runs.finish(run_id, "failed", error="CUDA out of memory")
 
-    out = daemon.check(loop)  # cooldown 0, but one failure waits one check interval (30 s)
-    assert out["run"] is None and runs.list_runs(store) == runs.list_runs(store, status="failed"), out
+    out = jobs.check(loop)  # cooldown 0, but one failure waits one check interval (30 s)
+    assert out["run"] is None and store.runs.recent() == store.runs.recent(status="failed"), out
     gauge = loop.metrics.registry.get_sample_value
     assert gauge("continual_training_failures_consecutive") == 1
     with write_tx(store.engine) as conn:  # the failure is now 31 s old
@@ -122,11 +123,11 @@ def test_a_failed_bootstrap_run_is_retried_only_after_the_backoff(tmp_path: Path
             .where(training_runs.c.id == run_id)
             .values(finished_at=datetime.now(UTC) - timedelta(seconds=31))
         )
-    out = daemon.check(loop)
+    out = jobs.check(loop)
     assert out["run"] is not None and out["run"] != run_id, out
-    assert "after 1 failed runs in a row" in runs.get_run(store, out["run"])["trigger"]
-    assert runs.get_run(store, out["run"])["status"] == "succeeded"
-    daemon.check(loop)  # the next tick counts again: the success reset it
+    assert "after 1 failed runs in a row" in store.runs.get(out["run"])["trigger"]
+    assert store.runs.get(out["run"])["status"] == "succeeded"
+    jobs.check(loop)  # the next tick counts again: the success reset it
     assert gauge("continual_training_failures_consecutive") == 0
     store.dispose()
 
@@ -134,20 +135,20 @@ def test_a_failed_bootstrap_run_is_retried_only_after_the_backoff(tmp_path: Path
 def test_the_trainer_interrupts_abandoned_pending_runs(tmp_path: Path) -> None:
     loop = make_loop(tmp_path)
     store, settings = loop.store, loop.settings
-    old_cli = runs.create_run(store, settings, trigger="cli")  # a `train --now` that never launched its worker
+    old_cli = create_run(store, settings, trigger="cli")  # a `train --now` that never launched its worker
     with write_tx(store.engine) as conn:
         conn.execute(
             update(training_runs)
             .where(training_runs.c.id == old_cli)
-            .values(created_at=datetime.now(UTC) - timedelta(seconds=daemon.UNSTARTED_GRACE + 60))
+            .values(created_at=datetime.now(UTC) - timedelta(seconds=recovery.UNSTARTED_GRACE + 60))
         )
-    fresh_cli = runs.create_run(store, settings, trigger="cli")  # its worker may be starting right now
-    claimed = runs.create_run(store, settings, trigger="manual")
-    assert runs.claim_run(store, claimed)  # by a trainer that then died
+    fresh_cli = create_run(store, settings, trigger="cli")  # its worker may be starting right now
+    claimed = create_run(store, settings, trigger="manual")
+    assert store.runs.claim(claimed)  # by a trainer that then died
 
-    out = daemon.check(loop)
+    out = jobs.check(loop)
     assert out["run"] is None, out
-    status = {r: runs.get_run(store, r)["status"] for r in (old_cli, fresh_cli, claimed)}
+    status = {r: store.runs.get(r)["status"] for r in (old_cli, fresh_cli, claimed)}
     assert status == {old_cli: "interrupted", fresh_cli: "pending", claimed: "interrupted"}, status
     store.dispose()
 
@@ -156,18 +157,19 @@ def test_the_trainer_interrupts_abandoned_pending_runs(tmp_path: Path) -> None:
 def test_a_run_requested_while_the_service_was_down_runs_after_the_restart(tmp_path: Path) -> None:
     loop = make_loop(tmp_path, {"triggers": {"min_new_samples": 10_000, "max_new_samples": 10_000}})
     store = loop.store
-    feed(store, digits("original", stop=300))
-    stale = runs.create_run(store, loop.settings, trigger="drift detected with 300 new samples")  # never started
-    requested = runs.request_run(store, loop.settings, actor="cli")
+    feed(store, digit_samples("original", stop=300))
+    # Asked for while the service was down, then a run it had created but never started.
+    requested = request_run(store, loop.settings, actor="cli")
+    stale = create_run(store, loop.settings, trigger="drift detected with 300 new samples")
 
-    daemon.recover(loop)
-    assert runs.get_run(store, stale)["status"] == "interrupted"
-    assert runs.get_run(store, requested)["status"] == "pending"
-    out = daemon.check(loop)  # below min_new_samples: only the request makes it train
+    recovery.recover(loop)
+    assert store.runs.get(stale)["status"] == "interrupted"
+    assert store.runs.get(requested)["status"] == "pending"
+    out = jobs.check(loop)  # below min_new_samples: only the request makes it train
     assert out["run"] == requested and out["status"] == "succeeded", out
-    row = runs.get_run(store, requested)
+    row = store.runs.get(requested)
     assert row["trigger"] == "manual: cli" and row["candidate_version"] and row["host"], row
-    assert daemon.check(loop)["run"] is None  # done: nothing else to start
+    assert jobs.check(loop)["run"] is None  # done: nothing else to start
     store.dispose()
 
 
@@ -175,23 +177,23 @@ def test_a_run_requested_while_the_service_was_down_runs_after_the_restart(tmp_p
 def test_bootstrap_then_learn_a_shift_then_reject_poison(tmp_path: Path) -> None:
     loop = make_loop(tmp_path)
     m = loop.metrics
-    feed(loop.store, digits("original", stop=100))
-    assert daemon.check(loop)["run"] is None  # 100 < min_new_samples
+    feed(loop.store, digit_samples("original", stop=100))
+    assert jobs.check(loop)["run"] is None  # 100 < min_new_samples
 
-    feed(loop.store, digits("original", start=100, stop=900))
-    out = daemon.check(loop)
+    feed(loop.store, digit_samples("original", start=100, stop=900))
+    out = jobs.check(loop)
     assert out["decision"] == "promoted" and out["rule"] == "bootstrap", out
-    first = loop.registry.champion()
+    first = loop.store.versions.champion_version()
     assert loop.serving.version() == first
     assert m.registry.get_sample_value("continual_training_runs_total") == 1
     assert m.registry.get_sample_value("continual_promotions_total") == 1
 
     # A domain shift, then a manual request (the drift trigger is tested end to end elsewhere).
-    feed(loop.store, digits("inverted", stop=900))
-    runs.request_run(loop.store, loop.settings, actor="test")
-    out = daemon.check(loop)
+    feed(loop.store, digit_samples("inverted", stop=900))
+    request_run(loop.store, loop.settings, actor="test")
+    out = jobs.check(loop)
     assert out["decision"] == "promoted", (out, decisions(loop.store)[-1])
-    second = loop.registry.champion()
+    second = loop.store.versions.champion_version()
     assert second != first and loop.serving.version() == second
     d = decisions(loop.store)[-1]
     assert d["metrics"]["candidate_new_accuracy"] > d["metrics"]["champion_new_accuracy"] + 0.2
@@ -201,14 +203,14 @@ def test_bootstrap_then_learn_a_shift_then_reject_poison(tmp_path: Path) -> None
             assert value == pytest.approx(d["metrics"][f"candidate_{holdout}_accuracy"])
 
     # Poisoned feedback: random labels on known inputs. The candidate must be rejected.
-    feed(loop.store, digits("poison", start=0, stop=600, seed=7))
-    runs.request_run(loop.store, loop.settings, actor="test")
-    out = daemon.check(loop)
+    feed(loop.store, digit_samples("poison", start=0, stop=600, seed=7))
+    request_run(loop.store, loop.settings, actor="test")
+    out = jobs.check(loop)
     assert out["decision"] == "rejected", out
     d = decisions(loop.store)[-1]
     assert d["outcome"] == "rejected" and d["rule"] in ("min_new_improvement", "significance", "max_old_forgetting")
     assert d["reasons"]
-    assert loop.registry.champion() == second and loop.serving.version() == second
+    assert loop.store.versions.champion_version() == second and loop.serving.version() == second
     assert m.registry.get_sample_value("continual_rejections_total") == 1
     assert m.registry.get_sample_value("continual_samples_pending") >= 600
 
@@ -216,16 +218,25 @@ def test_bootstrap_then_learn_a_shift_then_reject_poison(tmp_path: Path) -> None
 @pytest.mark.slow
 def test_excluded_samples_never_reach_training(tmp_path: Path) -> None:
     loop = make_loop(tmp_path)
-    feed(loop.store, digits("original", stop=400))
-    poison = digits("poison", start=400, stop=700, seed=3)
+    feed(loop.store, digit_samples("original", stop=400))
+    poison = digit_samples("poison", start=400, stop=700, seed=3)
     feed(loop.store, poison)
     loop.store.exclude([s["id"] for s in poison])
     assert loop.store.count() == 400
-    out = daemon.check(loop)
+    out = jobs.check(loop)
     assert out["status"] == "succeeded", out
-    run = daemon.runs.get_run(loop.store, out["run"])
+    run = loop.store.runs.get(out["run"])
     excluded = {s["id"] for s in poison}
-    from continual.learn.data import _index_rows
-
-    used = _index_rows(loop.store, upto=run["data_cutoff"])
+    used = loop.store.train_index(upto=run["data_cutoff"])
     assert used and not excluded & {external_id for _seq, external_id, _label in used}
+
+
+def test_stop_ends_the_ticks_marks_stopping_and_frees_the_lease(tmp_path: Path) -> None:
+    loop = make_loop(tmp_path)
+    assert loop.hold_trainer_lease()
+    jobs.stop(loop, None)
+    assert loop.state.current == "stopping"
+    assert loop.metrics.registry.get_sample_value("continual_state", {"state": "stopping"}) == 1
+    assert loop.store.leases.holder_of("trainer") is None
+    assert jobs.check(loop) == {"skipped": "stopping"}
+    loop.store.dispose()

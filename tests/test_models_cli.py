@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from serverutil import BASE_CONFIG, to_toml
+from serverutil import BASE_CONFIG
+from testkit import to_toml
 
 from continual.cli import main
 from continual.config import settings_from_dict

@@ -6,7 +6,6 @@ import json
 import re
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import httpx
 import pytest
 import yaml
 from serverutil import free_port, running_server
+from testkit import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -184,21 +184,6 @@ class Live:
     exposed: set[str]
 
 
-def _wait(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-        except httpx.TransportError as e:
-            last = e
-        else:
-            if last:
-                return last
-        time.sleep(0.25)
-    raise AssertionError(f"{what} within {timeout}s (last: {last!r})")
-
-
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     prometheus = _need("prometheus")
@@ -233,9 +218,11 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             return (tmp / "prometheus.log").read_text(errors="replace")[-3000:]
 
         try:
-            _wait(lambda: proc.poll() is None and httpx.get(prom + "/-/ready").status_code == 200, 60, "ready")
-            _wait(lambda: _query(prom, 'up{job="continual"} == 1'), 60, "Prometheus never scraped the service")
-        except AssertionError as e:
+            wait_for(
+                lambda: proc.poll() is None and httpx.get(prom + "/-/ready").status_code == 200, 60, "Prometheus ready"
+            )
+            wait_for(lambda: _query(prom, 'up{job="continual"} == 1'), 60, "Prometheus scraping the service")
+        except TimeoutError as e:
             raise AssertionError(f"{e}\nprometheus log:\n{log_tail()}") from None
         text = httpx.get(service + "/metrics").text
         exposed = {m.group(1) for m in re.finditer(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)", text, re.M)}
@@ -278,10 +265,10 @@ def test_every_dashboard_query_runs_and_idle_panels_have_data(live: Live) -> Non
     def missing() -> list[tuple[str, str, str]]:
         return [t for t in expect_data if not _query(live.prom, t[2])]
 
-    deadline = time.monotonic() + 30
-    while (left := missing()) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not left, f"panels without data although the service exposes their metrics: {left}"
+    try:
+        wait_for(lambda: not missing(), 30, "every panel with exposed metrics having data", 0.5)
+    except TimeoutError:
+        pytest.fail(f"panels without data although the service exposes their metrics: {missing()}")
 
 
 @pytest.mark.slow
@@ -306,7 +293,7 @@ def test_every_alert_expression_runs_and_is_quiet_on_a_healthy_service(live: Liv
         rules = [r for g in groups for r in g["rules"]]
         return rules if rules and all(r.get("lastEvaluation", "").startswith("20") for r in rules) else []
 
-    rules = _wait(evaluated, 30, "rules were not evaluated")
+    rules = wait_for(evaluated, 30, "rules being evaluated")
     assert {r["name"] for r in rules} == {a["alert"] for a in _alerts()}
     for r in rules:
         assert r["health"] == "ok" and not r.get("lastError"), r

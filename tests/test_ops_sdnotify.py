@@ -12,17 +12,19 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI
 from serverutil import ServerProcess, free_port
+from testkit import wait_for
 
-from continual import lifecycle
-from continual.api import AppContext
 from continual.config import settings_from_dict
 from continual.metrics import Metrics
-from continual.sdnotify import Notifier, NotifySocketError, socket_address, watchdog_interval
+from continual.service import runtime
+from continual.service.context import State
+from continual.service.sdnotify import Notifier, NotifySocketError, socket_address, watchdog_interval
 from continual.store import Store
 
 
@@ -133,14 +135,14 @@ def test_watchdog_interval() -> None:
 def test_failed_health_check_withholds_watchdog(listener: Listener) -> None:
     problem: list[str | None] = [None]
     metrics = Metrics()
-    sup = lifecycle.Supervisor(
+    sup = runtime.Supervisor(
         notifier=Notifier(listener.address),
         metrics=metrics,
         ping=lambda: True,
         checks=[lambda: problem[0]],
-        status=lambda store_ok, problems: lifecycle.status_line("idle", "http://x:1", problems=problems),
+        status=lambda store_ok, problems: runtime.status_line("idle", "http://x:1", problems=problems),
         interval=1.0,
-        initial_status=lifecycle.status_line("idle", "http://x:1"),
+        initial_status=runtime.status_line("idle", "http://x:1"),
     )
     assert sup.tick() is True
     problem[0] = "scheduler thread died"
@@ -159,12 +161,12 @@ def test_failed_health_check_withholds_watchdog(listener: Listener) -> None:
 def test_store_down_is_reported_but_keeps_the_watchdog(listener: Listener) -> None:
     # With the store down the service answers 503 and keeps predicting; a restart would not help.
     metrics = Metrics()
-    sup = lifecycle.Supervisor(
+    sup = runtime.Supervisor(
         notifier=Notifier(listener.address),
         metrics=metrics,
         ping=lambda: False,
         checks=[],
-        status=lambda store_ok, problems: lifecycle.status_line("idle", "http://x:1", store_ok=store_ok),
+        status=lambda store_ok, problems: runtime.status_line("idle", "http://x:1", store_ok=store_ok),
         interval=1.0,
     )
     assert sup.tick() is True
@@ -175,17 +177,17 @@ def test_store_down_is_reported_but_keeps_the_watchdog(listener: Listener) -> No
     assert metrics.registry.get_sample_value("continual_store_up") == 0
 
 
-def test_run_in_process_uses_the_hooks(tmp_path: Path, listener: Listener) -> None:
-    """lifecycle.run on the main thread: READY after bind, hooks gate the watchdog, SIGTERM runs on_stop, returns 0."""
-    ctx = _context(tmp_path)
-    settings, store = ctx.settings, ctx.store
-    hooks = lifecycle.hooks_of(ctx)
-    assert lifecycle.hooks_of(ctx) is hooks
+def test_run_in_process_uses_the_runtime(tmp_path: Path, listener: Listener) -> None:
+    """runtime.run on the main thread: READY after bind, health checks gate the watchdog, SIGTERM runs on_stop, 0."""
     stopped: list[str] = []
-    hooks.on_stop.append(lambda: stopped.append("cancelled training"))
-    hooks.state = lambda: "training"
     sick = threading.Event()
-    hooks.health_checks.append(lambda: "scheduler stuck" if sick.is_set() else None)
+    rt = _runtime(
+        tmp_path,
+        state=lambda: "training",
+        health_checks=[lambda: "scheduler stuck" if sick.is_set() else None],
+        on_stop=[lambda: stopped.append("cancelled training")],
+    )
+    settings = rt.settings
     app = FastAPI()
 
     @app.get("/ping")
@@ -208,10 +210,9 @@ def test_run_in_process_uses_the_hooks(tmp_path: Path, listener: Listener) -> No
     t = threading.Thread(target=drive)
     t.start()
     try:
-        code = lifecycle.run(app, ctx, Notifier(listener.address, watchdog_seconds=0.2))
+        code = runtime.run(app, rt, Notifier(listener.address, watchdog_seconds=0.2))
     finally:
         t.join(30)
-        store.dispose()
     assert code == 0
     assert seen["ping"] == {"ok": "yes"}
     assert str(seen["sick"]).startswith("STATUS=training, serving on http://127.0.0.1:")
@@ -221,16 +222,15 @@ def test_run_in_process_uses_the_hooks(tmp_path: Path, listener: Listener) -> No
     sick_at = items.index(seen["sick"])
     # No keep-alive while the check failed, nor after STOPPING=1.
     assert "WATCHDOG=1" not in items[sick_at:]
-    assert ctx.metrics.registry.get_sample_value("continual_state", {"state": "stopping"}) == 1
 
 
-def _context(tmp_path: Path) -> AppContext:
+def _runtime(tmp_path: Path, **kw: Any) -> runtime.Runtime:
     settings = settings_from_dict(
         {"service": {"port": free_port(), "data_dir": str(tmp_path), "shutdown_timeout_seconds": 5}}
     )
     store = Store(f"sqlite:///{tmp_path / 'store.db'}")
     store.upgrade()
-    return AppContext(settings=settings, store=store, metrics=Metrics())
+    return runtime.Runtime(settings=settings, metrics=Metrics(), ping=store.ping, **{"state": lambda: "idle", **kw})
 
 
 def _sigterm_self() -> None:
@@ -240,8 +240,8 @@ def _sigterm_self() -> None:
 
 
 def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(tmp_path: Path, listener: Listener) -> None:
-    ctx = _context(tmp_path)
-    url = f"http://127.0.0.1:{ctx.settings.service.port}"
+    rt = _runtime(tmp_path)
+    url = f"http://127.0.0.1:{rt.settings.service.port}"
     entered, release = threading.Event(), threading.Event()
     app = FastAPI()
 
@@ -269,17 +269,18 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(tmp_path: Path
             _sigterm_self()
             seen["signalled"] = True
             listener.wait_for("STOPPING=1", 10)
+
             # The request is still held: the port must close to newcomers meanwhile.
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
+            def refused() -> bool:
                 try:
                     httpx.get(url + "/ping", timeout=1)
                 except httpx.ConnectError:
-                    seen["refused"] = True
-                    break
+                    return True
                 except httpx.TransportError:
                     pass  # accepted just before the listener closed, then dropped: try again
-                time.sleep(0.05)
+                return False
+
+            seen["refused"] = wait_for(refused, 10, "the port refusing new connections", 0.05)
         finally:
             release.set()
             if not seen.get("signalled"):  # a second SIGTERM would skip the drain under test
@@ -288,11 +289,10 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(tmp_path: Path
     t = threading.Thread(target=drive)
     t.start()
     try:
-        code = lifecycle.run(app, ctx, Notifier(listener.address))
+        code = runtime.run(app, rt, Notifier(listener.address))
     finally:
         release.set()
         t.join(30)
-        ctx.store.dispose()
     assert code == 0
     assert seen.get("entered") is True
     assert seen.get("refused") is True
@@ -301,15 +301,15 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(tmp_path: Path
 
 def test_status_line_names_state_champion_and_trouble() -> None:
     m = Metrics()
-    assert lifecycle.metrics_state(m) == "starting"
-    m.set_state("training")
-    m.set_model("v7", "mlp")
-    line = lifecycle.status_line(
-        lifecycle.metrics_state(m),
-        "http://127.0.0.1:8000",
-        version=lifecycle.serving_version(m),
-        store_ok=False,
-        problems=["scheduler stuck"],
+    state = State(m)
+    assert state.current == "starting" and m.registry.get_sample_value("continual_state", {"state": "starting"}) == 1
+    state.set("training")
+    assert m.registry.get_sample_value("continual_state", {"state": "training"}) == 1
+    assert m.registry.get_sample_value("continual_state", {"state": "starting"}) == 0
+    with pytest.raises(ValueError, match="state must be one of"):
+        state.set("napping")
+    line = runtime.status_line(
+        state.current, "http://127.0.0.1:8000", version="v7", store_ok=False, problems=["scheduler stuck"]
     )
     assert (
         line == "training, serving on http://127.0.0.1:8000, champion v7, store unreachable, unhealthy: scheduler stuck"

@@ -11,7 +11,8 @@ import httpx
 import pytest
 import torch
 from safetensors.torch import save_file
-from serverutil import BASE_CONFIG, ServerProcess, merge
+from serverutil import BASE_CONFIG, ServerProcess
+from testkit import merge, wait_for
 
 from continual.config import settings_from_dict
 from continual.models import build_model
@@ -51,29 +52,20 @@ def import_version(server: ServerProcess, path: Path, *, promote: bool = True) -
     try:
         reg = Registry(settings.models_dir, store)
         model = build_model(settings.model, weights=str(path))
-        m = reg.write_version(
-            model.state_dict(),
-            architecture="mlp",
-            classes=settings.model.classes,
-            input_spec=settings.model.input.model_dump(mode="json"),
-            parent=None,
-            data_cutoff=0,
+        m = reg.import_model(
+            model, input_spec=settings.model.input.model_dump(mode="json"), promote=promote, actor="test"
         )
-        if promote:
-            reg.promote(m.version, reason="import", actor="test")
         return m.version
     finally:
         store.dispose()
 
 
 def wait_for_version(url: str, version: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def serving() -> bool:
         r = httpx.post(url + "/v1/predict", json={"inputs": [{"x": X[0]}]}, headers=HI, timeout=10)
-        if r.status_code == 200 and r.json()["model_version"] == version:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{url} never served {version}")
+        return r.status_code == 200 and r.json()["model_version"] == version
+
+    wait_for(serving, timeout, f"{url} serving {version}", 0.1)
 
 
 @pytest.fixture
@@ -151,6 +143,7 @@ def test_predict_contract_errors_promote_and_rollback(server: ServerProcess, tmp
     text = httpx.get(url + "/metrics").text
     assert f'continual_model_info{{architecture="mlp",version="{a}"}} 1.0' in text
     assert "continual_rollbacks_total 1.0" in text
+    assert "continual_promotions_total 1.0" in text  # the manual promote of b (the import was not through the API)
     assert "continual_predict_latency_seconds_count" in text
     predicted = next(line for line in text.splitlines() if line.startswith("continual_predictions_total"))
     assert float(predicted.split()[1]) >= 4
@@ -260,15 +253,7 @@ def test_image_predict_in_process(tmp_path: Path) -> None:
     store = Store.from_settings(settings)
     store.upgrade()
     reg = Registry(settings.models_dir, store)
-    m = reg.write_version(
-        build_model(settings.model).state_dict(),
-        architecture="efficientnet_lite0",
-        classes=settings.model.classes,
-        input_spec=settings.model.input.model_dump(mode="json"),
-        parent=None,
-        data_cutoff=0,
-    )
-    reg.promote(m.version, reason="import")
+    m = reg.import_model(build_model(settings.model), input_spec=settings.model.input.model_dump(mode="json"))
     serving = Serving(settings)
     serving.sync(reg)
     client = TestClient(create_app(AppContext(settings, store, Metrics(), registry=reg, serving=serving)))

@@ -62,7 +62,7 @@ def metrics() -> Metrics:
 
 @pytest.fixture
 def reg(store, tmp_path: Path, metrics: Metrics) -> Registry:  # type: ignore[no-untyped-def]
-    return Registry(tmp_path / "models", store, metrics)
+    return Registry(tmp_path / "models", store, on_refused=metrics.model_refused)
 
 
 def test_write_and_load_round_trip(reg: Registry) -> None:
@@ -92,9 +92,9 @@ def test_write_and_load_round_trip(reg: Registry) -> None:
     assert reg.load_tensors(m.version, "nothing") is None
     model = reg.load_model(m.version, Settings())  # the manifest decides the architecture, not the config
     assert not model.training and model.classes == ("a", "b") and model(torch.zeros(1, 3)).shape == (1, 2)
-    (row,) = reg.versions()
+    (row,) = reg.store.versions.rows()
     assert row["version"] == m.version and row["status"] == "candidate" and row["data_cutoff"] == 42
-    assert reg.champion() is None
+    assert reg.store.versions.champion_version() is None
 
 
 def test_version_ids_sort_by_creation_and_are_unique() -> None:
@@ -108,13 +108,17 @@ def test_a_flipped_byte_is_refused_counted_and_recorded(reg: Registry, metrics: 
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 0x01
     path.write_bytes(bytes(raw))
-    for load in (reg.load_state, lambda x: reg.load_model(x, SETTINGS), lambda x: reg.promote(x, reason="manual")):
+    for load in (
+        reg.load_state,
+        lambda x: reg.load_model(x, SETTINGS),
+        lambda x: reg.promote(x, expected=None, reason="manual"),
+    ):
         with pytest.raises(ChecksumMismatch) as e:
             load(v)
         assert e.value.version == v and e.value.file == "weights.safetensors"
     assert metrics.registry.get_sample_value("continual_model_load_failures_total") == 3
-    assert any(ev["kind"] == "model_load_refused" and v in ev["message"] for ev in reg.store.recent_events())
-    assert reg.champion() is None  # the refused promote moved nothing
+    assert any(ev["kind"] == "model_load_refused" and v in ev["message"] for ev in reg.store.records.events())
+    assert reg.store.versions.champion_version() is None  # the refused promote moved nothing
 
 
 def test_a_rewritten_manifest_is_caught_by_the_store_record(reg: Registry) -> None:
@@ -140,7 +144,7 @@ def test_unknown_or_malformed_versions(reg: Registry) -> None:
         with pytest.raises(VersionNotFound):
             reg.load_state(bad)
         with pytest.raises(VersionNotFound):
-            reg.promote(bad, reason="manual")
+            reg.promote(bad, expected=reg.store.versions.champion_version(), reason="manual")
 
 
 def _crashing_writer(root: str, url: str, step: str) -> None:
@@ -184,7 +188,7 @@ def test_a_writer_killed_at_any_step_never_leaves_a_loadable_half_version(reg: R
     assert len(removed) == (0 if complete else 1)
     assert not list(reg.root.glob(TMP_PREFIX + "*"))
     # After start-up recovery, the store and the directory agree.
-    assert [v["version"] for v in reg.versions()] == published
+    assert [v["version"] for v in reg.store.versions.rows()] == published
     for v in published:
         assert reg.load_state(v)["w"].shape == (64, 64)
 
@@ -209,49 +213,47 @@ def test_discard_keeps_the_directory_of_a_live_writer(reg: Registry) -> None:
         sleeper.wait()
 
 
-def test_promote_and_rollback_are_recorded(reg: Registry, metrics: Metrics) -> None:
+def test_promote_and_rollback_are_recorded(reg: Registry) -> None:
     a, b = write(reg, 1), write(reg, 2)
     with pytest.raises(NoPreviousChampion):
         reg.rollback()
-    reg.promote(a, reason="import", actor="cli:me")
+    reg.promote(a, expected=reg.store.versions.champion_version(), reason="import", actor="cli:me")
     with pytest.raises(NoPreviousChampion, match="first champion"):
         reg.rollback()
-    reg.promote(b, reason="gate", details={"run": 1})
-    reg.promote(b, reason="manual")  # already champion: nothing recorded
-    assert reg.champion() == b
-    status = {v["version"]: v["status"] for v in reg.versions()}
+    reg.promote(b, expected=reg.store.versions.champion_version(), reason="gate", details={"run": 1})
+    assert not reg.promote(b, expected=b, reason="manual")  # already champion: nothing recorded
+    assert reg.store.versions.champion_version() == b
+    status = {v["version"]: v["status"] for v in reg.store.versions.rows()}
     assert status == {a: "retired", b: "champion"}
 
-    assert reg.rollback(actor="token:abc") == a
-    assert reg.champion() == a
-    newest = reg.history()[0]
+    assert reg.rollback(actor="token:abc") == (b, a)
+    assert reg.store.versions.champion_version() == a
+    newest = reg.store.versions.history()[0]
     assert (newest["version"], newest["previous"], newest["reason"], newest["actor"]) == (a, b, "rollback", "token:abc")
-    assert [h["reason"] for h in reg.history()] == ["rollback", "gate", "import"]
-    assert {v["version"]: v["status"] for v in reg.versions()} == {a: "champion", b: "retired"}
-    assert metrics.registry.get_sample_value("continual_rollbacks_total") == 1
-    assert metrics.registry.get_sample_value("continual_promotions_total") == 2
+    assert [h["reason"] for h in reg.store.versions.history()] == ["rollback", "gate", "import"]
+    assert {v["version"]: v["status"] for v in reg.store.versions.rows()} == {a: "champion", b: "retired"}
 
 
 def test_rollback_refuses_a_corrupt_previous_champion(reg: Registry) -> None:
     a, b = write(reg, 1), write(reg, 2)
-    reg.promote(a, reason="import")
-    reg.promote(b, reason="gate")
+    reg.promote(a, expected=reg.store.versions.champion_version(), reason="import")
+    reg.promote(b, expected=reg.store.versions.champion_version(), reason="gate")
     (reg.root / a / "weights.safetensors").write_bytes(b"garbage")
     with pytest.raises(ChecksumMismatch):
         reg.rollback()
-    assert reg.champion() == b
+    assert reg.store.versions.champion_version() == b
 
 
 def test_retention_keeps_the_newest_and_every_champion(reg: Registry) -> None:
     vs = [write(reg, i) for i in range(6)]
-    reg.promote(vs[0], reason="import")
-    reg.promote(vs[2], reason="gate")
+    reg.promote(vs[0], expected=reg.store.versions.champion_version(), reason="import")
+    reg.promote(vs[2], expected=reg.store.versions.champion_version(), reason="gate")
     reg.rollback()  # vs[0] champion again; vs[2] was champion once
     deleted = reg.apply_retention(keep_last=2)
     assert deleted == [vs[1], vs[3]]
     kept = {vs[0], vs[2], vs[4], vs[5]}
     assert {p.name for p in reg.root.iterdir()} == kept
-    status = {v["version"]: v["status"] for v in reg.versions()}
+    status = {v["version"]: v["status"] for v in reg.store.versions.rows()}
     assert status[vs[1]] == status[vs[3]] == "deleted"
     for v in kept:
         reg.load_state(v)

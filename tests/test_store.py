@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from continual.store import IdConflict, NewSample, PayloadTooLarge, SchemaOutOfDate, Store, split_of
-from continual.store.samples import balanced_quotas
+from continual.store.sampling import balanced_quotas
 
 CLASSES = [str(i) for i in range(10)]
 
@@ -146,8 +146,8 @@ def test_migration_from_empty_and_refusal_when_behind(store_url: str) -> None:
 
 
 def test_events(store: Store) -> None:
-    store.record_event("test", "hello", {"n": 1})
-    [event] = store.recent_events()
+    store.records.add_event("test", "hello", {"n": 1})
+    [event] = store.records.events()
     assert event["kind"] == "test" and event["data"] == {"n": 1}
 
 

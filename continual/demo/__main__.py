@@ -24,7 +24,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 
 from continual.client import Client, image_sample
-from continual.config import load_settings
+from continual.config import Settings, load_settings
 from continual.demo.digits import PHASES, digit_images, png, shift
-from continual.store import split_of
+from continual.store import Store, split_of
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -161,7 +161,7 @@ class Observer:
     def feed(self, phase: Phase) -> None:
         sent = 0
 
-        def progress(batch: Any, _result: Any) -> None:
+        def progress(batch: Sequence[object], _result: object) -> None:
             nonlocal sent
             sent += len(batch)
             print(f"\r    {phase.name}: {sent}/{len(phase.ids)} samples sent", end="", flush=True)
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings(args.config, env=env)
     print(
         f"continual demo: {settings.model.architecture} ({settings.model.weights}) on {settings.training.device}, "
-        f"store {settings.store_url}"
+        f"store {settings.resolved_store().url}"
     )
     print("overrides: " + " ".join(f"{k}={v}" for k, v in overrides.items()))
     svc = Service(Path(args.config), env, out / "service.log", f"http://127.0.0.1:{port}")
@@ -272,44 +272,38 @@ def main(argv: list[str] | None = None) -> int:
     report = out / "report.png"
     write_report(report, obs.accuracy, timeline, settings.drift.alpha)
     (out / "accuracy.json").write_text(json.dumps(obs.accuracy, indent=2))
-    print(f"\nreport: {report}\ndata directory: {out / 'data'} (store: {settings.store_url}; log: {svc.log_path})")
+    print(
+        f"\nreport: {report}\ndata directory: {out / 'data'} (store: {settings.resolved_store().url}; log: {svc.log_path})"
+    )
     return code or (0 if rc == 0 else 1)
 
 
 # -- the timeline and the report, read from the store (the audit trail) ---------------------------------------
-def _decisions(settings: Any) -> list[dict[str, Any]]:
-    return _rows(settings, "gate_decisions")
+def _decisions(settings: Settings) -> list[dict[str, Any]]:
+    return _read(settings, lambda store: store.records.decisions())
 
 
-def _rows(settings: Any, table: str) -> list[dict[str, Any]]:
-    from sqlalchemy import select
-
-    from continual.store import Store
-    from continual.store import schema as s
-    from continual.store.engine import read_tx
-
-    t = getattr(s, table)
+def _read(settings: Settings, query: Callable[[Store], list[dict[str, Any]]]) -> list[dict[str, Any]]:
     store = Store.from_settings(settings)
     try:
-        with read_tx(store.engine) as conn:
-            return [dict(r._mapping) for r in conn.execute(select(t).order_by(t.c.id))]
+        return query(store)
     finally:
         store.dispose()
 
 
-def _num(v: Any, spec: str) -> str:
+def _num(v: object, spec: str) -> str:
     return format(v, spec) if isinstance(v, int | float) else "-"
 
 
-def print_timeline(settings: Any) -> list[tuple[datetime, str, dict[str, Any]]]:
+def print_timeline(settings: Settings) -> list[tuple[datetime, str, dict[str, Any]]]:
     events: list[tuple[datetime, str, dict[str, Any]]] = []
-    for d in _rows(settings, "drift_checks"):
+    for d in _read(settings, lambda store: store.records.drift_checks()):
         events.append((d["created_at"], "drift", d))
-    for r in _rows(settings, "training_runs"):
+    for r in _read(settings, lambda store: store.runs.recent(limit=10_000)):
         events.append((r["created_at"], "run", r))
-    for g in _rows(settings, "gate_decisions"):
+    for g in _read(settings, lambda store: store.records.decisions()):
         events.append((g["created_at"], "gate", g))
-    for c in _rows(settings, "champion_history"):
+    for c in _read(settings, lambda store: store.versions.history()):
         events.append((c["promoted_at"], "champion", c))
     events.sort(key=lambda e: e[0])
     print("\ntimeline")

@@ -19,6 +19,7 @@ import math
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from scipy import stats
 
 from continual.drift.result import DriftResult, check_alpha, check_min_effect, decide
@@ -55,7 +56,7 @@ class LabelShiftDetector:
         self.min_effect = min_effect
         self.num_classes = num_classes
 
-    def check(self, reference: Any, current: Any) -> DriftResult:
+    def check(self, reference: npt.ArrayLike, current: npt.ArrayLike) -> DriftResult:
         ref = _classes("reference", reference, self.num_classes)
         cur = _classes("current", current, self.num_classes)
         chi2, p_value, v, details = chi_square_shift(ref, cur, self.num_classes)
@@ -99,10 +100,10 @@ class PredictionShiftDetector:
 
     def check(
         self,
-        reference: Any,
-        current: Any,
-        reference_confidence: Any | None = None,
-        current_confidence: Any | None = None,
+        reference: npt.ArrayLike,
+        current: npt.ArrayLike,
+        reference_confidence: npt.ArrayLike | None = None,
+        current_confidence: npt.ArrayLike | None = None,
     ) -> DriftResult:
         ref = _classes("reference", reference, self.num_classes)
         cur = _classes("current", current, self.num_classes)
@@ -192,7 +193,7 @@ def _check_num_classes(num_classes: int | None) -> None:
         raise ValueError(f"num_classes must be None or >= 1, got {num_classes!r}")
 
 
-def _classes(name: str, values: Any, num_classes: int | None) -> np.ndarray:
+def _classes(name: str, values: npt.ArrayLike, num_classes: int | None) -> np.ndarray:
     if hasattr(values, "detach"):
         values = values.detach().cpu().numpy()
     a = np.asarray(values)
@@ -207,7 +208,7 @@ def _classes(name: str, values: Any, num_classes: int | None) -> np.ndarray:
     return a
 
 
-def _confidences(name: str, values: Any, size: int) -> np.ndarray:
+def _confidences(name: str, values: npt.ArrayLike, size: int) -> np.ndarray:
     if hasattr(values, "detach"):
         values = values.detach().cpu().numpy()
     a = np.asarray(values, dtype=np.float64)

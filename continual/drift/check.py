@@ -1,7 +1,10 @@
-"""One drift check: windows → champion embeddings → configured detectors → row, metrics, decision.
+"""One drift check: windows → champion embeddings → configured detectors → recorded decision.
 
-The daemon calls :func:`run_check` every tick (``daemon._drift_check``); ``continual
-drift check`` calls it once. Detectors (``settings.drift.detectors``):
+The service's check job calls :func:`run_check` every tick and mirrors the
+decision into its metrics; ``continual drift check`` calls it once. The caller
+owns the embedding cache (one per process) and passes what only a serving process
+has: its live model and its recent predictions. Detectors (``settings.drift.detectors``),
+each one row of :data:`DETECTORS`:
 
 - ``mmd``: kernel two-sample test on the champion's penultimate-layer embeddings,
   reference (old feedback) vs current (new feedback).
@@ -28,30 +31,55 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-from sqlalchemy import insert
+from torch import nn
 
-from continual.config import Settings
+from continual.config import DriftSettings, Settings
 from continual.drift.categorical import LabelShiftDetector, PredictionShiftDetector
 from continual.drift.ks import KSDetector
 from continual.drift.mmd import MMDDetector
 from continual.drift.result import DriftResult
 from continual.drift.windows import EmbeddingCache, Window, cache_key, select_windows
-from continual.metrics import Metrics
-from continual.registry import Registry, model_settings_for
+from continual.models.device import resolve_device
+from continual.models.manifest import ModelSource
 from continual.store import Store
-from continual.store.engine import write_tx
-from continual.store.schema import drift_checks
-
-if TYPE_CHECKING:
-    from continual.serving import Serving
 
 log = logging.getLogger("continual.drift")
+
+
+class LiveModel(Protocol):
+    """The model a serving process holds (``continual.serving.LiveModel``): embed with it, do not load a copy."""
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def module(self) -> nn.Module: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+
+class RecentPredictions(Protocol):
+    """The serving process's recent predictions, oldest first (``continual.serving.ReservoirSnapshot``)."""
+
+    @property
+    def embeddings(self) -> np.ndarray: ...
+
+    @property
+    def predicted(self) -> np.ndarray: ...
+
+    @property
+    def confidence(self) -> np.ndarray: ...
+
+    @property
+    def version(self) -> str | None: ...
+
 
 # The name each configured detector reports under (rows, metrics, reasons).
 DETECTOR_NAMES = {
@@ -60,9 +88,6 @@ DETECTOR_NAMES = {
     "label": LabelShiftDetector.name,
     "prediction": PredictionShiftDetector.name,
 }
-
-# One per process: repeated checks against one champion reuse its model and embeddings.
-DEFAULT_CACHE = EmbeddingCache()
 
 
 @dataclass(frozen=True)
@@ -116,7 +141,7 @@ def results_json(results: list[DriftResult], skipped: dict[str, str], reasons: l
     return json_safe({"detectors": rows, "reasons": list(reasons)})
 
 
-def json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:  # Any: any JSON-ish value, numpy scalars and arrays included
     """NaN/inf → None, numpy scalars/arrays → Python: the row must be valid JSON on both stores."""
     if isinstance(value, dict):
         return {str(k): json_safe(v) for k, v in value.items()}
@@ -134,60 +159,121 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class _Inputs:
+    """What the detectors look at in one check."""
+
+    drift: DriftSettings
+    seed: int
+    classes: tuple[str, ...]
+    ref: Window
+    cur: Window
+    ref_emb: np.ndarray
+    cur_emb: np.ndarray | None  # None when only the prediction detector runs
+    predictions: RecentPredictions | None
+    head: Callable[[], nn.Module]
+
+
+def _mmd(i: _Inputs) -> DriftResult:
+    d = i.drift
+    det = MMDDetector(
+        alpha=d.alpha,
+        min_effect=d.mmd_min_effect,
+        permutations=d.permutations,
+        exact_max_n=2 * d.exact_max_samples,
+        seed=i.seed,
+    )
+    return det.check(i.ref_emb, i.cur_emb)
+
+
+def _ks(i: _Inputs) -> DriftResult:
+    d = i.drift
+    r = KSDetector(alpha=d.alpha, min_effect=d.min_effect, seed=i.seed).check(
+        *pca_project(i.ref_emb, i.cur_emb, d.ks_features, seed=i.seed)  # type: ignore[arg-type]
+    )
+    return DriftResult(**{**r.to_dict(), "details": {**r.details, "projection": "pca", "features": d.ks_features}})
+
+
+def _label(i: _Inputs) -> DriftResult:
+    return _label_shift(i.ref, i.cur, i.classes, i.drift.alpha, i.drift.min_effect)
+
+
+def _prediction(i: _Inputs) -> DriftResult:
+    if i.predictions is None:
+        raise ValueError("the prediction detector needs the serving process's recent predictions")
+    head = i.head()
+    with torch.inference_mode():
+        logits = head(torch.from_numpy(i.ref_emb).to(next(head.parameters()).device))
+        conf, pred = torch.softmax(logits.float(), dim=1).max(dim=1)
+    det = PredictionShiftDetector(alpha=i.drift.alpha, min_effect=i.drift.min_effect, num_classes=len(i.classes))
+    return det.check(pred.cpu().numpy(), i.predictions.predicted, conf.cpu().numpy(), i.predictions.confidence)
+
+
+# name in [drift] detectors -> (reported name, what its current window is, the test)
+DETECTORS: dict[str, tuple[str, str, Callable[[_Inputs], DriftResult]]] = {
+    "mmd": (MMDDetector.name, "feedback", _mmd),
+    "ks": (KSDetector.name, "feedback", _ks),
+    "label": (LabelShiftDetector.name, "feedback", _label),
+    "prediction": (PredictionShiftDetector.name, "predictions", _prediction),
+}
+# The name each configured detector reports under (rows, metrics, reasons).
+DETECTOR_NAMES = {key: name for key, (name, _window, _test) in DETECTORS.items()}
+
+
 def run_check(
     settings: Settings,
     store: Store,
-    registry: Registry,
-    metrics: Metrics,
+    models: ModelSource,
     *,
-    serving: Serving | None = None,
     champion: str,
-    cache: EmbeddingCache | None = None,
+    cache: EmbeddingCache,
+    live: LiveModel | None = None,
+    predictions: RecentPredictions | None = None,
     record: bool = True,
 ) -> DriftDecision:
-    """Run the configured detectors for ``champion``; write a drift_checks row and the metrics."""
+    """Run the configured detectors for ``champion``; record a drift_checks row unless ``record`` is off.
+
+    ``live`` and ``predictions`` come from a serving process (None elsewhere: the
+    prediction detector then reports itself skipped).
+    """
     started = time.monotonic()
     d = settings.drift
-    cache = cache if cache is not None else DEFAULT_CACHE
-    manifest = registry.manifest(champion)
+    manifest = models.manifest(champion)
     ref, cur = select_windows(store, cutoff=manifest.data_cutoff, size=d.window, seed=settings.training.seed)
     wanted = list(dict.fromkeys(d.detectors))
     skipped: dict[str, str] = {}
-    reasons: list[str] = []
-
-    reservoir = _reservoir(serving, champion, d.window) if "prediction" in wanted else None
-    if "prediction" in wanted and isinstance(reservoir, str):
-        skipped[DETECTOR_NAMES["prediction"]] = reservoir
-    elif "prediction" in wanted and reservoir is not None and len(reservoir[1]) < d.min_samples:
-        skipped[DETECTOR_NAMES["prediction"]] = (
-            f"the predict reservoir holds {len(reservoir[1])} predictions < min_samples {d.min_samples}"
-        )
+    recent = _recent(predictions, champion, d.window, serving=live is not None or predictions is not None)
     feedback_ok = len(cur) >= d.min_samples
-    if not feedback_ok:
-        for name in wanted:
-            if name != "prediction":
-                skipped[DETECTOR_NAMES[name]] = f"current window has {len(cur)} samples < min_samples {d.min_samples}"
-    runnable = [n for n in wanted if DETECTOR_NAMES[n] not in skipped]
+    for key in wanted:
+        name, window, _ = DETECTORS[key]
+        if window == "predictions" and isinstance(recent, str):
+            skipped[name] = recent
+        elif window == "predictions" and recent is not None and len(recent.predicted) < d.min_samples:
+            skipped[name] = (
+                f"the predict reservoir holds {len(recent.predicted)} predictions < min_samples {d.min_samples}"
+            )
+        elif window == "feedback" and not feedback_ok:
+            skipped[name] = f"current window has {len(cur)} samples < min_samples {d.min_samples}"
+    runnable = [k for k in wanted if DETECTORS[k][0] not in skipped]
     if len(ref) < d.min_samples or not runnable:
         why = (
             f"too few samples: reference window (old data, cutoff {manifest.data_cutoff}) has {len(ref)}, "
             f"current window has {len(cur)}"
-            + (f", predict reservoir has {len(reservoir[1])}" if isinstance(reservoir, tuple) else "")
+            + (f", predict reservoir has {len(recent.predicted)}" if not isinstance(recent, str) else "")
             + f"; min_samples is {d.min_samples}"
         )
         return DriftDecision(False, [], len(ref), len(cur), time.monotonic() - started, None, [why], skipped, champion)
 
-    key = cache_key(registry.root, champion)
-    live = serving.live if serving is not None else None
-    device = _device(settings, live, champion)
+    key = cache_key(models.root, champion)
+    device = live.device if live is not None and live.version == champion else resolve_device(settings.serving.device)
 
-    def model() -> torch.nn.Module:
+    def model() -> nn.Module:
         # The serving process already holds the champion: embed with it rather than load a copy.
         if live is not None and live.version == champion:
             return live.module
-        return cache.model(key, lambda: registry.load_model(champion, settings).to(device).eval())
+        return cache.model(key, lambda: models.load_model(champion, settings).to(device).eval())
 
-    spec = model_settings_for(manifest, settings).input
+    spec = manifest.input_spec
     backbone = cache.backbone(key, model)
     # The training worker caches frozen-base features on disk under the same backbone hash,
     # computed with the configured input spec: reuse them only when that is the champion's.
@@ -196,48 +282,33 @@ def run_check(
     def emb(w: Window) -> np.ndarray:
         return cache.embed(backbone, w, model=model, store=store, spec=spec, device=device, seed_dir=seed_dir)
 
-    ref_emb = emb(ref)
-    cur_emb = emb(cur) if feedback_ok and ({"mmd", "ks"} & set(runnable)) else None
-
-    results: list[DriftResult] = []
-    for name in runnable:
-        if name == "mmd":
-            det = MMDDetector(
-                alpha=d.alpha,
-                min_effect=d.mmd_min_effect,
-                permutations=d.permutations,
-                exact_max_n=2 * d.exact_max_samples,
-                seed=settings.training.seed,
-            )
-            results.append(det.check(ref_emb, cur_emb))
-        elif name == "ks":
-            ks = KSDetector(alpha=d.alpha, min_effect=d.min_effect, seed=settings.training.seed)
-            r = ks.check(*pca_project(ref_emb, cur_emb, d.ks_features, seed=settings.training.seed))
-            results.append(
-                DriftResult(**{**r.to_dict(), "details": {**r.details, "projection": "pca", "features": d.ks_features}})
-            )
-        elif name == "label":
-            results.append(_label_shift(ref, cur, tuple(manifest.classes), d.alpha, d.min_effect))
-        elif name == "prediction" and isinstance(reservoir, tuple):
-            head = model().head
-            with torch.inference_mode():
-                logits = head(torch.from_numpy(ref_emb).to(next(head.parameters()).device))
-                conf, pred = torch.softmax(logits.float(), dim=1).max(dim=1)
-            _, res_pred, res_conf, _ = reservoir
-            det = PredictionShiftDetector(alpha=d.alpha, min_effect=d.min_effect, num_classes=len(manifest.classes))
-            results.append(det.check(pred.cpu().numpy(), res_pred, conf.cpu().numpy(), res_conf))
-
+    uses_feedback = any(DETECTORS[k][1] == "feedback" and k != "label" for k in runnable)
+    inputs = _Inputs(
+        drift=d,
+        seed=settings.training.seed,
+        classes=tuple(manifest.classes),
+        ref=ref,
+        cur=cur,
+        ref_emb=emb(ref),
+        cur_emb=emb(cur) if uses_feedback else None,
+        predictions=None if isinstance(recent, str) else recent,
+        head=lambda: model().head,  # type: ignore[return-value]
+    )
+    results = [DETECTORS[k][2](inputs) for k in runnable]
     detected = any(r.detected for r in results)
-    for r in results:
-        reasons.append(_reason(r))
-    for name, why in skipped.items():
-        reasons.append(f"{name} skipped: {why}")
-    n_current = len(cur) if feedback_ok else (len(reservoir[1]) if isinstance(reservoir, tuple) else len(cur))
+    reasons = [_reason(r) for r in results] + [f"{name} skipped: {why}" for name, why in skipped.items()]
+    n_current = len(cur) if feedback_ok else (len(recent.predicted) if not isinstance(recent, str) else len(cur))
     duration = time.monotonic() - started
     check_id = None
     if record:
-        check_id = _record(store, champion, detected, len(ref), n_current, duration, results, skipped, reasons)
-        _update_metrics(metrics, results, skipped)
+        check_id = store.records.add_drift_check(
+            champion=champion,
+            detected=detected,
+            n_reference=len(ref),
+            n_current=n_current,
+            duration_seconds=duration,
+            results=results_json(results, skipped, reasons),
+        )
     log.info(
         "drift check vs %s: %s (%s) in %.2fs, %d embedded, %d cached",
         champion,
@@ -269,23 +340,29 @@ def pca_project(ref: np.ndarray, cur: np.ndarray, k: int, *, seed: int) -> tuple
     return z[: len(ref)], z[len(ref) :]
 
 
-def _reservoir(
-    serving: Serving | None, champion: str, cap: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, str | None] | str:
-    """The newest ``cap`` reservoir rows, or why they cannot be used."""
-    if serving is None:
-        return "no serving process here: predict traffic lives in the service's memory"
-    emb, pred, conf, version = serving.reservoir_snapshot()
-    if version != champion:
-        return f"the predict reservoir holds predictions of {version or 'no model'}, not the champion {champion}"
-    return emb[-cap:], pred[-cap:], conf[-cap:], version
+def _recent(
+    predictions: RecentPredictions | None, champion: str, cap: int, *, serving: bool
+) -> RecentPredictions | str:
+    """The newest ``cap`` predictions of the champion, or why there are none to use."""
+    if predictions is None:
+        return (
+            "this process keeps no predictions"
+            if serving
+            else "no serving process here: predict traffic lives in the service's memory"
+        )
+    if predictions.version != champion:
+        return f"the predict reservoir holds predictions of {predictions.version or 'no model'}, not the champion {champion}"
+    return _Recent(
+        predictions.embeddings[-cap:], predictions.predicted[-cap:], predictions.confidence[-cap:], predictions.version
+    )
 
 
-def _device(settings: Settings, live: Any, champion: str) -> torch.device:
-    if live is not None and live.version == champion:
-        return live.device
-    name = settings.serving.device
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+@dataclass(frozen=True)
+class _Recent:
+    embeddings: np.ndarray
+    predicted: np.ndarray
+    confidence: np.ndarray
+    version: str | None
 
 
 def _label_shift(ref: Window, cur: Window, classes: tuple[str, ...], alpha: float, min_effect: float) -> DriftResult:
@@ -308,43 +385,3 @@ def _reason(r: DriftResult) -> str:
         f"{r.detector}: {verdict} (p = {r.p_value:.3g} vs alpha {alpha}, effect = {r.effect:.3g} vs min_effect "
         f"{min_effect}; n = {r.n_reference} / {r.n_current})"
     )
-
-
-def _record(
-    store: Store,
-    champion: str,
-    detected: bool,
-    n_reference: int,
-    n_current: int,
-    duration: float,
-    results: list[DriftResult],
-    skipped: dict[str, str],
-    reasons: list[str],
-) -> int:
-    with write_tx(store.engine) as conn:
-        res = conn.execute(
-            insert(drift_checks).values(
-                created_at=datetime.now(UTC),
-                champion=champion,
-                detected=detected,
-                n_reference=n_reference,
-                n_current=n_current,
-                duration_seconds=duration,
-                results=results_json(results, skipped, reasons),
-            )
-        )
-        return int(res.inserted_primary_key[0])
-
-
-def _update_metrics(m: Metrics, results: list[DriftResult], skipped: dict[str, str]) -> None:
-    for r in results:
-        if math.isfinite(r.effect):
-            m.drift_score.labels(detector=r.detector).set(r.effect)
-        if math.isfinite(r.p_value):
-            m.drift_p_value.labels(detector=r.detector).set(r.p_value)
-        m.drift_detected.labels(detector=r.detector).set(1 if r.detected else 0)
-    for name in skipped:
-        # A detector that could not run reports no drift rather than a stale alarm.
-        m.drift_detected.labels(detector=name).set(0)
-    m.drift_checks.inc()
-    m.last_drift_check.set(time.time())

@@ -9,9 +9,8 @@ the end of a run of tied values. p-values use Smirnov's asymptotic distribution
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
+import numpy.typing as npt
 from scipy import stats
 
 from continual.drift.result import DriftResult, check_alpha, check_min_effect, check_windows, decide
@@ -64,7 +63,7 @@ class KSDetector:
         self.projection = projection
         self.seed = seed
 
-    def check(self, reference: Any, current: Any) -> DriftResult:
+    def check(self, reference: npt.ArrayLike, current: npt.ArrayLike) -> DriftResult:
         ref, cur = check_windows(reference, current, min_samples=1)
         ref, cur = _numpy(ref), _numpy(cur)
         n, m = ref.shape[0], cur.shape[0]
@@ -148,7 +147,7 @@ def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
     return out
 
 
-def _numpy(w: Any) -> np.ndarray:
+def _numpy(w: npt.ArrayLike) -> np.ndarray:
     if hasattr(w, "detach"):
         w = w.detach().cpu().numpy()
     return np.asarray(w, dtype=np.float64)

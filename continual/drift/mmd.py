@@ -11,9 +11,9 @@ so memory stays linear in the sample size and ``K @ A`` becomes ``Aᵀ Φ``.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from continual.drift.result import DriftResult, check_alpha, check_min_effect, check_windows, decide, resolve_device
@@ -85,7 +85,7 @@ class MMDDetector:
         self.seed = seed
         self.device = device
 
-    def check(self, reference: Any, current: Any) -> DriftResult:
+    def check(self, reference: npt.ArrayLike, current: npt.ArrayLike) -> DriftResult:
         ref, cur = check_windows(reference, current)
         n, m = ref.shape[0], cur.shape[0]
         size = n + m

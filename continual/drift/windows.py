@@ -19,16 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sqlalchemy import select
 from torch import nn
 
 from continual.config import InputSettings
-from continual.learn.features import FeatureCache, backbone_hash, embed_samples
+from continual.models.features import FeatureCache, backbone_hash, embed_rows
 from continual.store import Store
-from continual.store.engine import read_tx
-from continual.store.schema import samples
-
-_READ_CHUNK = 500
 
 
 @dataclass(frozen=True)
@@ -54,13 +49,8 @@ def select_windows(store: Store, *, cutoff: int, size: int, seed: int) -> tuple[
 
 def read_window(store: Store, seqs: np.ndarray) -> Window:
     """Hashes and labels of ``seqs`` (16-100 bytes a row: the payload is read only on a cache miss)."""
-    found: dict[int, tuple[str, str]] = {}
     wanted = [int(s) for s in seqs]
-    for start in range(0, len(wanted), _READ_CHUNK):
-        chunk = wanted[start : start + _READ_CHUNK]
-        with read_tx(store.engine) as conn:
-            q = select(samples.c.seq, samples.c.sha256, samples.c.label).where(samples.c.seq.in_(chunk))
-            found.update({int(seq): (sha, label) for seq, sha, label in conn.execute(q)})
+    found = store.hashes_and_labels(wanted)
     kept = np.array([s for s in wanted if s in found], dtype=np.int64)  # deleted meanwhile: dropped
     return Window(kept, tuple(found[s][0] for s in kept), tuple(found[s][1] for s in kept))
 
@@ -68,7 +58,7 @@ def read_window(store: Store, seqs: np.ndarray) -> Window:
 class EmbeddingCache:
     """Embeddings by (backbone, payload sha256), and each model version's loaded model.
 
-    A backbone is named by :func:`continual.learn.features.backbone_hash` plus the
+    A backbone is named by :func:`continual.models.features.backbone_hash` plus the
     input spec, so in ``feature_extraction`` mode a newly promoted champion (same
     frozen base) reuses every embedding of the previous one, and the training
     worker's on-disk feature cache (``<data_dir>/cache/features``, same hash) seeds
@@ -155,7 +145,7 @@ class EmbeddingCache:
             if missing:
                 raise KeyError(f"{len(missing)} window sample(s) vanished from the store while embedding")
             fresh = list(rows.values())
-            feats = embed_samples(net, fresh, spec=spec, batch_size=batch_size, device=device)
+            feats = embed_rows(net, fresh, spec=spec, batch_size=batch_size, device=device)
             for r, f in zip(fresh, feats, strict=True):
                 known[r.sha256] = f
                 cache.put(r.sha256, f)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from continual.ingest.batch import (
     BatchTooLarge,
     MalformedBody,
-    SampleTooLarge,
     derived_id,
     feedback_samples,
     parse_json,
@@ -13,10 +12,12 @@ from continual.ingest.batch import (
 from continual.ingest.decode import (
     Decoded,
     InputError,
+    TooManyInputs,
     ValidationFailed,
     decode_input,
     decode_inputs,
     decode_payload,
+    predict_inputs,
 )
 
 __all__ = [
@@ -24,7 +25,7 @@ __all__ = [
     "Decoded",
     "InputError",
     "MalformedBody",
-    "SampleTooLarge",
+    "TooManyInputs",
     "ValidationFailed",
     "decode_input",
     "decode_inputs",
@@ -32,4 +33,5 @@ __all__ = [
     "derived_id",
     "feedback_samples",
     "parse_json",
+    "predict_inputs",
 ]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -35,15 +34,7 @@ class BatchTooLarge(ValueError):
         super().__init__(f"{n} samples in one request exceeds ingest.max_batch_samples = {limit}; split the batch")
 
 
-class SampleTooLarge(ValueError):
-    """Samples whose payload exceeds ``store.max_payload_bytes`` (413); details as for ValidationFailed."""
-
-    def __init__(self, details: Sequence[dict[str, Any]]) -> None:
-        self.details = list(details)
-        super().__init__(f"{len(self.details)} sample(s) exceed store.max_payload_bytes: {self.details[0]['message']}")
-
-
-def parse_json(body: bytes) -> Any:
+def parse_json(body: bytes) -> Any:  # Any: parsed JSON, validated by the caller
     try:
         # orjson parses number-heavy batches ~10x faster; anything it refuses (NaN literals,
         # huge integers, lone surrogates, bad UTF-8) goes through the stdlib for a precise answer.
@@ -72,7 +63,7 @@ def derived_id(label: str, kind: str, payload: bytes) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def feedback_samples(doc: Any, settings: Settings, *, source: str = "api") -> list[NewSample]:
+def feedback_samples(doc: Any, settings: Settings, *, source: str = "api") -> list[NewSample]:  # Any: JSON
     """Validate a parsed ``{"samples": [...]}`` document; every bad sample is named in one ValidationFailed."""
     if not isinstance(doc, dict):
         raise ValidationFailed([{"index": None, "field": "", "message": 'expected a JSON object {"samples": [...]}'}])
@@ -87,7 +78,6 @@ def feedback_samples(doc: Any, settings: Settings, *, source: str = "api") -> li
         raise BatchTooLarge(len(items), settings.ingest.max_batch_samples)
     out: list[NewSample] = []
     details: list[dict[str, Any]] = []
-    too_large: list[dict[str, Any]] = []
     for i, item in enumerate(items):
         try:
             sample = _sample(item, settings, source)
@@ -97,24 +87,14 @@ def feedback_samples(doc: Any, settings: Settings, *, source: str = "api") -> li
         except _FieldErrors as e:
             details.extend({"index": i, "field": f, "message": m} for f, m in e.errors)
             continue
-        if len(sample.payload) > settings.store.max_payload_bytes:
-            too_large.append(
-                {
-                    "index": i,
-                    "field": sample.kind if sample.kind == "image" else "x",
-                    "message": f"payload of {len(sample.payload)} bytes exceeds store.max_payload_bytes = "
-                    f"{settings.store.max_payload_bytes}",
-                }
-            )
         out.append(sample)
     if details:
         raise ValidationFailed(details)
-    if too_large:
-        raise SampleTooLarge(too_large)
+    # The payload cap is the store's: ``Store.insert`` refuses oversize payloads, naming each one.
     return out
 
 
-def _id_problem(value: Any) -> str:
+def _id_problem(value: Any) -> str:  # Any: JSON value under validation
     if not isinstance(value, str) or not value.strip() or len(value) > MAX_ID_LENGTH:
         return f"must be a non-empty string of at most {MAX_ID_LENGTH} characters"
     # Control characters and lone surrogates (legal in JSON escapes) cannot be stored as text everywhere
@@ -124,7 +104,7 @@ def _id_problem(value: Any) -> str:
     return ""
 
 
-def _metadata_problem(value: Any, limit: int) -> str:
+def _metadata_problem(value: Any, limit: int) -> str:  # Any: JSON value under validation
     if not isinstance(value, dict):
         return "must be a JSON object"
     try:
@@ -142,7 +122,7 @@ class _FieldErrors(Exception):
         self.errors = errors
 
 
-def _sample(item: Any, settings: Settings, source: str) -> NewSample:
+def _sample(item: Any, settings: Settings, source: str) -> NewSample:  # Any: JSON value under validation
     if not isinstance(item, dict):
         raise InputError("", "expected a sample object {id, label, x|image, metadata}")
     # Every field is checked so one response lists all that is wrong with the sample.

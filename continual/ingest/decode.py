@@ -61,7 +61,7 @@ class ValidationFailed(ValueError):
         super().__init__(f"index {first['index']}, field {first['field']!r}: {first['message']}{more}")
 
 
-def decode_input(obj: Any, spec: InputSettings, *, max_image_pixels: int) -> Decoded:
+def decode_input(obj: Any, spec: InputSettings, *, max_image_pixels: int) -> Decoded:  # Any: JSON
     """Decode one input object per ``spec.kind``; raises :class:`InputError` naming the field."""
     if not isinstance(obj, dict):
         raise InputError("", f"expected a JSON object, got {_json_type(obj)}")
@@ -75,6 +75,32 @@ def decode_input(obj: Any, spec: InputSettings, *, max_image_pixels: int) -> Dec
         raise InputError("image", f"missing{hint}")
     payload, image = decode_image(obj["image"], max_image_pixels=max_image_pixels)
     return Decoded("image", payload, image)
+
+
+class TooManyInputs(ValueError):
+    """More inputs in one predict request than ``serving.max_batch`` (413)."""
+
+    def __init__(self, n: int, limit: int) -> None:
+        self.n, self.limit = n, limit
+        super().__init__(f"{n} inputs exceed serving.max_batch = {limit}")
+
+
+def predict_inputs(
+    doc: Any,  # Any: the parsed JSON body, validated here
+    spec: InputSettings,
+    *,
+    max_inputs: int,
+    max_image_pixels: int,
+) -> list[Decoded]:
+    """A parsed ``{"inputs": [...]}`` predict request, decoded; every bad input is named in one ValidationFailed."""
+    inputs = doc.get("inputs") if isinstance(doc, dict) else None
+    if not isinstance(inputs, list) or not inputs:
+        raise ValidationFailed(
+            [{"index": None, "field": "inputs", "message": 'expected {"inputs": [input, ...]} with at least one input'}]
+        )
+    if len(inputs) > max_inputs:
+        raise TooManyInputs(len(inputs), max_inputs)
+    return decode_inputs(inputs, spec, max_image_pixels=max_image_pixels)
 
 
 def decode_inputs(objs: Sequence[Any], spec: InputSettings, *, max_image_pixels: int) -> list[Decoded]:
@@ -103,7 +129,7 @@ def decode_payload(kind: str, payload: bytes) -> Decoded:
 
 
 # -- vectors ----------------------------------------------------------------------
-def decode_vector(x: Any, shape: Sequence[int]) -> bytes:
+def decode_vector(x: Any, shape: Sequence[int]) -> bytes:  # Any: JSON value under validation
     """Numbers as a flat list or nested lists matching ``shape`` -> float32 little-endian bytes."""
     size = math.prod(shape)
     if not isinstance(x, list):
@@ -137,7 +163,7 @@ def decode_vector(x: Any, shape: Sequence[int]) -> bytes:
     return arr.astype("<f4").tobytes()
 
 
-def _flatten(node: Any, shape: tuple[int, ...], depth: int, out: list[Any], path: str) -> None:
+def _flatten(node: Any, shape: tuple[int, ...], depth: int, out: list[Any], path: str) -> None:  # Any: JSON
     # Depth is bounded by the configured shape, so hostile nesting cannot recurse deeply.
     if not isinstance(node, list):
         raise InputError(path, f"expected a list of length {shape[depth]}, got {_json_type(node)}")
@@ -151,7 +177,7 @@ def _flatten(node: Any, shape: tuple[int, ...], depth: int, out: list[Any], path
 
 
 # -- images -----------------------------------------------------------------------
-def decode_image(value: Any, *, max_image_pixels: int) -> tuple[bytes, Image.Image]:
+def decode_image(value: Any, *, max_image_pixels: int) -> tuple[bytes, Image.Image]:  # Any: JSON
     """Base64 PNG/JPEG -> (the encoded bytes as received, the decoded image in mode L or RGB)."""
     if not isinstance(value, str):
         raise InputError("image", f"expected a base64 string, got {_json_type(value)}")
@@ -195,7 +221,7 @@ def _open_image(payload: bytes, *, max_pixels: int | None) -> Image.Image:
     return img.convert("L" if img.mode in ("1", "I", "I;16", "I;16B", "I;16L", "F", "LA") else "RGB")
 
 
-def _json_type(v: Any) -> str:
+def _json_type(v: Any) -> str:  # Any: any JSON value, named for an error message
     if v is None:
         return "null"
     if isinstance(v, bool):

@@ -1,5 +1,6 @@
-"""The continual-learning engine: data from the store, replay, EWC, the training loop and the worker.
+"""The continual-learning engine: data from the store, replay, EWC, the training loop, a run's life.
 
-Importing this package imports nothing heavy: the service uses :mod:`continual.learn.launch`
-and :mod:`continual.learn.runs` without loading torch; training happens in a child process.
+``run`` (spec → start → finish) drives ``candidate`` (build → train → Fisher →
+write), which trains with the one loop in ``train``. Training happens in a child
+process (``continual.service.worker``), started by ``launch``.
 """

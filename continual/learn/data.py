@@ -8,37 +8,34 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from sqlalchemy import select
 from torch.utils.data import DataLoader, Dataset
 
 from continual.config import InputSettings, Settings
 from continual.learn.replay import draw_replay, in_validation, uses_replay
-from continual.store import SampleRow, Store
-from continual.store.engine import read_tx
-from continual.store.schema import samples
+from continual.models import make_transform
+from continual.models.transforms import BadSample, StoredInput, transform_stored
+from continual.store import Store
 
 
 class NothingToTrain(RuntimeError):
+    """No new train-split samples with a known label: nothing to train on.
+
+    Not a failure of the trainer: ``store.runs.consecutive_failures`` skips runs whose
+    error starts with this class name (``continual.store.runs.NOTHING_TO_TRAIN``).
+    """
+
     def __init__(self, parent_cutoff: int, data_cutoff: int) -> None:
         self.parent_cutoff, self.data_cutoff = parent_cutoff, data_cutoff
         super().__init__(
             f"no new train-split samples with a known label between seq {parent_cutoff} (exclusive) "
             f"and {data_cutoff}: nothing to train on"
         )
-
-
-class BadSample(ValueError):
-    """A stored sample that cannot be decoded or transformed; the run fails naming it."""
-
-    def __init__(self, seq: int, external_id: str, reason: str) -> None:
-        self.seq, self.external_id, self.reason = seq, external_id, reason
-        super().__init__(f"sample seq={seq} id={external_id!r} cannot be used for training: {reason}")
 
 
 @dataclass(frozen=True)
@@ -74,30 +71,6 @@ class RunData:
         }
 
 
-def _index_rows(
-    store: Store, *, seqs: Sequence[int] | None = None, after: int | None = None, upto: int | None = None
-) -> list[tuple[int, str, str]]:
-    """(seq, external_id, label) of train-split rows in play: a few dozen bytes a row, never payloads."""
-    cols = select(samples.c.seq, samples.c.external_id, samples.c.label).where(
-        samples.c.split == "train", samples.c.excluded.is_(False)
-    )
-    out: list[tuple[int, str, str]] = []
-    with read_tx(store.engine) as conn:
-        if seqs is not None:
-            wanted = sorted(int(s) for s in seqs)
-            for i in range(0, len(wanted), 500):
-                q = cols.where(samples.c.seq.in_(wanted[i : i + 500])).order_by(samples.c.seq)
-                out.extend((int(r[0]), r[1], r[2]) for r in conn.execute(q))
-            return out
-        q = cols
-        if after is not None:
-            q = q.where(samples.c.seq > after)
-        if upto is not None:
-            q = q.where(samples.c.seq <= upto)
-        out.extend((int(r[0]), r[1], r[2]) for r in conn.execute(q.order_by(samples.c.seq)))
-    return out
-
-
 def plan_run_data(store: Store, settings: Settings, *, parent_cutoff: int, data_cutoff: int, seed: int) -> RunData:
     """New train samples in (parent_cutoff, data_cutoff], a replay draw at or before parent_cutoff.
 
@@ -106,12 +79,12 @@ def plan_run_data(store: Store, settings: Settings, *, parent_cutoff: int, data_
     """
     t = settings.training
     class_index = {c: i for i, c in enumerate(settings.model.classes)}
-    new_rows = _index_rows(store, after=parent_cutoff, upto=data_cutoff)
+    new_rows = store.train_index(after=parent_cutoff, upto=data_cutoff)
     replay_rows: list[tuple[int, str, str]] = []
     if uses_replay(t.strategy) and parent_cutoff > 0:
         # Seeded by the cutoff too, so successive runs replay different old samples.
         drawn = draw_replay(store, t.replay_buffer, cutoff=parent_cutoff, seed=seed + parent_cutoff)
-        replay_rows = _index_rows(store, seqs=drawn.tolist())
+        replay_rows = store.train_index(seqs=drawn.tolist())
     skipped = 0
     parts: dict[str, tuple[list[int], list[int]]] = {"new": ([], []), "replay": ([], []), "validation": ([], [])}
     for name, rows in (("new", new_rows), ("replay", replay_rows)):
@@ -146,38 +119,12 @@ Transform = Callable[[Any], torch.Tensor]
 
 
 def load_transform(spec: InputSettings, *, train: bool) -> Transform:
-    from continual.models import make_transform
-
     return make_transform(spec, train=train)
 
 
-@dataclass(frozen=True)
-class PayloadRow:
-    """The columns training needs: no timestamps or metadata to parse."""
-
-    seq: int
-    external_id: str
-    kind: str
-    payload: bytes
-
-
-def fetch_payloads(store: Store, seqs: Sequence[int], *, chunk: int = 500) -> Iterator[list[PayloadRow]]:
-    """Rows for ``seqs`` (any order), ``chunk`` per query, in seq order within a chunk."""
-    wanted = sorted(int(s) for s in seqs)
-    cols = select(samples.c.seq, samples.c.external_id, samples.c.kind, samples.c.payload)
-    for i in range(0, len(wanted), chunk):
-        with read_tx(store.engine) as conn:
-            q = cols.where(samples.c.seq.in_(wanted[i : i + chunk])).order_by(samples.c.seq)
-            yield [PayloadRow(int(r[0]), r[1], r[2], bytes(r[3])) for r in conn.execute(q)]
-
-
-def decode_row(row: SampleRow | PayloadRow, transform: Transform) -> torch.Tensor:
-    from continual.ingest.decode import decode_payload
-
-    try:
-        return transform(decode_payload(row.kind, row.payload))
-    except Exception as e:  # a corrupt payload must name the sample, whatever the decoder raised
-        raise BadSample(row.seq, row.external_id, f"{type(e).__name__}: {e}") from e
+def decode_row(row: StoredInput, transform: Transform) -> torch.Tensor:
+    """``transform`` of a stored row; a row that cannot be decoded fails the run naming it (:class:`BadSample`)."""
+    return transform_stored(row, transform)
 
 
 class SampleDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
@@ -236,7 +183,7 @@ class SampleDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         if self._transform is None:
             self._transform = load_transform(self.spec, train=self.train)
         decoded: dict[int, torch.Tensor] = {}
-        for rows in fetch_payloads(self._get_store(), self.seqs.tolist()):
+        for rows in self._get_store().payloads(self.seqs.tolist()):
             for row in rows:
                 decoded[row.seq] = decode_row(row, self._transform)
         missing = [int(s) for s in self.seqs if int(s) not in decoded]
@@ -261,7 +208,7 @@ class SampleDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             if self._transform is None:
                 self._transform = load_transform(self.spec, train=self.train)
             wanted = [int(self.seqs[idxs[j]]) for j in missing]
-            rows = {r.seq: r for batch in fetch_payloads(self._get_store(), wanted) for r in batch}
+            rows = {r.seq: r for batch in self._get_store().payloads(wanted) for r in batch}
             for j, seq in zip(missing, wanted, strict=True):
                 row = rows.get(seq)
                 if row is None:
@@ -294,7 +241,7 @@ class TensorBatches(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return self.x[t], self.y[t]
 
 
-def _as_batch(batch: Any) -> Any:
+def _as_batch(batch: Any) -> Any:  # Any: the collate hook passes through whatever __getitems__ built
     # __getitems__ returns a collated batch already.
     return batch
 

@@ -24,13 +24,6 @@ class EvalResult:
     seqs: np.ndarray | None = None
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto``: CUDA when present, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,

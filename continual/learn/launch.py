@@ -16,15 +16,19 @@ import time
 from pathlib import Path
 
 from continual.config import Settings
-from continual.learn import runs
 from continual.learn.orphan import SERVICE_PID_ENV
-from continual.store import Store
+from continual.store import RunNotPending, Store
+from continual.store.runs import FINISHED
 
-WORKER_MODULE = "continual.learn.worker"
+# The worker process (its composition root: store, registry, signals); it runs continual.learn.run.execute_run.
+WORKER_MODULE = "continual.service.worker"
 
 
 def worker_command(settings: Settings, run_id: int, config_path: str | os.PathLike[str] | None) -> list[str]:
-    """The argv of the worker: ``python -m continual.learn.worker`` or the same under torchrun."""
+    """The argv of the worker (``python -m continual.service.worker``), or the same under torchrun.
+
+    ``--config`` gives the worker its store connection only; what it trains comes from the run spec.
+    """
     t = settings.training
     # torchrun's parser takes "--run" for an ambiguous abbreviation of its --run-path: say --run-id there.
     tail = ["-m", WORKER_MODULE, "--run" if t.launcher == "local" else "--run-id", str(run_id)]
@@ -110,7 +114,7 @@ class RunHandle:
         reason = "cancelled: stop requested" if self._cancel_requested else describe_exit(code)
         if self.log_path is not None and status == "failed":
             reason += f" (log: {self.log_path})"
-        runs.finish_run(self.store, self.run_id, status, error=reason)
+        self.store.runs.finish(self.run_id, status, error=reason)
 
 
 def launch_run(
@@ -123,9 +127,9 @@ def launch_run(
     env: dict[str, str] | None = None,
 ) -> RunHandle:
     """Spawn the worker for a pending run; its output goes to ``<data_dir>/runs/<run_id>.log``."""
-    row = runs.get_run(store, run_id)
+    row = store.runs.get(run_id)
     if row["status"] != "pending":
-        raise runs.RunNotPending(run_id, row["status"])
+        raise RunNotPending(run_id, row["status"])
     child_env = dict(os.environ if env is None else env)
     child_env[SERVICE_PID_ENV] = str(os.getpid())  # the worker stops if this process dies (see orphan.py)
     if config_path is None:
@@ -146,12 +150,14 @@ def launch_run(
     return RunHandle(run_id, process, store, log_path)
 
 
-def wait_for_progress(store: Store, run_id: int, *, phase: str = "training", timeout: float = 60.0) -> dict:
+def wait_for_progress(
+    store: Store, run_id: int, *, phase: str = "training", timeout: float = 60.0
+) -> dict[str, object]:
     """Block until the run reports ``phase`` (tests and the CLI use it); returns the row."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        row = runs.get_run(store, run_id)
-        if row["status"] in runs.FINISHED or (row.get("progress") or {}).get("phase") == phase:
+        row = store.runs.get(run_id)
+        if row["status"] in FINISHED or (row.get("progress") or {}).get("phase") == phase:
             return row
         time.sleep(0.05)
     raise TimeoutError(f"training run {run_id} did not reach phase {phase!r} within {timeout:g} s")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -18,11 +18,45 @@ class DecodedLike(Protocol):
 
     kind: str
     payload: bytes
-    image: Any
+    image: Image.Image | None
 
 
 class TransformError(ValueError):
     """A sample that does not fit the configured input spec."""
+
+
+class StoredInput(Protocol):
+    """A stored sample as training, evaluation and drift read it back (``continual.store.SampleRow`` is one)."""
+
+    seq: int
+    external_id: str
+    kind: str
+    payload: bytes
+
+
+class BadSample(ValueError):
+    """A stored sample that cannot be decoded or transformed; a run fails naming it."""
+
+    def __init__(self, seq: int, external_id: str, reason: str) -> None:
+        self.seq, self.external_id, self.reason = seq, external_id, reason
+        super().__init__(f"sample seq={seq} id={external_id!r} cannot be used: {reason}")
+
+
+def transform_stored(row: StoredInput, transform: Callable[[DecodedLike], torch.Tensor]) -> torch.Tensor:
+    """``transform`` of a stored sample; any failure names the sample (:class:`BadSample`)."""
+    try:
+        return transform(_Stored(row.kind, row.payload))
+    except Exception as e:  # a corrupt payload must name the sample, whatever the decoder raised
+        raise BadSample(row.seq, row.external_id, f"{type(e).__name__}: {e}") from e
+
+
+class _Stored:
+    """Stored bytes as a transform takes them: images are decoded by the transform itself."""
+
+    __slots__ = ("image", "kind", "payload")
+
+    def __init__(self, kind: str, payload: bytes) -> None:
+        self.kind, self.payload, self.image = kind, payload, None
 
 
 def input_shape(spec: InputSettings) -> tuple[int, ...]:

@@ -1,41 +1,69 @@
-"""The store: samples, versions, runs, decisions, drift checks and events in one database."""
+"""The store: samples, versions, runs, decisions, drift checks and events in one database.
+
+The only package that imports SQLAlchemy or writes SQL. :class:`Store` owns the
+engine and the sample methods; the other tables have one owner each, reached as
+``store.versions`` (model versions, the champion pointer), ``store.runs``
+(training runs), ``store.records`` (gate decisions, drift checks, events) and
+``store.leases`` (the trainer lease).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from datetime import UTC, datetime
-from typing import Any
+from datetime import datetime
 
 import numpy as np
-from sqlalchemy import Engine, insert, select, text
+from sqlalchemy import Engine, text
+from sqlalchemy.engine import make_url
 
-from continual.config import Settings
+from continual.config import Settings, StoreSettings, read_secret_file
 from continual.store import samples as _samples
-from continual.store.engine import StoreUnavailable, make_engine, read_tx, write_tx
+from continual.store import sampling as _reads
+from continual.store.engine import StoreUnavailable, make_engine, read_tx
+from continual.store.lease import Leases
 from continual.store.migrate import SchemaOutOfDate, check_schema, current_revision, head_revision, upgrade
+from continual.store.records import Records
+from continual.store.runs import RunActive, RunNotFound, RunNotPending, Runs
 from continual.store.samples import (
     IdConflict,
     InsertResult,
     NewSample,
+    PayloadRow,
     PayloadTooLarge,
     SampleRow,
     split_of,
-    vector_from_payload,
 )
-from continual.store.schema import events
+from continual.store.sampling import vector_from_payload
+from continual.store.versions import Champion, ChampionMoved, NoPreviousChampion, VersionNotFound, Versions
 
 __all__ = [
+    "Champion",
+    "ChampionMoved",
     "IdConflict",
     "InsertResult",
     "NewSample",
+    "NoPreviousChampion",
+    "PayloadRow",
     "PayloadTooLarge",
+    "RunActive",
+    "RunNotFound",
+    "RunNotPending",
     "SampleRow",
     "SchemaOutOfDate",
     "Store",
     "StoreUnavailable",
+    "VersionNotFound",
     "split_of",
     "vector_from_payload",
 ]
+
+
+def store_url(s: StoreSettings) -> str:
+    """The SQLAlchemy URL of a store section, with the password from ``password_file`` put in."""
+    if not s.password_file:
+        return s.url
+    password = read_secret_file(s.password_file).strip()
+    return make_url(s.url).set(password=password).render_as_string(hide_password=False)
 
 
 class Store:
@@ -56,12 +84,17 @@ class Store:
         self.holdout_fraction = holdout_fraction
         self.max_payload_bytes = max_payload_bytes
         self.engine: Engine = make_engine(url, busy_timeout_ms=busy_timeout_ms, pool_size=pool_size)
+        self.versions = Versions(self.engine)
+        self.runs = Runs(self.engine)
+        self.records = Records(self.engine)
+        self.leases = Leases(self.engine)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Store:
-        s = settings.store
+        """The configured store: the SQLite default in the data dir, or ``[store] url`` with its password file."""
+        s = settings.resolved_store()
         return cls(
-            settings.store_url,
+            store_url(s),
             holdout_fraction=s.holdout_fraction,
             max_payload_bytes=s.max_payload_bytes,
             busy_timeout_ms=s.busy_timeout_ms,
@@ -107,20 +140,20 @@ class Store:
         return split_of(external_id, self.holdout_fraction)
 
     def max_seq(self) -> int:
-        return _samples.max_seq(self.engine)
+        return _reads.max_seq(self.engine)
 
     def count(
         self, *, after: int | None = None, upto: int | None = None, split: str | None = None, label: str | None = None
     ) -> int:
-        return _samples.count(self.engine, after=after, upto=upto, split=split, label=label)
+        return _reads.count(self.engine, after=after, upto=upto, split=split, label=label)
 
     def label_counts(
         self, *, after: int | None = None, upto: int | None = None, split: str | None = None
     ) -> dict[str, int]:
-        return _samples.label_counts(self.engine, after=after, upto=upto, split=split)
+        return _reads.label_counts(self.engine, after=after, upto=upto, split=split)
 
     def split_label_counts(self) -> dict[tuple[str, str], int]:
-        return _samples.split_label_counts(self.engine)
+        return _reads.split_label_counts(self.engine)
 
     def draw(
         self,
@@ -132,10 +165,10 @@ class Store:
         balanced: bool = False,
         seed: int = 0,
     ) -> np.ndarray:
-        return _samples.draw(self.engine, k, after=after, upto=upto, split=split, balanced=balanced, seed=seed)
+        return _reads.draw(self.engine, k, after=after, upto=upto, split=split, balanced=balanced, seed=seed)
 
     def newest(self, n: int, *, after: int | None = None, split: str | None = None) -> np.ndarray:
-        return _samples.newest(self.engine, n, after=after, split=split)
+        return _reads.newest(self.engine, n, after=after, split=split)
 
     def iter_samples(
         self,
@@ -146,23 +179,23 @@ class Store:
         split: str | None = None,
         batch_size: int = 500,
     ) -> Iterator[list[SampleRow]]:
-        return _samples.iter_samples(self.engine, seqs=seqs, after=after, upto=upto, split=split, batch_size=batch_size)
+        return _reads.iter_samples(self.engine, seqs=seqs, after=after, upto=upto, split=split, batch_size=batch_size)
 
     def exclude(self, external_ids: Sequence[str]) -> tuple[int, list[str]]:
         """Take samples out of play (training, holdouts, drift, pending); returns (changed, unknown ids)."""
         return _samples.exclude(self.engine, external_ids)
 
     def get_samples(self, seqs: Iterable[int]) -> list[SampleRow]:
-        return _samples.get_samples(self.engine, seqs)
+        return _reads.get_samples(self.engine, seqs)
 
-    # -- audit log ------------------------------------------------------------
-    def record_event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
-        with write_tx(self.engine) as conn:
-            conn.execute(insert(events).values(created_at=datetime.now(UTC), kind=kind, message=message, data=data))
+    def train_index(
+        self, *, seqs: Sequence[int] | None = None, after: int | None = None, upto: int | None = None
+    ) -> list[tuple[int, str, str]]:
+        """(seq, external_id, label) of the train-split samples in play, by seqs or by range."""
+        return _reads.train_index(self.engine, seqs=seqs, after=after, upto=upto)
 
-    def recent_events(self, limit: int = 50, kind: str | None = None) -> list[dict[str, Any]]:
-        with read_tx(self.engine) as conn:
-            q = select(events).order_by(events.c.id.desc()).limit(limit)
-            if kind:
-                q = q.where(events.c.kind == kind)
-            return [dict(r._mapping) for r in conn.execute(q)]
+    def payloads(self, seqs: Sequence[int], *, chunk: int = 500) -> Iterator[list[PayloadRow]]:
+        return _reads.payloads(self.engine, seqs, chunk=chunk)
+
+    def hashes_and_labels(self, seqs: Sequence[int]) -> dict[int, tuple[str, str]]:
+        return _reads.hashes_and_labels(self.engine, seqs)

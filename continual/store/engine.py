@@ -37,7 +37,7 @@ def _sqlite_engine(url: str, busy_timeout_ms: int) -> Engine:
     )
 
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:  # Any: the DB-API driver's own connection types
         # Let SQLAlchemy's begin event emit BEGIN itself (see _on_begin).
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()

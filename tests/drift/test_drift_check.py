@@ -9,52 +9,21 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
-from looputil import digits, write_config
+from looputil import write_config
+from modelutil import feed, import_champion
 from prometheus_client import CollectorRegistry
-from sqlalchemy import select
+from testkit import digit_samples
 
-from continual.config import Settings, load_settings
+from continual.config import load_settings
 from continual.drift.check import DriftDecision, run_check
 from continual.drift.windows import EmbeddingCache
 from continual.ingest.decode import Decoded
-from continual.learn.features import FeatureCache, backbone_hash, embed_samples
 from continual.metrics import Metrics
-from continual.models import build_model
+from continual.models.features import FeatureCache, backbone_hash, embed_rows
 from continual.registry import Registry
+from continual.service.jobs import mirror_drift
 from continual.serving import Serving
-from continual.store import NewSample, Store
-from continual.store.engine import read_tx
-from continual.store.schema import drift_checks
-
-
-def feed(store: Store, samples: list[dict[str, Any]]) -> None:
-    store.insert([NewSample(s["id"], s["label"], "vector", np.asarray(s["x"], np.float32).tobytes()) for s in samples])
-
-
-_FITTED: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
-
-
-def trained_state(settings: Settings) -> dict[str, torch.Tensor]:
-    """A tiny MLP fitted on the original digits (full batch), once per session and hidden size."""
-    hidden = tuple(settings.model.hidden)
-    if hidden not in _FITTED:
-        _FITTED[hidden] = _fit(settings)
-    return {k: v.clone() for k, v in _FITTED[hidden].items()}
-
-
-def _fit(settings: Settings) -> dict[str, torch.Tensor]:
-    torch.manual_seed(0)
-    model = build_model(settings.model)
-    data = digits("original")
-    x = torch.tensor([s["x"] for s in data])
-    y = torch.tensor([int(s["label"]) for s in data])
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    for _ in range(60):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model.eval().state_dict()
+from continual.store import Store
 
 
 class Env:
@@ -62,31 +31,26 @@ class Env:
         self.settings = load_settings(write_config(tmp_path, over), env={})
         self.store = store
         self.metrics = Metrics(CollectorRegistry())
-        self.registry = Registry(tmp_path / "models", store, self.metrics)
+        self.registry = Registry(tmp_path / "models", store, on_refused=self.metrics.model_refused)
         self.cache = EmbeddingCache()
 
     def champion(self, cutoff: int) -> str:
-        m = self.registry.write_version(
-            trained_state(self.settings),
-            architecture="mlp",
-            classes=self.settings.model.classes,
-            input_spec=self.settings.model.input.model_dump(mode="json"),
-            parent=None,
-            data_cutoff=cutoff,
-        )
-        self.registry.promote(m.version, reason="import")
-        return m.version
+        return import_champion(self.registry, self.settings, cutoff)
 
     def check(self, champion: str, serving: Serving | None = None) -> DriftDecision:
-        return run_check(
+        """The service's check (run_check, then the metrics mirror), as the check job runs it."""
+        d = run_check(
             self.settings,
             self.store,
             self.registry,
-            self.metrics,
-            serving=serving,
             champion=champion,
             cache=self.cache,
+            live=serving.live if serving is not None else None,
+            predictions=serving.reservoir_snapshot() if serving is not None else None,
         )
+        if d.check_id is not None:
+            mirror_drift(self.metrics, d)
+        return d
 
     def gauge(self, name: str, detector: str | None = None) -> float | None:
         labels = {"detector": detector} if detector else {}
@@ -94,15 +58,14 @@ class Env:
 
 
 def rows(store: Store) -> list[dict[str, Any]]:
-    with read_tx(store.engine) as conn:
-        return [dict(r._mapping) for r in conn.execute(select(drift_checks).order_by(drift_checks.c.id))]
+    return store.records.drift_checks()
 
 
 def test_inverted_digits_are_drift_and_the_row_and_metrics_say_so(tmp_path: Path, store: Store) -> None:
     env = Env(tmp_path, store)
-    feed(store, digits("original", stop=600))
+    feed(store, digit_samples("original", stop=600))
     champion = env.champion(store.max_seq())
-    feed(store, digits("inverted", start=600, stop=1000))
+    feed(store, digit_samples("inverted", start=600, stop=1000))
 
     d = env.check(champion)
     assert d.detected and d.check_id is not None
@@ -135,7 +98,7 @@ def test_inverted_digits_are_drift_and_the_row_and_metrics_say_so(tmp_path: Path
 def test_same_distribution_halves_are_not_drift(tmp_path: Path, store: Store) -> None:
     env = Env(tmp_path, store)
     # A shuffled split of the same digits: old and new come from one distribution.
-    data = digits("original")
+    data = digit_samples("original")
     order = np.random.default_rng(1).permutation(len(data))
     feed(store, [data[i] for i in order[:900]])
     champion = env.champion(store.max_seq())
@@ -151,9 +114,9 @@ def test_same_distribution_halves_are_not_drift(tmp_path: Path, store: Store) ->
 
 def test_too_few_samples_checks_nothing_and_writes_nothing(tmp_path: Path, store: Store) -> None:
     env = Env(tmp_path, store)
-    feed(store, digits("original", stop=300))
+    feed(store, digit_samples("original", stop=300))
     champion = env.champion(store.max_seq())
-    feed(store, digits("inverted", start=300, stop=330))  # 30 < min_samples 50
+    feed(store, digit_samples("inverted", start=300, stop=330))  # 30 < min_samples 50
 
     d = env.check(champion)
     assert not d.detected and d.results == [] and d.check_id is None
@@ -166,16 +129,16 @@ def test_too_few_samples_checks_nothing_and_writes_nothing(tmp_path: Path, store
 
 def test_a_second_check_embeds_only_the_new_samples(tmp_path: Path, store: Store) -> None:
     env = Env(tmp_path, store)
-    feed(store, digits("original", stop=400))
+    feed(store, digit_samples("original", stop=400))
     champion = env.champion(store.max_seq())
-    feed(store, digits("original", start=400, stop=500))
+    feed(store, digit_samples("original", start=400, stop=500))
     env.check(champion)
     assert (env.cache.computed, env.cache.hits) == (500, 0)
 
     env.check(champion)  # nothing new: every embedding is a cache hit
     assert (env.cache.computed, env.cache.hits) == (500, 500)
 
-    feed(store, digits("original", start=500, stop=520))
+    feed(store, digit_samples("original", start=500, stop=520))
     d = env.check(champion)
     assert env.cache.computed == 520  # only the 20 new samples went through the model
     assert d.n_current == 120 and len(rows(store)) == 3
@@ -183,13 +146,13 @@ def test_a_second_check_embeds_only_the_new_samples(tmp_path: Path, store: Store
 
 def test_prediction_shift_from_the_serving_reservoir_before_any_labels(tmp_path: Path, store: Store) -> None:
     env = Env(tmp_path, store)
-    feed(store, digits("original", stop=800))
+    feed(store, digit_samples("original", stop=800))
     champion = env.champion(store.max_seq())
-    serving = Serving(env.settings, env.metrics)
+    serving = Serving(env.settings, events=env.metrics)
     assert serving.sync(env.registry)
 
     # Same-distribution traffic first: no alarm. No new feedback at all, so only this detector runs.
-    same = digits("original", start=800, stop=1100)
+    same = digit_samples("original", start=800, stop=1100)
     serving.predict([Decoded("vector", np.asarray(s["x"], "<f4").tobytes()) for s in same])
     d = env.check(champion, serving)
     assert [r.detector for r in d.results] == ["prediction_shift"], d.reasons
@@ -197,11 +160,12 @@ def test_prediction_shift_from_the_serving_reservoir_before_any_labels(tmp_path:
     assert d.n_current == 300 and "current window has 0 samples" in d.skipped["mmd"]
 
     # Then inverted strokes arrive at /v1/predict, still without a single label.
-    shifted = digits("inverted", start=1100, stop=1500)
+    shifted = digit_samples("inverted", start=1100, stop=1500)
+    stored = store.count()
     serving.predict([Decoded("vector", np.asarray(s["x"], "<f4").tobytes()) for s in shifted])
     d = env.check(champion, serving)
     assert d.detected and d.results[0].detected, d.reasons
-    assert store.count(after=store.max_seq() - 0) == 0  # no feedback was stored for any of it
+    assert store.count() == stored  # predicting stored no samples: no feedback for any of it
     row = rows(store)[-1]
     [pred] = [r for r in row["results"]["detectors"] if r["detector"] == "prediction_shift"]
     assert pred["detected"] is True and pred["p_value"] < 0.01 and math.isfinite(pred["effect"])
@@ -210,11 +174,13 @@ def test_prediction_shift_from_the_serving_reservoir_before_any_labels(tmp_path:
 
 def test_reservoir_of_another_version_is_not_used(tmp_path: Path, store: Store) -> None:
     env = Env(tmp_path, store)
-    feed(store, digits("original", stop=400))
+    feed(store, digit_samples("original", stop=400))
     first = env.champion(store.max_seq())
-    serving = Serving(env.settings, env.metrics)
+    serving = Serving(env.settings, events=env.metrics)
     serving.sync(env.registry)
-    serving.predict([Decoded("vector", np.asarray(s["x"], "<f4").tobytes()) for s in digits("inverted", stop=200)])
+    serving.predict(
+        [Decoded("vector", np.asarray(s["x"], "<f4").tobytes()) for s in digit_samples("inverted", stop=200)]
+    )
     second = env.champion(store.max_seq())  # promoted, but serving has not followed yet
     d = env.check(second, serving)
     assert d.results == [] and "too few samples" in d.reasons[0]
@@ -223,9 +189,9 @@ def test_reservoir_of_another_version_is_not_used(tmp_path: Path, store: Store) 
 
 def test_a_new_champion_with_the_same_frozen_base_reuses_its_embeddings(tmp_path: Path, store: Store) -> None:
     env = Env(tmp_path, store)
-    feed(store, digits("original", stop=400))
+    feed(store, digit_samples("original", stop=400))
     first = env.champion(store.max_seq())
-    feed(store, digits("original", start=400, stop=500))
+    feed(store, digit_samples("original", start=400, stop=500))
     env.check(first)
     assert env.cache.computed == 500
 
@@ -237,15 +203,15 @@ def test_a_new_champion_with_the_same_frozen_base_reuses_its_embeddings(tmp_path
 
 def test_the_training_workers_feature_cache_seeds_the_first_check(tmp_path: Path, store: Store) -> None:
     env = Env(tmp_path, store)
-    feed(store, digits("original", stop=400))
+    feed(store, digit_samples("original", stop=400))
     champion = env.champion(store.max_seq())
     # What a feature_extraction run leaves behind: the frozen base's features of the old
     # samples, saved by the learn FeatureCache under the backbone's hash.
     model = env.registry.load_model(champion, env.settings)
     disk = FeatureCache(backbone_hash(model), 10_000, env.settings.service.data_dir / "cache" / "features")
-    embed_samples(model, store.draw(400, split=None), spec=env.settings.model.input, store=store, cache=disk)
+    embed_rows(model, store.get_samples(store.draw(400, split=None)), spec=env.settings.model.input, cache=disk)
     disk.save()
-    feed(store, digits("inverted", start=400, stop=500))
+    feed(store, digit_samples("inverted", start=400, stop=500))
 
     d = env.check(champion)
     assert d.detected and d.n_reference == 400

@@ -6,16 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
-from looputil import digits, write_config
-from sqlalchemy import func, select
-from test_drift_check import feed, trained_state
+from looputil import write_config
+from modelutil import feed, import_champion
+from testkit import digit_samples
 
 from continual.cli import main
 from continual.config import load_settings
 from continual.registry import Registry
 from continual.store import Store
-from continual.store.engine import read_tx
-from continual.store.schema import drift_checks
 
 
 @pytest.fixture
@@ -32,8 +30,7 @@ def run(capsys: pytest.CaptureFixture[str], config: Path, *args: str) -> tuple[i
 
 
 def n_rows(store: Store) -> int:
-    with read_tx(store.engine) as conn:
-        return int(conn.execute(select(func.count()).select_from(drift_checks)).scalar_one())
+    return len(store.records.drift_checks())
 
 
 def test_drift_check_reports_each_detector(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -42,23 +39,15 @@ def test_drift_check_reports_each_detector(config: Path, capsys: pytest.CaptureF
 
     settings = load_settings(config, env={})
     store = Store.from_settings(settings)
-    feed(store, digits("original", stop=400))
+    feed(store, digit_samples("original", stop=400))
     registry = Registry(settings.models_dir, store)
-    version = registry.write_version(
-        trained_state(settings),
-        architecture="mlp",
-        classes=settings.model.classes,
-        input_spec=settings.model.input.model_dump(mode="json"),
-        parent=None,
-        data_cutoff=store.max_seq(),
-    ).version
-    registry.promote(version, reason="import")
+    version = import_champion(registry, settings, store.max_seq())
 
     code, out, _ = run(capsys, config)
     assert code == 0 and "no drift" in out and "too few samples" in out and "not recorded" in out
     assert n_rows(store) == 0
 
-    feed(store, digits("inverted", start=400, stop=600))
+    feed(store, digit_samples("inverted", start=400, stop=600))
     code, out, _ = run(capsys, config)
     assert code == 0 and f"champion {version}: DRIFT DETECTED" in out, out
     assert "mmd" in out and "ks" in out and "label_shift" in out and "p-value" in out

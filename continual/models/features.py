@@ -4,7 +4,8 @@ In ``feature_extraction`` mode the base never changes during a run, so its outpu
 for a sample is a pure function of (base weights, payload): the cache key is the
 pair (hash of the backbone's weights, payload sha256). Every epoch after the first
 then costs only the head. The drift monitor embeds samples through the same
-function and cache.
+function and cache. Callers read the rows (``continual.store``); this module only
+computes and caches.
 """
 
 from __future__ import annotations
@@ -15,14 +16,24 @@ import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
 from continual.config import InputSettings
-from continual.learn.data import decode_row, load_transform
-from continual.store import SampleRow, Store
+from continual.models.transforms import make_transform, transform_stored
+
+
+class EmbeddableRow(Protocol):
+    """A stored sample with its payload hash (``continual.store.SampleRow`` is one)."""
+
+    seq: int
+    external_id: str
+    kind: str
+    payload: bytes
+    sha256: str
 
 
 def backbone_hash(model: nn.Module) -> str:
@@ -101,45 +112,30 @@ class FeatureCache:
 
 
 @torch.inference_mode()
-def embed_samples(
+def embed_rows(
     model: nn.Module,
-    rows_or_seqs: Sequence[SampleRow] | Sequence[int] | np.ndarray,
+    rows: Sequence[EmbeddableRow],
     *,
     spec: InputSettings,
-    store: Store | None = None,
     cache: FeatureCache | None = None,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
 ) -> np.ndarray:
-    """Backbone embeddings ``[N, D]`` (float32), in the order given; cached rows skip the backbone.
-
-    ``rows_or_seqs``: stored rows, or seqs to read from ``store`` (in batches).
-    """
+    """Backbone embeddings ``[N, D]`` (float32) of ``rows``, in order; cached rows skip the backbone."""
     device = torch.device(device) if isinstance(device, str) else device
-    items = list(rows_or_seqs)
-    if not items:
+    if not rows:
         dim = int(getattr(model, "embedding_dim", 0))
         return np.empty((0, dim), dtype=np.float32)
-    if isinstance(items[0], SampleRow):
-        rows: list[SampleRow] = items  # type: ignore[assignment]
-    else:
-        if store is None:
-            raise ValueError("embed_samples got seqs but no store to read them from")
-        by_seq = {r.seq: r for batch in store.iter_samples(seqs=[int(s) for s in items]) for r in batch}
-        missing = [int(s) for s in items if int(s) not in by_seq]
-        if missing:
-            raise KeyError(f"samples not in the store: seqs {missing[:10]}")
-        rows = [by_seq[int(s)] for s in items]
     embed = getattr(model, "embed", None) or getattr(model, "backbone", model)
     was_training = model.training
     model.eval()
-    transform = load_transform(spec, train=False)
+    transform = make_transform(spec, train=False)
     out: list[np.ndarray | None] = [cache.get(r.sha256) if cache is not None else None for r in rows]
     todo = [i for i, v in enumerate(out) if v is None]
     try:
         for start in range(0, len(todo), batch_size):
             idx = todo[start : start + batch_size]
-            x = torch.stack([decode_row(rows[i], transform) for i in idx]).to(device)
+            x = torch.stack([transform_stored(rows[i], transform) for i in idx]).to(device)
             feats = embed(x).float().cpu().numpy()
             for i, f in zip(idx, feats, strict=True):
                 out[i] = f

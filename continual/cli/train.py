@@ -11,11 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import socket
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
 
-from continual.config import config_path, load_settings
+from continual.cli.common import UserError, open_store, poll, settings_of
+from continual.config import Settings, config_path
+from continual.learn.launch import WORKER_MODULE, launch_run
+from continual.learn.run import create_run, request_run
+from continual.procutil import process_alive
+from continual.store import Store
+from continual.store.runs import FINISHED
 
 # After a requested run succeeded: how long --wait waits for the gate's decision.
 GATE_WAIT_SECONDS = 600.0
@@ -34,7 +43,7 @@ _SHOWN = (
 )
 
 
-def register(sub: Any, common: argparse.ArgumentParser) -> None:
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "train", parents=[common], help="ask the service for a training run (gated), or train one now (--now)"
     )
@@ -63,27 +72,19 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from continual.cli import UserError
-    from continual.learn import runs
-    from continual.store import Store
-
     if args.cancel:
         if args.now or args.wait or args.timeout is not None or args.strategy or args.seed is not None:
             raise UserError("--cancel takes no other training option")
-        settings = load_settings(args.config)
-        store = Store.from_settings(settings)
-        store.check_schema()
-        return _cancel(store)
+        return _cancel(open_store(settings_of(args)))
     if not args.now and (args.strategy or args.seed is not None):
         raise UserError("--strategy and --seed apply to --now only; a requested run uses the service's settings")
     if args.now and (args.wait or args.timeout is not None):
         raise UserError("--wait and --timeout apply to a requested run; --now always waits")
     if args.timeout is not None and (not args.wait or args.timeout <= 0):
         raise UserError("--timeout needs --wait and a positive number of seconds")
-    settings = load_settings(args.config)
-    store = Store.from_settings(settings)
-    store.check_schema()
-    active = runs.active_runs(store)
+    settings = settings_of(args)
+    store = open_store(settings)
+    active = store.runs.active()
     if active:
         raise UserError(
             f"training run {active[0]['id']} is {active[0]['status']} already; wait for it or `continual train --cancel` it"
@@ -91,27 +92,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     return _train_now(args, settings, store) if args.now else _request(args, settings, store)
 
 
-def _cancel(store: Any) -> int:
+def _cancel(store: Store) -> int:
     """A pending run is marked cancelled; a running one gets SIGTERM (its worker stops within a step, writes nothing)."""
-    import os
-    import signal
-    import socket
-
-    from continual.cli import UserError
-    from continual.learn import runs
-    from continual.procutil import process_alive
-
-    active = runs.active_runs(store)
+    active = store.runs.active()
     if not active:
         raise UserError("no training run is pending or running")
     run = active[0]
     run_id = run["id"]
     if run["status"] == "pending" and not run["pid"]:
-        if runs.finish_run(store, run_id, "cancelled", error="cancelled by the operator (continual train --cancel)"):
+        if store.runs.finish(run_id, "cancelled", error="cancelled by the operator (continual train --cancel)"):
             print(f"training run {run_id}: cancelled (it had not started)")
             return 0
-        run = runs.get_run(store, run_id)
-        if run["status"] in runs.FINISHED:
+        run = store.runs.get(run_id)
+        if run["status"] in FINISHED:
             print(f"training run {run_id}: {run['status']} already")
             return 0
     if run["host"] != socket.gethostname():
@@ -124,7 +117,7 @@ def _cancel(store: Any) -> int:
     # The worker leads (or, under torchrun, belongs to) its own process group: every rank hears it.
     os.killpg(os.getpgid(pid), signal.SIGTERM)
     print(f"training run {run_id}: SIGTERM sent to the worker (pid {pid}), waiting for it to stop ...", file=sys.stderr)
-    row = _poll(lambda: (r := runs.get_run(store, run_id))["status"] in runs.FINISHED and r, CANCEL_WAIT_SECONDS)
+    row = poll(lambda: (r := store.runs.get(run_id))["status"] in FINISHED and r, CANCEL_WAIT_SECONDS)
     if row is None:
         print(f"training run {run_id} has not stopped after {CANCEL_WAIT_SECONDS:g} s", file=sys.stderr)
         return 2
@@ -136,26 +129,13 @@ def _is_worker(pid: int) -> bool:
     """Whether ``pid`` is a continual training worker (not an unrelated process that reused the pid)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"continual.learn.worker" in f.read()
+            return WORKER_MODULE.encode() in f.read()
     except OSError:
         return True  # no /proc: trust the live pid
 
 
-def _poll(value: Any, seconds: float, interval: float = 0.25) -> Any:
-    """``value()`` once it is truthy, polling for up to ``seconds``; None if it never is."""
-    deadline = time.monotonic() + seconds
-    while not (got := value()):
-        if time.monotonic() > deadline:
-            return None
-        time.sleep(interval)
-    return got
-
-
-def _request(args: argparse.Namespace, settings: Any, store: Any) -> int:
-    from continual.learn import runs
-    from continual.status import decision_for_run
-
-    run_id = runs.request_run(store, settings, actor="cli")
+def _request(args: argparse.Namespace, settings: Settings, store: Store) -> int:
+    run_id = request_run(store, settings, actor="cli")
     every = settings.triggers.check_interval_seconds
     print(
         f"training run {run_id} requested: the service's trainer starts it at its next check (every {every:g} s) "
@@ -170,20 +150,20 @@ def _request(args: argparse.Namespace, settings: Any, store: Any) -> int:
     def finished() -> bool:
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError
-        if runs.get_run(store, run_id)["status"] in runs.FINISHED:
+        if store.runs.get(run_id)["status"] in FINISHED:
             return True
         time.sleep(0.5)
         return False
 
     try:
         _follow(store, run_id, finished, quiet=args.quiet)
-        row = runs.get_run(store, run_id)
+        row = store.runs.get(run_id)
         # The trainer gates right after the run (same tick); a gate that never decides
         # (the service died in between) must not keep this command forever.
         decision = None
         if row["status"] == "succeeded":
             left = GATE_WAIT_SECONDS if deadline is None else min(GATE_WAIT_SECONDS, deadline - time.monotonic())
-            decision = _poll(lambda: decision_for_run(store, run_id), left, interval=0.5)
+            decision = poll(lambda: store.records.decision_for_run(run_id), left, interval=0.5)
             if decision is None:
                 print(
                     f"training run {run_id} succeeded but the gate has not decided on "
@@ -206,15 +186,12 @@ def _request(args: argparse.Namespace, settings: Any, store: Any) -> int:
     return 0 if row["status"] == "succeeded" else 1
 
 
-def _train_now(args: argparse.Namespace, settings: Any, store: Any) -> int:
-    from continual.learn import runs
-    from continual.learn.launch import launch_run
-
+def _train_now(args: argparse.Namespace, settings: Settings, store: Store) -> int:
     if args.strategy:
         settings = settings.model_copy(
             update={"training": settings.training.model_copy(update={"strategy": args.strategy})}
         )
-    run_id = runs.create_run(store, settings, trigger="cli", seed=args.seed)
+    run_id = create_run(store, settings, trigger="cli", seed=args.seed)
     path = config_path(args.config)
     handle = launch_run(settings, store, run_id, path if path.is_file() else None)
     print(f"training run {run_id} started (pid {handle.pid}, log {handle.log_path})", file=sys.stderr)
@@ -224,7 +201,7 @@ def _train_now(args: argparse.Namespace, settings: Any, store: Any) -> int:
         print(f"cancelling training run {run_id} ...", file=sys.stderr)
         handle.cancel()
         return 130
-    row = runs.get_run(store, run_id)
+    row = store.runs.get(run_id)
     if args.json:
         print(json.dumps(row, indent=2, default=str))
     else:
@@ -232,18 +209,16 @@ def _train_now(args: argparse.Namespace, settings: Any, store: Any) -> int:
     return 0 if row["status"] == "succeeded" else 1
 
 
-def _follow(store: Any, run_id: int, finished: Any, *, quiet: bool) -> None:
+def _follow(store: Store, run_id: int, finished: Callable[[], bool], *, quiet: bool) -> None:
     """Show the run's progress row until ``finished()`` (which may block briefly) says it is over."""
     from tqdm import tqdm
-
-    from continual.learn import runs
 
     bar = None if quiet else tqdm(total=0, unit="step", desc=f"run {run_id}", file=sys.stderr, dynamic_ncols=True)
     try:
         while not finished():
             if bar is None:
                 continue
-            progress = runs.get_run(store, run_id).get("progress") or {}
+            progress = store.runs.get(run_id).get("progress") or {}
             if progress.get("steps") and bar.total != progress["steps"]:
                 bar.total = progress["steps"]
             if "step" in progress:
@@ -258,7 +233,7 @@ def _follow(store: Any, run_id: int, finished: Any, *, quiet: bool) -> None:
             bar.close()
 
 
-def _print_row(row: dict[str, Any]) -> None:
+def _print_row(row: dict[str, object]) -> None:
     print(f"training run {row['id']}: {row['status']}")
     if row.get("error"):
         print(f"  error: {row['error']}")

@@ -12,10 +12,13 @@ import argparse
 import json
 from typing import Any
 
-from continual.cli import UserError, _settings, _store
+from continual.cli.common import UserError, open_store, settings_of
+from continual.drift.check import run_check
+from continual.drift.windows import EmbeddingCache
+from continual.registry import Registry
 
 
-def register(sub: Any, common: argparse.ArgumentParser) -> None:
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:  # type: ignore[type-arg]
     drift = sub.add_parser("drift", parents=[common], help="drift monitoring").add_subparsers(
         dest="drift_command", metavar="ACTION"
     )
@@ -26,20 +29,15 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from continual.drift.check import run_check
-    from continual.metrics import Metrics
-    from continual.registry import ChecksumMismatch, Registry, VersionNotFound
-
-    settings = _settings(args)
-    store = _store(settings)
+    settings = settings_of(args)
+    store = open_store(settings)
     registry = Registry(settings.models_dir, store)
-    champion = registry.champion()
+    champion = store.versions.champion_version()
     if champion is None:
         raise UserError("no champion yet: drift is measured against the champion's data (import or train one first)")
-    try:
-        decision = run_check(settings, store, registry, Metrics(), champion=champion, record=not args.no_record)
-    except (VersionNotFound, ChecksumMismatch) as e:
-        raise UserError(f"cannot load the champion {champion}: {e}") from None
+    decision = run_check(
+        settings, store, registry, champion=champion, cache=EmbeddingCache(), record=not args.no_record
+    )
     if args.json:
         print(json.dumps(decision.to_dict(), indent=2, allow_nan=False))
         return 0
@@ -47,7 +45,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_report(d: dict[str, Any]) -> str:
+def format_report(d: dict[str, Any]) -> str:  # Any: DriftDecision.to_dict(), JSON values
     """A readable report of ``DriftDecision.to_dict()``: verdict, windows, one block per detector."""
     lines = [
         f"champion {d['champion']}: {'DRIFT DETECTED' if d['detected'] else 'no drift'}",
@@ -73,5 +71,5 @@ def format_report(d: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _num(v: Any) -> str:
+def _num(v: float | None) -> str:
     return "-" if v is None else f"{v:.4g}"

@@ -10,12 +10,12 @@ contract systemd relies on (``Type=notify``):
 4. a supervisor thread runs health checks every ``WATCHDOG_USEC / 2`` (at most
    every 5 s) and sends ``WATCHDOG=1`` only when all pass, ``STATUS=`` when the
    state line changes, and sets ``continual_store_up``;
-5. SIGTERM/SIGINT: ``STOPPING=1``, stop accepting connections, run the stop hooks
-   (the daemon cancels a training run there) while in-flight requests finish,
-   then exit 0 within ``[service] shutdown_timeout_seconds``. A second signal
-   skips the wait.
+5. SIGTERM/SIGINT: ``STOPPING=1``, stop accepting connections, run the
+   ``on_stop`` callbacks (the scheduler cancels a training run there) while
+   in-flight requests finish, then exit 0 within ``[service] shutdown_timeout_seconds``.
+   A second signal skips the wait.
 
-Later parts plug in through :class:`Hooks`, found at ``ctx.extras["lifecycle"]``.
+What it supervises comes in one :class:`Runtime`, built by the composition root.
 """
 
 from __future__ import annotations
@@ -28,14 +28,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import FrameType
-from typing import Any, Protocol
 
 import uvicorn
+from starlette.types import ASGIApp
 
-from continual.metrics import STATES, Metrics
-from continual.sdnotify import Notifier
+from continual.config import Settings
+from continual.metrics import Metrics
+from continual.service.sdnotify import Notifier
 
 log = logging.getLogger("continual.lifecycle")
 
@@ -43,50 +44,25 @@ log = logging.getLogger("continual.lifecycle")
 # Any problem withholds WATCHDOG=1, so systemd restarts a service that is stuck.
 HealthCheck = Callable[[], str | None]
 
-HOOKS_KEY = "lifecycle"
 DEFAULT_TICK_SECONDS = 5.0
 
 
 @dataclass
-class Hooks:
-    """Extension points for the daemon (and anything else that runs inside ``serve``).
+class Runtime:
+    """What :func:`run` supervises besides the app.
 
-    ``state`` returns the state shown in ``STATUS=`` (default: the ``continual_state``
-    gauge); ``health_checks`` gate ``WATCHDOG=1``; ``on_stop`` runs once on SIGTERM,
-    in registration order, while in-flight requests finish.
+    ``state`` and ``version`` feed the ``STATUS=`` line; ``health_checks`` gate
+    ``WATCHDOG=1``; ``on_stop`` runs once on SIGTERM, in order, while in-flight
+    requests finish.
     """
 
-    state: Callable[[], str] | None = None
-    health_checks: list[HealthCheck] = field(default_factory=list)
-    on_stop: list[Callable[[], None]] = field(default_factory=list)
-
-
-class _HasExtras(Protocol):
-    extras: dict[str, Any]
-
-
-def hooks_of(ctx: _HasExtras) -> Hooks:
-    """The context's hooks, created on first use (so the daemon and ``serve`` may ask in any order)."""
-    hooks = ctx.extras.setdefault(HOOKS_KEY, Hooks())
-    if not isinstance(hooks, Hooks):
-        raise TypeError(f"ctx.extras[{HOOKS_KEY!r}] must be a continual.lifecycle.Hooks, got {type(hooks).__name__}")
-    return hooks
-
-
-def metrics_state(metrics: Metrics) -> str:
-    """The state whose ``continual_state{state=...}`` sample is 1, or "unknown"."""
-    for s in STATES:
-        if metrics.registry.get_sample_value("continual_state", {"state": s}) == 1:
-            return s
-    return "unknown"
-
-
-def serving_version(metrics: Metrics) -> str | None:
-    for metric in metrics.model_info.collect():
-        for sample in metric.samples:
-            if sample.value == 1:
-                return sample.labels.get("version")
-    return None
+    settings: Settings
+    metrics: Metrics
+    ping: Callable[[], bool]
+    state: Callable[[], str]
+    version: Callable[[], str | None] = lambda: None
+    health_checks: Sequence[HealthCheck] = ()
+    on_stop: Sequence[Callable[[], None]] = ()
 
 
 def status_line(
@@ -116,7 +92,7 @@ def run_checks(checks: Sequence[HealthCheck]) -> list[str]:
 class ServerThread:
     """uvicorn in a daemon thread with its own event loop."""
 
-    def __init__(self, app: Any, *, host: str, port: int, log_level: str, graceful_seconds: float) -> None:
+    def __init__(self, app: ASGIApp, *, host: str, port: int, log_level: str, graceful_seconds: float) -> None:
         config = uvicorn.Config(
             app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=max(1, round(graceful_seconds))
         )
@@ -284,10 +260,9 @@ def _signals(stop: threading.Event, server: ServerThread) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def run(app: Any, ctx: Any, notifier: Notifier) -> int:
+def run(app: ASGIApp, rt: Runtime, notifier: Notifier) -> int:
     """Serve ``app`` until SIGTERM/SIGINT; 0 on a clean stop, 1 if the server could not start or died."""
-    settings, metrics, store = ctx.settings, ctx.metrics, ctx.store
-    hooks = hooks_of(ctx)
+    settings, metrics = rt.settings, rt.metrics
     grace = settings.service.shutdown_timeout_seconds
     server = ServerThread(
         app,
@@ -309,12 +284,9 @@ def run(app: Any, ctx: Any, notifier: Notifier) -> int:
         address = server.address
         # At most 5 s even with a long WatchdogSec, so STATUS= follows state changes closely.
         tick = min(notifier.watchdog_seconds or DEFAULT_TICK_SECONDS, DEFAULT_TICK_SECONDS)
-        state_of = hooks.state or (lambda: metrics_state(metrics))
 
         def status(store_ok: bool, problems: list[str]) -> str:
-            return status_line(
-                state_of(), address, version=serving_version(metrics), store_ok=store_ok, problems=problems
-            )
+            return status_line(rt.state(), address, version=rt.version(), store_ok=store_ok, problems=problems)
 
         ready_line = status(True, [])
         notifier.ready(ready_line)
@@ -322,9 +294,8 @@ def run(app: Any, ctx: Any, notifier: Notifier) -> int:
         supervisor = Supervisor(
             notifier=notifier,
             metrics=metrics,
-            ping=store.ping,
-            # Evaluated each round, so checks the daemon adds after start-up count too.
-            checks=[lambda: server.loop_responsive(timeout=max(1.0, tick)), _late(hooks)],
+            ping=rt.ping,
+            checks=[lambda: server.loop_responsive(timeout=max(1.0, tick)), *rt.health_checks],
             status=status,
             interval=tick,
             initial_status=ready_line,
@@ -339,10 +310,9 @@ def run(app: Any, ctx: Any, notifier: Notifier) -> int:
                 break
 
         supervisor_stop.set()
-        metrics.set_state("stopping")
         notifier.stopping("stopping: finishing in-flight requests")
-        server.server.should_exit = True  # stop accepting now; hooks run while requests drain
-        for hook in hooks.on_stop:
+        server.server.should_exit = True  # stop accepting now; on_stop runs while requests drain
+        for hook in rt.on_stop:
             try:
                 hook()
             except Exception:
@@ -352,11 +322,3 @@ def run(app: Any, ctx: Any, notifier: Notifier) -> int:
             code = code or 1
     log.info("stopped")
     return code
-
-
-def _late(hooks: Hooks) -> HealthCheck:
-    def daemon_checks() -> str | None:
-        problems = run_checks(hooks.health_checks)
-        return "; ".join(problems) or None
-
-    return daemon_checks

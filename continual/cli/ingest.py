@@ -1,4 +1,4 @@
-"""continual ingest PATH: send a directory tree, .npz or CSV to a running service.
+"""``continual ingest PATH`` (send a directory tree, .npz or CSV to a running service) and ``continual samples exclude``.
 
 Resumable: ids are derived from each file/row and its content, so a second run
 sends the same ids and the server answers "duplicate" for what it already has.
@@ -15,7 +15,9 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from continual.cli.common import UserError, open_store, settings_of
 from continual.client import Client, ClientError
+from continual.config import load_settings
 from continual.ingest.importers import ImportFormatError, Item, Skipped, open_source
 
 # Server error codes whose details name the samples at fault: drop those, resend the rest.
@@ -120,8 +122,6 @@ def format_report(report: ImportReport, *, max_reasons: int = 20) -> str:
 def default_url(args: argparse.Namespace) -> str:
     if os.environ.get("CONTINUAL_URL"):
         return os.environ["CONTINUAL_URL"]
-    from continual.config import load_settings
-
     s = load_settings(args.config, require_file=False).service
     host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
     return f"http://{host}:{s.port}"
@@ -129,8 +129,6 @@ def default_url(args: argparse.Namespace) -> str:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from tqdm import tqdm
-
-    from continual.cli import UserError
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -171,3 +169,34 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_ingest)
+
+    samples = sub.add_parser("samples", parents=[common], help="manage stored feedback").add_subparsers(
+        dest="samples_command", metavar="ACTION"
+    )
+    p = samples.add_parser(
+        "exclude", parents=[common], help="take poisoned or mislabeled samples out of training, holdouts and drift"
+    )
+    p.add_argument("ids", nargs="*", metavar="ID")
+    p.add_argument("--file", help="a file with one sample id per line")
+    p.add_argument("--reason", default="", help="recorded in the event log")
+    p.set_defaults(func=cmd_samples_exclude)
+
+
+def cmd_samples_exclude(args: argparse.Namespace) -> int:
+    ids = list(args.ids)
+    if args.file:
+        with open(args.file, encoding="utf-8") as f:
+            ids += [line.strip() for line in f if line.strip()]
+    if not ids:
+        raise UserError("no sample ids given (pass IDs or --file)")
+    store = open_store(settings_of(args))
+    changed, unknown = store.exclude(ids)
+    store.records.add_event(
+        "samples_excluded",
+        f"{changed} samples excluded from the command line: {args.reason}",
+        {"ids": ids[:100], "n": changed, "unknown": unknown[:100], "reason": args.reason, "actor": "cli"},
+    )
+    print(
+        f"excluded {changed} samples" + (f"; {len(unknown)} ids unknown: {', '.join(unknown[:10])}" if unknown else "")
+    )
+    return 0

@@ -3,28 +3,28 @@
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
-from collections.abc import Callable
-from typing import Any
 
-from continual.cli import UserError, _settings, _store
+from continual.cli.common import UserError, cli_actor, open_store, settings_of
+from continual.config import Settings
+from continual.models import build_model
+from continual.registry import Registry
 
 
-def register(sub: Any, common: argparse.ArgumentParser) -> None:
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:  # type: ignore[type-arg]
     models = sub.add_parser("models", parents=[common], help="model versions and the champion").add_subparsers(
         dest="models_command", metavar="ACTION"
     )
     p = models.add_parser("list", parents=[common], help="versions, statuses and the champion history")
     p.add_argument("--json", action="store_true", help="print the versions and the history as JSON")
-    p.set_defaults(func=_guard(cmd_list))
+    p.set_defaults(func=cmd_list)
 
     p = models.add_parser("promote", parents=[common], help="make a version champion (recorded as manual)")
     p.add_argument("version")
-    p.set_defaults(func=_guard(cmd_promote))
+    p.set_defaults(func=cmd_promote)
 
     p = models.add_parser("rollback", parents=[common], help="the previous champion becomes champion again")
-    p.set_defaults(func=_guard(cmd_rollback))
+    p.set_defaults(func=cmd_rollback)
 
     p = models.add_parser(
         "import", parents=[common], help="register weights for the configured architecture and make them champion"
@@ -34,45 +34,22 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         "--data-cutoff", type=int, default=0, help="last sample seq the model has seen (default 0: none of the store)"
     )
     p.add_argument("--no-promote", action="store_true", help="register only; do not make it champion")
-    p.set_defaults(func=_guard(cmd_import))
+    p.set_defaults(func=cmd_import)
 
     p = models.add_parser("prune", parents=[common], help="apply retention: newest N versions plus every champion")
     p.add_argument("--keep", type=int, default=None, help="default: [model] keep_versions")
-    p.set_defaults(func=_guard(cmd_prune))
+    p.set_defaults(func=cmd_prune)
 
 
-def _guard(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Turn the registry's and the model zoo's named errors into one-line user errors."""
-
-    def run(args: argparse.Namespace) -> int:
-        from continual.models import ModelError
-        from continual.registry import ChecksumMismatch, NoPreviousChampion, VersionNotFound
-
-        try:
-            return func(args)
-        except (ModelError, VersionNotFound, ChecksumMismatch, NoPreviousChampion) as e:
-            raise UserError(str(e)) from None
-
-    return run
-
-
-def _registry(args: argparse.Namespace) -> Any:
-    from continual.registry import Registry
-
-    settings = _settings(args)
-    return settings, Registry(settings.models_dir, _store(settings))
-
-
-def _actor() -> str:
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):
-        return "cli"
+def _registry(args: argparse.Namespace) -> tuple[Settings, Registry]:
+    settings = settings_of(args)
+    return settings, Registry(settings.models_dir, open_store(settings))
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     _, reg = _registry(args)
-    versions, history, champion = reg.versions(), reg.history(), reg.champion()
+    v = reg.store.versions
+    versions, history, champion = v.rows(), v.history(), v.champion_version()
     if args.json:
         print(json.dumps({"champion": champion, "versions": versions, "history": history}, indent=2, default=str))
         return 0
@@ -95,38 +72,33 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_promote(args: argparse.Namespace) -> int:
     _, reg = _registry(args)
-    before = reg.champion()
-    reg.promote(args.version, reason="manual", actor=_actor())
+    before = reg.store.versions.champion_version()
+    reg.promote(args.version, expected=before, reason="manual", actor=cli_actor())
     print(f"champion: {before or 'none'} -> {args.version}")
     return 0
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     _, reg = _registry(args)
-    before = reg.champion()
-    target = reg.rollback(actor=_actor())
+    before, target = reg.rollback(actor=cli_actor())
     print(f"rolled back: {before} -> {target}")
     return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from continual.models import build_model
-
     settings, reg = _registry(args)
     # Building with the file checks that it fits the configured architecture and classes.
     model = build_model(settings.model, weights=args.path)
-    manifest = reg.write_version(
-        model.state_dict(),
-        architecture=settings.model.architecture,
-        classes=settings.model.classes,
+    manifest = reg.import_model(
+        model,
         input_spec=settings.model.input.model_dump(mode="json"),
-        parent=None,
         data_cutoff=args.data_cutoff,
+        promote=not args.no_promote,
+        actor=cli_actor(),
         extra={"imported_from": str(args.path)},
     )
     print(f"registered {manifest.version} ({manifest.architecture}, {len(manifest.classes)} classes)")
     if not args.no_promote:
-        reg.promote(manifest.version, reason="import", actor=_actor(), details={"path": str(args.path)})
         print(f"champion: {manifest.version}")
     return 0
 

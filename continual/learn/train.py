@@ -6,7 +6,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,7 +73,7 @@ def accuracy_on(net: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device
     return (correct / n if n else 0.0), n
 
 
-def _autocast(device: torch.device) -> Any:
+def _autocast(device: torch.device) -> AbstractContextManager[object]:
     # bf16 on CUDA: the speed of half precision without fp16's loss scaling.
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 

@@ -1,0 +1,64 @@
+"""``GET /v1/models``, ``POST /v1/models/{version}/promote``, ``POST /v1/models/rollback``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from continual.api.auth import actor, require
+from continual.api.context import AppContext
+from continual.api.errors import NoRegistry
+from continual.api.routes import Ctx
+from continual.registry import Registry
+
+router = APIRouter()
+HISTORY_SHOWN = 50
+
+
+def _registry(ctx: AppContext) -> Registry:
+    if ctx.registry is None:
+        raise NoRegistry("this process has no model registry")
+    return ctx.registry
+
+
+def _serving_version(ctx: AppContext) -> str | None:
+    return ctx.serving.version() if ctx.serving is not None else None
+
+
+def _sync_now(ctx: AppContext, registry: Registry) -> None:
+    # This process swaps at once; other processes follow within serving.poll_interval_seconds.
+    if ctx.serving is not None:
+        ctx.serving.sync(registry)
+
+
+@router.get("/v1/models", dependencies=[require("ingest")])
+def models(ctx: Ctx) -> dict[str, Any]:
+    versions = ctx.store.versions
+    champion = versions.champion_version()
+    return {
+        "champion": champion,
+        "serving": _serving_version(ctx),
+        "versions": [{**v, "champion": v["version"] == champion} for v in reversed(versions.rows())],
+        "history": versions.history(limit=HISTORY_SHOWN),
+    }
+
+
+@router.post("/v1/models/rollback", dependencies=[require("admin")])
+def rollback(request: Request, ctx: Ctx) -> dict[str, Any]:
+    registry = _registry(ctx)
+    before, target = registry.rollback(actor=actor(request))
+    ctx.metrics.rollbacks.inc()
+    _sync_now(ctx, registry)
+    return {"champion": target, "previous": before, "serving": _serving_version(ctx)}
+
+
+@router.post("/v1/models/{version}/promote", dependencies=[require("admin")])
+def promote(version: str, request: Request, ctx: Ctx) -> dict[str, Any]:
+    registry = _registry(ctx)
+    before = ctx.store.versions.champion_version()
+    if registry.promote(version, expected=before, reason="manual", actor=actor(request)):
+        ctx.metrics.promotions.inc()
+    _sync_now(ctx, registry)
+    # "serving" differs from "champion" when this process could not load the version (see its log).
+    return {"champion": version, "previous": before, "serving": _serving_version(ctx)}

@@ -1,0 +1,180 @@
+"""The scheduler's jobs: plain functions of a :class:`ServiceContext`, each registered with one line.
+
+- :func:`check` (every ``check_interval_seconds``, trainer roles): lease, pending
+  count, drift check, trigger, and — when one fires — train → gate → promote.
+- :func:`sync_champion` (every ``poll_interval_seconds``, serving roles): follow the pointer.
+- :func:`retention` (hourly, trainer roles): prune model versions.
+
+Nothing is kept only in memory: the trigger state is recomputed from the store every tick.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from continual.drift.check import DriftDecision, run_check
+from continual.learn.run import create_run
+from continual.metrics import Metrics
+from continual.registry import VersionNotFound
+from continual.service import recovery
+from continual.service.context import TRAINER_LEASE, ServiceContext
+from continual.service.trainer import train_and_gate
+from continual.store import StoreUnavailable
+from continual.triggers import TriggerInput, trigger_reason
+
+log = logging.getLogger("continual.service.jobs")
+
+T = TypeVar("T")
+
+
+def check(ctx: ServiceContext) -> dict[str, Any]:
+    """One tick: lease, pending count, drift, trigger, and (if due) train → gate → promote."""
+    role = ctx.settings.service.role
+    if role == "api" or ctx.stop.is_set():
+        return {"skipped": "role api" if role == "api" else "stopping"}
+    if not ctx.hold_trainer_lease():
+        return {"skipped": "another process holds the trainer lease"}
+    ctx.state.set("checking")
+    try:
+        if ctx.handle is None:
+            recovery.interrupt_lost_runs(ctx)
+        champion = ctx.store.versions.champion()
+        pending = ctx.store.count(after=champion.data_cutoff if champion else 0)
+        ctx.metrics.samples_pending.set(pending)
+        drift_detected = False
+        if champion is not None:
+            drift_detected = _drift_check(ctx, champion.version)
+            # A cold check (every embedding computed) can outlast the lease's TTL: renew
+            # it, and if another process took it meanwhile, leave the training to it.
+            if not ctx.hold_trainer_lease():
+                return {"skipped": "the trainer lease moved to another process during the drift check"}
+        # Only requests: a pending run with another trigger belongs to whoever created it
+        # (``continual train --now`` starting its own worker).
+        requested = ctx.store.runs.next_request()
+        failures = ctx.store.runs.consecutive_failures()
+        ctx.metrics.training_failures_in_a_row.set(failures)
+        last_cutoff = ctx.store.runs.last_gated_cutoff()
+        reason = trigger_reason(
+            TriggerInput(
+                champion is not None,
+                pending,
+                _seconds_since(ctx.store.runs.last_finished_at()),
+                drift_detected,
+                requested=requested is not None,
+                new_since_last_run=last_cutoff is None or ctx.store.max_seq() > last_cutoff,
+                consecutive_failures=failures,
+            ),
+            ctx.settings.triggers,
+        )
+        if reason is None:
+            return {"pending": pending, "drift": drift_detected, "run": None}
+        run_id = int(requested["id"]) if requested else create_run(ctx.store, ctx.settings, trigger=reason)
+        outcome = train_and_gate(ctx, run_id)
+        return {"pending": pending, "drift": drift_detected, "run": run_id, **outcome.to_dict()}
+    finally:
+        if not ctx.stop.is_set():
+            ctx.state.set("idle")
+
+
+def _seconds_since(when: datetime | None) -> float | None:
+    return None if when is None else (datetime.now(UTC) - when).total_seconds()
+
+
+def _drift_check(ctx: ServiceContext, champion: str) -> bool:
+    serving = ctx.serving
+    try:
+        decision = run_check(
+            ctx.settings,
+            ctx.store,
+            ctx.registry,
+            champion=champion,
+            cache=ctx.drift_cache,
+            live=serving.live if serving is not None else None,
+            predictions=serving.reservoir_snapshot() if serving is not None else None,
+        )
+    except StoreUnavailable:
+        raise
+    except Exception:  # a failing detector must not stop training triggers or the service
+        log.exception("drift check failed")
+        return False
+    if decision.check_id is not None:
+        mirror_drift(ctx.metrics, decision)
+    return decision.detected
+
+
+def mirror_drift(metrics: Metrics, decision: DriftDecision) -> None:
+    """A recorded check's outcome in ``continual_drift_*``."""
+    for r in decision.results:
+        metrics.set_drift(r.detector, effect=r.effect, p_value=r.p_value, detected=r.detected)
+    for name in decision.skipped:
+        # A detector that could not run reports no drift rather than a stale alarm.
+        metrics.set_drift(name, effect=None, p_value=None, detected=False)
+    metrics.drift_checked()
+
+
+def sync_champion(ctx: ServiceContext) -> bool:
+    """Serving follows the pointer (every process, whatever its role)."""
+    if ctx.serving is None:
+        return False
+    changed = ctx.serving.sync(ctx.registry)
+    try:
+        champion = ctx.store.versions.champion()
+        ctx.metrics.samples_pending.set(ctx.store.count(after=champion.data_cutoff if champion else 0))
+    except (StoreUnavailable, VersionNotFound):
+        pass
+    return changed
+
+
+def retention(ctx: ServiceContext) -> list[str]:
+    """Delete all but the newest ``[model] keep_versions`` versions (every past champion stays)."""
+    return ctx.registry.apply_retention(ctx.settings.model.keep_versions)
+
+
+# -- the scheduler ----------------------------------------------------------------------------------
+def start(ctx: ServiceContext) -> BackgroundScheduler:
+    """Jobs are re-created at every start (memory job store: nothing pickled)."""
+    s = ctx.settings
+    scheduler = BackgroundScheduler(job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": 3600})
+    every = scheduler.add_job
+    if s.service.role != "api":
+        every(_guarded(check, ctx), "interval", id="check", seconds=s.triggers.check_interval_seconds,
+              next_run_time=datetime.now(UTC))  # fmt: skip
+        every(_guarded(retention, ctx), "interval", id="retention", hours=1)
+    if ctx.serving is not None:
+        every(_guarded(sync_champion, ctx), "interval", id="sync_champion", seconds=s.serving.poll_interval_seconds)
+    scheduler.start()
+    return scheduler
+
+
+def stop(ctx: ServiceContext, scheduler: BackgroundScheduler | None) -> None:
+    """SIGTERM: no new runs, cancel the active one (recorded cancelled), release the lease."""
+    ctx.stop.set()
+    ctx.state.set("stopping")
+    handle = ctx.handle
+    if handle is not None:
+        handle.cancel()
+    if scheduler is not None:
+        scheduler.shutdown(wait=False)
+    with contextlib.suppress(StoreUnavailable):
+        ctx.store.leases.release(TRAINER_LEASE, ctx.holder)
+
+
+def _guarded(job: Callable[[ServiceContext], T], ctx: ServiceContext) -> Callable[[], T | None]:
+    def run() -> T | None:
+        try:
+            return job(ctx)
+        except StoreUnavailable as e:
+            log.warning("%s skipped: %s", job.__name__, e)
+        except Exception:  # a job failure is logged and retried next tick, never fatal
+            log.exception("%s failed", job.__name__)
+            ctx.state.set("degraded")
+        return None
+
+    run.__name__ = job.__name__
+    return run
