@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from continual.class_gate import RULES, ClassGate, decide_classes
+from continual.gate import CLASS_RULES, ClassGate, decide_classes
 
 OLD = ["a", "b", "c"]
 NEW = ["d"]
@@ -112,7 +112,7 @@ def test_a_rare_old_class_is_left_out_of_the_per_class_check_only() -> None:
 def test_every_failure_is_listed_and_the_first_rule_decides() -> None:
     cand = predict(Y, {"a": 10, "d": 5}, "b")
     d = decide_classes(Y, cand, CHAMP, OLD, NEW, GATE)
-    assert d.rule == "max_old_forgetting" == RULES[1]
+    assert d.rule == "max_old_forgetting" == CLASS_RULES[1]
     joined = "\n".join(d.reasons)
     assert "old-class accuracy" in joined and "new class 'd' recall 0.5000" in joined and "'a' recall 0.5000" in joined
 

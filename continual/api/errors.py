@@ -33,6 +33,7 @@ from continual.store import (
     PayloadTooLarge,
     RunActive,
     StoreUnavailable,
+    TooManyClasses,
     VersionNotFound,
 )
 
@@ -91,6 +92,7 @@ TABLE: list[tuple[type[Exception], Rule]] = [
     (TooManyIds, Rule(413, "too_large")),
     (UnsupportedMediaType, Rule(415, "unsupported_media_type")),
     (ValidationFailed, Rule(422, "validation_failed", _details, rejects_batch=True)),
+    (TooManyClasses, Rule(422, "validation_failed", _details, rejects_batch=True)),
     (InvalidRequest, Rule(422, "validation_error", _details)),
     (NoModel, Rule(503, "no_model", headers=RETRY_AFTER)),
     (NoRegistry, Rule(503, "no_registry")),

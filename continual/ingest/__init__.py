@@ -5,8 +5,10 @@ from __future__ import annotations
 from continual.ingest.batch import (
     BatchTooLarge,
     MalformedBody,
+    class_limit,
     derived_id,
     feedback_samples,
+    label_problem,
     parse_json,
 )
 from continual.ingest.decode import (
@@ -27,11 +29,13 @@ __all__ = [
     "MalformedBody",
     "TooManyInputs",
     "ValidationFailed",
+    "class_limit",
     "decode_input",
     "decode_inputs",
     "decode_payload",
     "derived_id",
     "feedback_samples",
+    "label_problem",
     "parse_json",
     "predict_inputs",
 ]

@@ -9,13 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Collection
 from typing import Any
 
 import orjson
 
-from continual.config import Settings
+from continual.config import ModelSettings, Settings
 from continual.ingest.decode import InputError, ValidationFailed, decode_input
-from continual.store import NewSample
+from continual.store import ClassLimit, NewSample
 
 _BAD_ID_CHARS = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
 SAMPLE_KEYS = frozenset({"id", "label", "x", "image", "metadata"})
@@ -63,8 +64,48 @@ def derived_id(label: str, kind: str, payload: bytes) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def feedback_samples(doc: Any, settings: Settings, *, source: str = "api") -> list[NewSample]:  # Any: JSON
-    """Validate a parsed ``{"samples": [...]}`` document; every bad sample is named in one ValidationFailed."""
+def class_limit(model: ModelSettings) -> ClassLimit | None:
+    """What ``Store.insert`` must enforce for a batch that passed :func:`feedback_samples` (None: nothing)."""
+    return ClassLimit(model.max_classes, tuple(model.classes)) if model.new_classes == "accept" else None
+
+
+def label_problem(label: Any, model: ModelSettings, known: Collection[str] = ()) -> str:  # Any: a JSON value
+    """Why ``label`` cannot be stored ("" if it can).
+
+    A configured class always can. With ``[model] new_classes = "accept"`` so can
+    a stored one (``known``) and any string that matches ``label_pattern`` and
+    ``max_label_length``; with "refuse" nothing else.
+    """
+    if not isinstance(label, str):
+        return f"{label!r} is not a string"
+    if label in model.classes:
+        return ""
+    if model.new_classes == "refuse":
+        shown = ", ".join(repr(c) for c in model.classes[:20]) + (" ..." if len(model.classes) > 20 else "")
+        return f'{label!r} is not one of the configured classes ({shown}) and [model] new_classes = "refuse"'
+    if label in known:
+        return ""
+    if len(label) > model.max_label_length:
+        return f"new class {label[:40]!r}...: {len(label)} characters exceeds [model] max_label_length = {model.max_label_length}"
+    if not re.fullmatch(model.label_pattern, label):
+        return f"new class {label!r} does not match [model] label_pattern = {model.label_pattern!r}"
+    return ""
+
+
+def feedback_samples(
+    doc: Any,  # Any: parsed JSON
+    settings: Settings,
+    *,
+    source: str = "api",
+    known: Collection[str] = (),
+) -> list[NewSample]:
+    """Validate a parsed ``{"samples": [...]}`` document; every bad sample is named in one ValidationFailed.
+
+    ``known``: the labels stored already (``store.classes.names()``); with
+    ``new_classes = "accept"`` they and new labels that follow the label rules pass,
+    as long as the known and new classes together stay within ``max_classes``
+    (``Store.insert`` with :func:`class_limit` enforces that again, atomically).
+    """
     if not isinstance(doc, dict):
         raise ValidationFailed([{"index": None, "field": "", "message": 'expected a JSON object {"samples": [...]}'}])
     extra = sorted(set(doc) - {"samples"})
@@ -80,7 +121,7 @@ def feedback_samples(doc: Any, settings: Settings, *, source: str = "api") -> li
     details: list[dict[str, Any]] = []
     for i, item in enumerate(items):
         try:
-            sample = _sample(item, settings, source)
+            sample = _sample(item, settings, source, known)
         except InputError as e:
             details.append({"index": i, "field": e.field, "message": e.message})
             continue
@@ -88,10 +129,26 @@ def feedback_samples(doc: Any, settings: Settings, *, source: str = "api") -> li
             details.extend({"index": i, "field": f, "message": m} for f, m in e.errors)
             continue
         out.append(sample)
+    details.extend(_beyond_max_classes(items, settings.model, known) if not details else [])
     if details:
         raise ValidationFailed(details)
     # The payload cap is the store's: ``Store.insert`` refuses oversize payloads, naming each one.
     return out
+
+
+def _beyond_max_classes(items: list[Any], model: ModelSettings, known: Collection[str]) -> list[dict[str, Any]]:
+    """One detail per sample whose new label would be class number max_classes + 1 or later."""
+    if model.new_classes != "accept":
+        return []
+    taken = set(model.classes) | set(known)
+    new = list(dict.fromkeys(str(item["label"]) for item in items if str(item["label"]) not in taken))
+    refused = set(new[max(0, model.max_classes - len(taken)) :])
+    return [
+        {"index": i, "field": "label", "message": f"new class {item['label']!r} would exceed [model] max_classes = "
+         f"{model.max_classes} ({len(taken)} classes known)"}
+        for i, item in enumerate(items)
+        if item["label"] in refused
+    ]  # fmt: skip
 
 
 def _id_problem(value: Any) -> str:  # Any: JSON value under validation
@@ -122,7 +179,7 @@ class _FieldErrors(Exception):
         self.errors = errors
 
 
-def _sample(item: Any, settings: Settings, source: str) -> NewSample:  # Any: JSON value under validation
+def _sample(item: Any, settings: Settings, source: str, known: Collection[str]) -> NewSample:  # Any: JSON value
     if not isinstance(item, dict):
         raise InputError("", "expected a sample object {id, label, x|image, metadata}")
     # Every field is checked so one response lists all that is wrong with the sample.
@@ -136,12 +193,10 @@ def _sample(item: Any, settings: Settings, source: str) -> NewSample:  # Any: JS
         if problem:
             errors.append(("id", problem))
     label = item.get("label")
-    classes = settings.model.classes
     if label is None:
         errors.append(("label", "missing"))
-    elif not isinstance(label, str) or label not in classes:
-        shown = ", ".join(repr(c) for c in classes[:20]) + (" ..." if len(classes) > 20 else "")
-        errors.append(("label", f"{label!r} is not one of the configured classes ({shown})"))
+    elif problem := label_problem(label, settings.model, known):
+        errors.append(("label", problem))
     meta = item.get("metadata")
     if meta is not None:
         problem = _metadata_problem(meta, settings.ingest.max_metadata_bytes)

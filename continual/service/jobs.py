@@ -19,13 +19,14 @@ from typing import Any, TypeVar
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from continual.drift.check import DriftDecision, run_check
+from continual.learn.classes import new_class_counts
 from continual.learn.run import create_run
 from continual.metrics import Metrics
 from continual.registry import VersionNotFound
 from continual.service import recovery
 from continual.service.context import TRAINER_LEASE, ServiceContext
 from continual.service.trainer import train_and_gate
-from continual.store import StoreUnavailable
+from continual.store import Champion, StoreUnavailable
 from continual.triggers import TriggerInput, trigger_reason
 
 log = logging.getLogger("continual.service.jobs")
@@ -60,6 +61,7 @@ def check(ctx: ServiceContext) -> dict[str, Any]:
         failures = ctx.store.runs.consecutive_failures()
         ctx.metrics.training_failures_in_a_row.set(failures)
         last_cutoff = ctx.store.runs.last_gated_cutoff()
+        classes = new_classes(ctx, champion)
         reason = trigger_reason(
             TriggerInput(
                 champion is not None,
@@ -69,6 +71,7 @@ def check(ctx: ServiceContext) -> dict[str, Any]:
                 requested=requested is not None,
                 new_since_last_run=last_cutoff is None or ctx.store.max_seq() > last_cutoff,
                 consecutive_failures=failures,
+                new_classes=classes,
             ),
             ctx.settings.triggers,
         )
@@ -80,6 +83,19 @@ def check(ctx: ServiceContext) -> dict[str, Any]:
     finally:
         if not ctx.stop.is_set():
             ctx.state.set("idle")
+
+
+def new_classes(ctx: ServiceContext, champion: Champion | None) -> tuple[tuple[str, int, int], ...]:
+    """(label, train, holdout) of each class with samples that the champion lacks and the policy lets in.
+
+    Also mirrors every class's sample count in ``continual_class_samples{label}``.
+    """
+    rows = ctx.store.classes.rows(ctx.settings.model.classes)
+    ctx.metrics.set_class_samples({r.label: r.samples for r in rows}, limit=ctx.settings.model.max_classes)
+    if champion is None:
+        return ()
+    have = champion.classes if champion.classes is not None else ctx.registry.manifest(champion.version).classes
+    return tuple((c.label, c.train, c.holdout) for c in new_class_counts(have, rows, ctx.settings))
 
 
 def _seconds_since(when: datetime | None) -> float | None:

@@ -9,9 +9,11 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Connection, Dialect, Engine, bindparam, insert, select, update
+from sqlalchemy import Connection, Dialect, Engine, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from continual.store import classes as _classes
+from continual.store.classes import ClassLimit
 from continual.store.engine import write_tx
 from continual.store.schema import samples
 
@@ -118,12 +120,16 @@ def insert_samples(
     holdout_fraction: float,
     max_payload_bytes: int,
     now: datetime | None = None,
+    class_limit: ClassLimit | None = None,
 ) -> InsertResult:
     """Store a batch in one transaction, all or nothing.
 
     A sample whose id is stored already with the same label and payload is a
     duplicate (skipped); with a different label or payload it is a conflict and
-    nothing in the batch is stored.
+    nothing in the batch is stored. A label never stored before gets its row in
+    ``classes`` in the same transaction; ``class_limit`` refuses the batch
+    (:class:`~continual.store.classes.TooManyClasses`) when its new labels would
+    make too many classes.
     """
     too_large = [
         (i, s.external_id, s.kind, len(s.payload)) for i, s in enumerate(batch) if len(s.payload) > max_payload_bytes
@@ -138,9 +144,10 @@ def insert_samples(
     # Fast path: a batch of new ids is one INSERT. If any id is stored already
     # the unique index refuses it, the transaction rolls back, and the slow path
     # below sorts duplicates from conflicts.
+    labels = [s.label for s in batch]
     try:
         with write_tx(engine) as conn:
-            _insert_rows(conn, rows)
+            _insert_with_classes(conn, rows, now, class_limit, labels)
         return InsertResult(len(unique), in_batch_dupes)
     except IntegrityError:
         pass
@@ -164,7 +171,7 @@ def insert_samples(
                     raise IdConflict(conflicts, _indices(batch, conflicts))
                 fresh = [r for r in rows if r["external_id"] not in existing]
                 if fresh:
-                    _insert_rows(conn, fresh)
+                    _insert_with_classes(conn, fresh, now, class_limit, labels)
                 return InsertResult(len(fresh), in_batch_dupes + len(unique) - len(fresh))
         except IntegrityError:
             # Another writer stored one of these ids between our read and write
@@ -207,6 +214,15 @@ def _row(s: NewSample, holdout_fraction: float, now: datetime) -> dict[str, Any]
         "meta": s.meta,
         "excluded": False,
     }
+
+
+def _insert_with_classes(
+    conn: Connection, rows: list[dict[str, Any]], now: datetime, limit: ClassLimit | None, labels: Sequence[str]
+) -> None:
+    new = _classes.check_new(conn, {r["label"] for r in rows}, limit, labels)
+    after = int(conn.execute(select(func.coalesce(func.max(samples.c.seq), 0))).scalar_one()) if new else 0
+    _insert_rows(conn, rows)
+    _classes.add_new(conn, new, now, after=after)
 
 
 _INSERT_COLUMNS = [c for c in samples.c if c.name != "seq"]

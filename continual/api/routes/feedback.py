@@ -11,7 +11,7 @@ from continual.api.auth import require
 from continual.api.body import json_body
 from continual.api.context import AppContext
 from continual.api.routes import Ctx
-from continual.ingest import feedback_samples
+from continual.ingest import class_limit, feedback_samples
 from continual.store import InsertResult
 
 router = APIRouter()
@@ -31,4 +31,7 @@ async def feedback(request: Request, ctx: Ctx) -> dict[str, int]:
 
 def _store(doc: Any, ctx: AppContext) -> InsertResult:  # Any: the parsed JSON, validated by feedback_samples
     """Validate and store one batch (in a worker thread: image decoding and the commit block)."""
-    return ctx.store.insert(feedback_samples(doc, ctx.settings))
+    model = ctx.settings.model
+    # With new classes accepted, a label stored before is known; the store re-checks max_classes atomically.
+    known = ctx.store.classes.names() if model.new_classes == "accept" else ()
+    return ctx.store.insert(feedback_samples(doc, ctx.settings, known=known), class_limit=class_limit(model))
