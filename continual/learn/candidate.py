@@ -31,7 +31,7 @@ from continual.learn.data import (
 from continual.learn.dist import Dist, cpu_threads, pick_device
 from continual.learn.ewc import EwcTerm, combine_fisher, fisher_diagonal
 from continual.learn.replay import MixedBatchSampler, uses_ewc
-from continual.learn.train import TrainResult, train
+from continual.learn.train import TrainResult, accuracy_on, train
 from continual.models import Classifier, build_model
 from continual.models.features import FeatureCache, backbone_hash, embed_rows
 from continual.models.heads import grow_classifier, grow_head_tensors
@@ -140,6 +140,10 @@ def build_candidate(
     val_loader = (
         make_loader(val_ds, sequential_batches(len(val_ds), 256), num_workers=0) if val_ds is not None else None
     )
+
+    if growth and val_loader is not None:
+        # What the new rows' initialisation gives before any step (imprint vs random, see bench/classes.py).
+        growth["validation_accuracy_before_training"] = round(accuracy_on(net, val_loader, device)[0], 6)
 
     def train_batches(epoch: int) -> Any:  # Any: the DataLoader's batches
         sampler.set_epoch(epoch)
