@@ -130,3 +130,60 @@ def test_bad_arguments_name_what_is_wrong() -> None:
         decide_classes([*Y, "z"], [*Y, "z"], [*CHAMP, "z"], OLD, NEW, GATE)
     with pytest.raises(ValueError, match="new_classes is empty"):
         decide_classes(Y, Y, CHAMP, OLD, [], GATE)
+
+
+# -- the shell: gate.evaluate sends a candidate that adds classes through decide_classes ----------------
+def _versions(tmp_path, bias_9: float = 0.0):  # type: ignore[no-untyped-def]
+    """A store with the digits, a parent that knows 0-8 and a candidate that adds 9 (the parent's rows + one)."""
+    import torch
+    from looputil import make_loop
+    from modelutil import feed, trained_model
+    from testkit import digit_samples
+
+    from continual.models import Classifier
+
+    ctx = make_loop(tmp_path, {"triggers": {"min_class_holdout": 10}})
+    s, reg = ctx.settings, ctx.registry
+    spec = s.model.input.model_dump(mode="json")
+    feed(ctx.store, digit_samples("original", stop=900))
+    full = trained_model(s)
+    head = torch.nn.Linear(full.head.in_features, 9)
+    with torch.no_grad():
+        head.weight.copy_(full.head.weight[:9])
+        head.bias.copy_(full.head.bias[:9])
+        full.head.bias[9] += bias_9
+    parent_model = Classifier(full.backbone, head, [str(i) for i in range(9)], architecture="mlp")
+    parent = reg.import_model(parent_model, input_spec=spec, data_cutoff=ctx.store.max_seq() // 2).version
+    candidate = reg.write_version(full.state_dict(), architecture="mlp", classes=full.classes, input_spec=spec,
+                                  parent=parent, data_cutoff=ctx.store.max_seq()).version  # fmt: skip
+    return ctx, parent, candidate
+
+
+def test_evaluate_judges_a_grown_candidate_class_by_class(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from continual import gate
+
+    ctx, parent, candidate = _versions(tmp_path)
+    ev = gate.evaluate(ctx.store, ctx.registry, ctx.settings, candidate, parent)
+    d, m = ev.decision, ev.decision.metrics
+    assert (d.outcome, d.rule) == ("promoted", "all_rules_passed"), d.reasons
+    assert m["new_classes"] == ["9"] and m["parent_classes"] == [str(i) for i in range(9)]
+    # The holdout is every holdout sample up to the candidate's cutoff, old samples of the parent's classes too.
+    n9 = ctx.store.count(label="9", split="holdout")
+    assert m["class_holdout"]["9"] == n9 == m["n_new"] and m["n_old"] + n9 == ctx.store.count(split="holdout")
+    assert m["champion_recall"]["9"] == 0.0 and m["candidate_recall"]["9"] > 0.8
+    assert len(ev.candidate.new_correct) == n9 and ev.champion is not None and not ev.champion.new_correct.any()
+    assert m["candidate_old_accuracy"] == pytest.approx(ev.candidate.old_accuracy)
+    json.dumps(m)  # recorded as is
+
+
+def test_evaluate_rejects_a_grown_candidate_whose_new_class_takes_old_samples(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from continual import gate
+
+    ctx, parent, candidate = _versions(tmp_path, bias_9=3.0)
+    d = gate.evaluate(ctx.store, ctx.registry, ctx.settings, candidate, parent).decision
+    # The old-class accuracy stays within max_old_forgetting (0.05 here): only the per-class check sees it.
+    m = d.metrics
+    assert m["candidate_old_accuracy"] >= m["champion_old_accuracy"] - ctx.settings.gate.max_old_forgetting
+    assert (d.outcome, d.rule) == ("rejected", "max_class_recall_drop"), d.reasons
+    assert any(r.startswith("old class '5'") and " > " in r for r in d.reasons)
+    assert max(m["recall_drop"].values()) > ctx.settings.gate.max_class_recall_drop
