@@ -2,6 +2,9 @@
 
 Called by :func:`continual.learn.run.execute_run` in the worker process. Rank 0
 writes the version; under torchrun every rank trains its share of each batch.
+When the run's data holds classes the parent lacks (``continual.learn.classes``),
+the candidate is the parent with its head grown to them, and the parent is the
+teacher of the loop's distillation term.
 """
 
 from __future__ import annotations
