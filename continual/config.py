@@ -143,7 +143,8 @@ class ModelSettings(_Section):
     # A feedback label outside the known classes: "refuse" (422) or "accept" (stored; the class
     # joins the model once it has enough samples, see [triggers] min_class_samples).
     new_classes: Literal["refuse", "accept"] = "refuse"
-    # Every class ever known (configured + accepted) counts; it also bounds the metrics' label set.
+    # With "accept": every class ever known (configured + accepted) counts; it also bounds the
+    # metrics' label set (with "refuse" the configured list may be longer).
     max_classes: int = Field(100, ge=2)
     # A new label must match this regular expression (whole string) and be at most this long.
     label_pattern: str = r"[\w][\w .:/+@-]*"
@@ -173,11 +174,17 @@ class ModelSettings(_Section):
 
     @model_validator(mode="after")
     def _classes_fit(self) -> ModelSettings:
-        if len(self.classes) > self.max_classes:
+        if self.new_classes == "accept" and len(self.classes) > self.max_classes:
             raise ValueError(
-                f"[model] classes has {len(self.classes)} names, more than max_classes = {self.max_classes}"
+                f"[model] classes has {len(self.classes)} names, more than max_classes = {self.max_classes} "
+                '(with new_classes = "accept")'
             )
         return self
+
+    @property
+    def most_classes(self) -> int:
+        """The most classes a model may have: ``max_classes``, or more when "refuse" configures more."""
+        return max(self.max_classes, len(self.classes))
 
 
 class TriggerSettings(_Section):

@@ -176,6 +176,8 @@ def test_max_classes_counts_configured_stored_and_new_labels(tmp_path: Path) -> 
 
 def test_max_classes_cannot_be_below_the_configured_classes(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="max_classes = 2"):
-        vector_settings(tmp_path, model={"max_classes": 2})
+        vector_settings(tmp_path, model={"max_classes": 2, "new_classes": "accept"})
+    # Refusing new labels, the configured list is the bound (a 1000-class model needs no max_classes).
+    assert vector_settings(tmp_path, model={"max_classes": 2}).model.most_classes == 3
     with pytest.raises(ConfigError, match="label_pattern"):
         vector_settings(tmp_path, model={"label_pattern": "[a-"})

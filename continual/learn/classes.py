@@ -89,7 +89,7 @@ def plan_classes(
             raise ClassesChanged(parent or "?", base, configured)
     candidates = new_class_counts(base, counts, settings)
     ready = [c.label for c in candidates if is_ready(c.train, c.holdout, settings.triggers)]
-    room = max(0, settings.model.max_classes - len(base))
+    room = max(0, settings.model.most_classes - len(base))
     added = tuple(ready[:room])
     waiting = tuple(c.label for c in candidates if c.label not in added)
     return ClassPlan(base=base, added=added, waiting=waiting)

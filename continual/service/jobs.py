@@ -91,7 +91,7 @@ def new_classes(ctx: ServiceContext, champion: Champion | None) -> tuple[tuple[s
     Also mirrors every class's sample count in ``continual_class_samples{label}``.
     """
     rows = ctx.store.classes.rows(ctx.settings.model.classes)
-    ctx.metrics.set_class_samples({r.label: r.samples for r in rows}, limit=ctx.settings.model.max_classes)
+    ctx.metrics.set_class_samples({r.label: r.samples for r in rows}, limit=ctx.settings.model.most_classes)
     if champion is None:
         return ()
     have = champion.classes if champion.classes is not None else ctx.registry.manifest(champion.version).classes
