@@ -117,6 +117,9 @@ def test_bias_correction_is_fitted_on_the_validation_slice_and_folded_into_the_n
     corrected = _loop(grown[0], on, teacher=parent, n_old=2)
     plain = _loop(grown[1], off, teacher=parent, n_old=2)
     assert plain.bias_correction == {"skipped": "[training] bias_correction = false"}
+    # The kept epoch is the one with the best mean recall per class (what the gate judges), not plain accuracy.
+    best = max(plain.history, key=lambda r: r["validation_balanced_accuracy"])
+    assert plain.best_epoch == best["epoch"] and plain.validation_accuracy == best["validation_balanced_accuracy"]
     fit = corrected.bias_correction
     assert fit is not None and fit["alpha"] > 0 and fit["n"] == 40
     a, b = grown[0].head, grown[1].head  # same seed, same steps: they differ by the fold only

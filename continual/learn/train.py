@@ -48,7 +48,7 @@ class TrainResult:
     epochs_run: int
     steps: int
     best_epoch: int
-    validation_accuracy: float | None
+    validation_accuracy: float | None  # of the kept epoch; a run that adds classes: its balanced accuracy
     validation_n: int
     final_loss: float
     samples_seen: int
@@ -193,6 +193,11 @@ def train(
             on_progress({"phase": "validating", "epoch": epoch + 1, "epochs": t.epochs, "step": step})
             acc, val_n = accuracy_on(net, val_batches(), device)
             record["validation_accuracy"] = acc
+            if teacher is not None:
+                # A run that adds classes keeps the epoch with the best mean recall per class: the slice
+                # holds every new-class sample but only a replayed share of each old class, and the gate
+                # judges class by class.
+                acc = record["validation_balanced_accuracy"] = balanced_accuracy_on(net, val_batches(), device)
             if best_acc is None or acc > best_acc:
                 best_acc, best_epoch, bad_epochs = acc, epoch, 0
                 best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
@@ -229,12 +234,23 @@ def train(
     )
 
 
+def balanced_accuracy_on(net: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device) -> float:
+    """The mean over classes of each class's recall (classes without samples left out)."""
+    logits, y = _logits_on(net, batches, device)
+    pred = logits.argmax(dim=1)
+    return float(torch.stack([(pred[y == c] == c).float().mean() for c in torch.unique(y)]).mean()) if len(y) else 0.0
+
+
 @torch.no_grad()  # not inference_mode: the bias fit backpropagates through products with these logits
 def _logits_on(net: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device) -> tuple[Tensor, Tensor]:
+    was_training = net.training
+    net.eval()
     out, ys = [], []
     for x, y in batches:
-        out.append(net(x.to(device)).float().cpu())
+        with _autocast(device):
+            out.append(net(x.to(device, non_blocking=True)).float().cpu())
         ys.append(y)
+    net.train(was_training)
     return torch.cat(out), torch.cat(ys)
 
 
