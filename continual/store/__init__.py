@@ -143,6 +143,7 @@ class Store:
             max_payload_bytes=self.max_payload_bytes,
             now=now,
             class_limit=class_limit,
+            seen_labels=self.classes.seen,
         )
 
     def split_of(self, external_id: str) -> str:

@@ -72,6 +72,8 @@ class Classes:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        # Labels this process knows to be in the table (see check_new): inserts skip their lookup.
+        self.seen: set[str] = set()
 
     def names(self) -> list[str]:
         """Stored labels in the order they were first seen."""
@@ -102,16 +104,25 @@ class Classes:
 
 
 def check_new(
-    conn: Connection, labels: Collection[str], limit: ClassLimit | None, batch_labels: Sequence[str] = ()
+    conn: Connection,
+    labels: Collection[str],
+    limit: ClassLimit | None,
+    batch_labels: Sequence[str] = (),
+    seen: set[str] | None = None,
 ) -> list[str]:
     """The labels of a batch the store has never seen (sorted); raises :class:`TooManyClasses` past the limit.
 
     Call inside the insert's transaction, before the rows go in; then :func:`add_new`.
+    ``seen``: labels known to be in the table already (a row is never deleted, so a
+    label once seen needs no query again: most batches then cost no extra query);
+    labels found in the table are added to it.
     """
-    wanted = sorted(set(labels))
+    wanted = sorted(set(labels) - (seen or set()))
     if not wanted:
         return []
     new = _unseen(conn, wanted)
+    if seen is not None:
+        seen.update(c for c in wanted if c not in new)
     if not new:
         return []
     if conn.dialect.name == "postgresql":

@@ -121,6 +121,7 @@ def insert_samples(
     max_payload_bytes: int,
     now: datetime | None = None,
     class_limit: ClassLimit | None = None,
+    seen_labels: set[str] | None = None,
 ) -> InsertResult:
     """Store a batch in one transaction, all or nothing.
 
@@ -129,7 +130,8 @@ def insert_samples(
     nothing in the batch is stored. A label never stored before gets its row in
     ``classes`` in the same transaction; ``class_limit`` refuses the batch
     (:class:`~continual.store.classes.TooManyClasses`) when its new labels would
-    make too many classes.
+    make too many classes. ``seen_labels``: labels known to have their row (see
+    :func:`continual.store.classes.check_new`); updated once the batch committed.
     """
     too_large = [
         (i, s.external_id, s.kind, len(s.payload)) for i, s in enumerate(batch) if len(s.payload) > max_payload_bytes
@@ -147,7 +149,8 @@ def insert_samples(
     labels = [s.label for s in batch]
     try:
         with write_tx(engine) as conn:
-            _insert_with_classes(conn, rows, now, class_limit, labels)
+            new = _insert_with_classes(conn, rows, now, class_limit, labels, seen_labels)
+        _remember(seen_labels, new)
         return InsertResult(len(unique), in_batch_dupes)
     except IntegrityError:
         pass
@@ -170,9 +173,9 @@ def insert_samples(
                 if conflicts:
                     raise IdConflict(conflicts, _indices(batch, conflicts))
                 fresh = [r for r in rows if r["external_id"] not in existing]
-                if fresh:
-                    _insert_with_classes(conn, fresh, now, class_limit, labels)
-                return InsertResult(len(fresh), in_batch_dupes + len(unique) - len(fresh))
+                new = _insert_with_classes(conn, fresh, now, class_limit, labels, seen_labels) if fresh else []
+            _remember(seen_labels, new)
+            return InsertResult(len(fresh), in_batch_dupes + len(unique) - len(fresh))
         except IntegrityError:
             # Another writer stored one of these ids between our read and write
             # (PostgreSQL read committed); the second pass sees it.
@@ -217,12 +220,25 @@ def _row(s: NewSample, holdout_fraction: float, now: datetime) -> dict[str, Any]
 
 
 def _insert_with_classes(
-    conn: Connection, rows: list[dict[str, Any]], now: datetime, limit: ClassLimit | None, labels: Sequence[str]
-) -> None:
-    new = _classes.check_new(conn, {r["label"] for r in rows}, limit, labels)
+    conn: Connection,
+    rows: list[dict[str, Any]],
+    now: datetime,
+    limit: ClassLimit | None,
+    labels: Sequence[str],
+    seen: set[str] | None,
+) -> list[str]:
+    """Insert the rows and the ``classes`` rows of labels they bring; returns those labels."""
+    new = _classes.check_new(conn, {r["label"] for r in rows}, limit, labels, seen)
     after = int(conn.execute(select(func.coalesce(func.max(samples.c.seq), 0))).scalar_one()) if new else 0
     _insert_rows(conn, rows)
     _classes.add_new(conn, new, now, after=after)
+    return new
+
+
+def _remember(seen: set[str] | None, new: list[str]) -> None:
+    # Only after the commit: a rolled-back batch's labels have no row.
+    if seen is not None:
+        seen.update(new)
 
 
 _INSERT_COLUMNS = [c for c in samples.c if c.name != "seq"]
