@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -173,6 +174,15 @@ class ModelSettings(_Section):
     download_weights: bool = True
     # Registry retention: the newest N versions plus every version that was ever champion.
     keep_versions: int = Field(10, ge=1)
+    # A feedback label outside the known classes: "refuse" (422) or "accept" (stored; the class
+    # joins the model once it has enough samples, see [triggers] min_class_samples).
+    new_classes: Literal["refuse", "accept"] = "refuse"
+    # With "accept": every class ever known (configured + accepted) counts; it also bounds the
+    # metrics' label set (with "refuse" the configured list may be longer).
+    max_classes: int = Field(100, ge=2)
+    # A new label must match this regular expression (whole string) and be at most this long.
+    label_pattern: str = r"[\w][\w .:/+@-]*"
+    max_label_length: int = Field(64, ge=1, le=255)
     input: InputSettings = InputSettings()
 
     @model_validator(mode="after")
@@ -198,6 +208,29 @@ class ModelSettings(_Section):
             raise ValueError("class names must be non-empty")
         return v
 
+    @field_validator("label_pattern")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"not a regular expression: {e}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _classes_fit(self) -> ModelSettings:
+        if self.new_classes == "accept" and len(self.classes) > self.max_classes:
+            raise ValueError(
+                f"[model] classes has {len(self.classes)} names, more than max_classes = {self.max_classes} "
+                '(with new_classes = "accept")'
+            )
+        return self
+
+    @property
+    def most_classes(self) -> int:
+        """The most classes a model may have: ``max_classes``, or more when "refuse" configures more."""
+        return max(self.max_classes, len(self.classes))
+
 
 class TriggerSettings(_Section):
     check_interval_seconds: float = Field(60.0, gt=0)
@@ -208,6 +241,10 @@ class TriggerSettings(_Section):
     # Start a run when the label-free accuracy estimate of the newest window of predictions
     # falls below this (and min_new_samples labeled samples exist); 0 turns the rule off.
     min_estimated_accuracy: float = Field(0.0, ge=0, le=1)
+    # A class the champion lacks joins a run once it has this many train-split samples and this
+    # many holdout samples (the gate measures its recall on them); that alone starts a run.
+    min_class_samples: int = Field(50, ge=1)
+    min_class_holdout: int = Field(10, ge=1)
 
     @model_validator(mode="after")
     def _ordered(self) -> TriggerSettings:
@@ -277,6 +314,14 @@ class TrainingSettings(_Section):
     # lr_schedule = "step": multiply the LRs by lr_gamma every lr_step_epochs epochs.
     lr_step_epochs: int = Field(1, ge=1)
     lr_gamma: float = Field(0.5, gt=0, le=1)
+    # Runs that add classes (see continual/learn/candidate.py):
+    # the new head rows start from the class's mean embedding (centred imprint) or small random values.
+    head_init: Literal["imprint", "random"] = "imprint"
+    # Weight and temperature of the distillation term (the parent's old-class logits, every batch).
+    distill_weight: float = Field(0.5, ge=0)
+    distill_temperature: float = Field(2.0, gt=0)
+    # Fit a scale and shift of the new classes' logits on the validation slice and fold it into the head.
+    bias_correction: bool = True
 
     _device = field_validator("device")(classmethod(lambda cls, v: _check_device(v)))
 
@@ -289,6 +334,10 @@ class GateSettings(_Section):
     # p-value threshold for the exact McNemar test on the new holdout; 0 disables it.
     significance: float = Field(0.05, ge=0, lt=1)
     shadow: bool = False
+    # A candidate that adds classes: each new class's holdout recall must reach this, and no old
+    # class's recall may drop by more than max_class_recall_drop below the champion's.
+    min_new_class_recall: float = Field(0.5, ge=0, le=1)
+    max_class_recall_drop: float = Field(0.1, ge=0, le=1)
 
 
 class ServingSettings(_Section):

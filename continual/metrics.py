@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -91,6 +92,12 @@ class Metrics:
         self.rollbacks = Counter(f"{PREFIX}_rollbacks", "Champion rollbacks", registry=r)
         self.model_accuracy = Gauge(
             f"{PREFIX}_model_accuracy_ratio", "Holdout accuracy", ["model", "holdout"], registry=r
+        )
+        self.class_samples = Gauge(
+            f"{PREFIX}_class_samples",
+            "Stored samples per class (excluded ones do not count); at most [model] max_classes labels",
+            ["label"],
+            registry=r,
         )
 
         # models and serving
@@ -239,6 +246,12 @@ class Metrics:
     def drift_checked(self) -> None:
         self.drift_checks.inc()
         self.last_drift_check.set(time.time())
+
+    def set_class_samples(self, counts: Mapping[str, int], *, limit: int) -> None:
+        """Samples per class; only the first ``limit`` labels, so the label set stays bounded."""
+        self.class_samples.clear()
+        for label, n in list(counts.items())[:limit]:
+            self.class_samples.labels(label=label).set(n)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -199,6 +199,7 @@ class Registry:
             run_id=m.run_id,
             metrics=m.metrics,
             manifest_sha256=manifest_sha,
+            classes=m.classes,
         )
 
     def import_model(

@@ -35,11 +35,14 @@ def collect_status(settings: Settings, store: Store, extra: dict[str, Any] | Non
             "actor": champion.actor,
             "data_cutoff": cutoff,
             "metrics": champion.metrics,
+            "classes": list(champion.classes) if champion.classes is not None else None,
         },
         "samples": {
             "total": sum(v["train"] + v["holdout"] for v in counts.values()),
             "pending": store.count(after=cutoff),
             "by_label": counts,
+            # Labels with samples that the champion cannot predict (new classes waiting to join it).
+            "new_classes": _new_classes(settings, store, champion.classes if champion else None),
         },
         "last_drift_check": store.records.last_drift_check(),
         "active_run": next((r for r in runs if r["status"] in ("pending", "running")), None),
@@ -155,6 +158,15 @@ def accuracy_status(settings: Settings, store: Store, champion: str | None, pend
     }
 
 
+def _new_classes(settings: Settings, store: Store, have: tuple[str, ...] | None) -> list[dict[str, Any]]:
+    known = set(have if have is not None else settings.model.classes)
+    return [
+        {"label": r.label, "first_seen_at": r.first_seen_at, "train": r.train, "holdout": r.holdout}
+        for r in store.classes.rows(settings.model.classes)
+        if r.label not in known and r.samples
+    ]
+
+
 def _backoff(settings: Settings, store: Store) -> dict[str, Any] | None:
     """Failed runs in a row and how long after the last one the next automatic run waits (None: no failures)."""
     failures = store.runs.consecutive_failures()
@@ -181,6 +193,10 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(f"  {'label':<20} {'train':>8} {'holdout':>8}")
         for label, c in s["by_label"].items():
             lines.append(f"  {label:<20} {c['train']:>8} {c['holdout']:>8}")
+    for c in s.get("new_classes") or []:
+        lines.append(
+            f"  new class {c['label']!r}: {c['train']} train, {c['holdout']} holdout, first seen {c['first_seen_at']}"
+        )
     d = status["last_drift_check"]
     lines.append(
         f"last drift check: {d['created_at']} detected={d['detected']} (ref {d['n_reference']}, cur {d['n_current']})"

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from continual.config import TriggerSettings
+from continual.learn.classes import is_ready
 
 # Backoff: a run that keeps failing (a sample that crashes decoding, a device that
 # runs out of memory) is retried after cooldown, then 2x, 4x, ... of it, never
@@ -32,10 +33,21 @@ class TriggerInput:
     consecutive_failures: int = 0
     # The label-free accuracy estimate of the champion's newest window of predictions (None: none yet).
     estimated_accuracy: float | None = None
+    # Classes the champion lacks that the label policy lets in: (label, train samples, holdout samples),
+    # in joining order (``continual.learn.classes.new_class_counts``).
+    new_classes: tuple[tuple[str, int, int], ...] = ()
+
+
+def ready_classes(t: TriggerInput, trig: TriggerSettings) -> list[tuple[str, int, int]]:
+    """The new classes with ``min_class_samples`` train and ``min_class_holdout`` holdout samples."""
+    return [c for c in t.new_classes if is_ready(c[1], c[2], trig)]
 
 
 def trigger_reason(t: TriggerInput, trig: TriggerSettings) -> str | None:
     """Why a run should start now, or None. A manual request skips the thresholds (still gated).
+
+    A new class that is ready (``min_class_samples`` train and ``min_class_holdout``
+    holdout samples) starts a run by itself, before the sample-count rules.
 
     The cooldown (longer after failures, see :func:`failure_backoff`) and the
     "nothing new since the last gated run" rule hold for the bootstrap run too: a
@@ -49,9 +61,17 @@ def trigger_reason(t: TriggerInput, trig: TriggerSettings) -> str | None:
         return None
     if not t.new_since_last_run:
         return None
+    after = f" (after {t.consecutive_failures} failed runs in a row)" if t.consecutive_failures else ""
+    ready = ready_classes(t, trig) if t.has_champion else []
+    if ready:
+        # A class the model lacks is worth a run however few other samples arrived.
+        label, n_train, n_holdout = ready[0]
+        more = f" (and {len(ready) - 1} more new classes)" if len(ready) > 1 else ""
+        return (
+            f"new class {label!r} has {n_train + n_holdout} samples ({n_train} train, {n_holdout} holdout){more}{after}"
+        )
     if t.pending < trig.min_new_samples:
         return None
-    after = f" (after {t.consecutive_failures} failed runs in a row)" if t.consecutive_failures else ""
     if not t.has_champion:
         return f"bootstrap: {t.pending} samples >= min_new_samples {trig.min_new_samples}{after}"
     if estimate_low(t.estimated_accuracy, trig):

@@ -262,3 +262,31 @@ def test_ids_and_metadata_every_database_can_store(tmp_path: Path, store_url: st
     ok = b'{"samples": [{"id": "ok-4", "label": "cat", "x": [1, 2, 3, 4], "metadata": {"n": "a\\u0000", "e": "\\u00e9"}}]}'
     assert client.post("/v1/feedback", content=ok, headers=JSON).json() == {"accepted": 1, "duplicates": 0}
     assert store.count() == 1
+
+
+def test_new_labels_follow_the_label_policy(tmp_path: Path, store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    client, store, metrics = make_client(vector_settings(tmp_path), store_url)
+    r = post(client, {"samples": [vec(1, "fox")]})  # default: refuse
+    assert r.status_code == 422 and err(r)["details"][0]["field"] == "label" and store.count() == 0
+    store.dispose()
+
+    client, store, metrics = make_client(vector_settings(tmp_path, model={"new_classes": "accept", "max_classes": 4}),
+                                         store_url)  # fmt: skip
+    r = post(client, {"samples": [vec(1, "fox"), vec(2, "cat"), vec(3, "fox")]})
+    assert r.status_code == 200 and r.json() == {"accepted": 3, "duplicates": 0}
+    assert store.classes.names() == ["fox", "cat"]
+    r = post(client, {"samples": [vec(4, "cat"), vec(5, "emu")]})  # cat, dog, bird, fox: no room for emu
+    e = err(r)
+    assert r.status_code == 422 and e["details"] == [
+        {
+            "index": 1,
+            "field": "label",
+            "message": "new class 'emu' would exceed [model] max_classes = 4 (4 classes known)",
+        }
+    ]
+    # A batch that passed validation on a stale view of the classes is refused by the store, in the same format.
+    monkeypatch.setattr(store.classes, "names", lambda: [])
+    r = post(client, {"samples": [vec(6, "cat"), vec(7, "emu")]})
+    assert r.status_code == 422 and err(r)["details"][0]["index"] == 1 and "max_classes = 4" in err(r)["message"]
+    assert store.count() == 3 and value(metrics, "continual_feedback_rejected_total", reason="validation") == 4
+    store.dispose()

@@ -12,7 +12,7 @@ import pytest
 from looputil import LOOP_CONFIG
 from prometheus_client.parser import text_string_to_metric_families
 from serverutil import ServerProcess
-from testkit import digit_samples, wait_for
+from testkit import digit_samples, merge, wait_for
 
 from continual.client import Client
 
@@ -97,5 +97,66 @@ def test_bootstrap_drift_run_gate_promote(tmp_path: Path) -> None:
         for d in measured:  # a detector skipped for want of data exports only drift_detected = 0
             assert 0 <= value("continual_drift_p_value", detector=d) <= 1
             assert value("continual_drift_score", detector=d) >= 0
+    finally:
+        server.stop()
+
+
+def test_a_fourth_class_arrives_through_feedback_is_served_then_rolled_back(tmp_path: Path) -> None:
+    config = merge(
+        LOOP_CONFIG,
+        {
+            "model": {"classes": ["0", "1", "2"], "new_classes": "accept", "max_classes": 10},
+            "triggers": {"min_class_samples": 40, "min_class_holdout": 8},
+            "gate": {"min_new_class_recall": 0.6, "max_class_recall_drop": 0.15, "max_old_forgetting": 0.05},
+        },
+    )
+    server = ServerProcess(config, workdir=tmp_path)
+    url = server.start()
+    data = digit_samples("original")
+    old = [s for s in data if s["label"] in ("0", "1", "2")]
+    threes = [s for s in data if s["label"] == "3"]
+    probe = [{"x": s["x"]} for s in threes[150:]]  # never sent as feedback
+    try:
+        with Client(url, timeout=60) as client:
+            client.feedback(old[:450], batch_size=100)
+            first = champion(wait(client, "the first champion", lambda s: champion(s) is not None))
+            out = client.predict(probe)
+            assert {p["label"] for p in out["predictions"]} <= {"0", "1", "2"}
+            assert set(out["predictions"][0]["scores"]) == {"0", "1", "2"}
+
+            # A label the model has never seen: stored, counted, and once ready a run of its own.
+            client.feedback(threes[:150] + old[450:500], batch_size=100)
+            st = wait(client, "the new class promoted", lambda s: champion(s) not in (None, first), timeout=240)
+            second = champion(st)
+            run = next(r for r in st["last_runs"] if r["candidate_version"] == second)
+            assert run["trigger"].startswith("new class '3' has "), run
+            decision = st["last_decision"]
+            assert (decision["outcome"], decision["rule"]) == ("promoted", "all_rules_passed"), decision
+            m = decision["metrics"]
+            assert m["new_classes"] == ["3"] and m["candidate_recall"]["3"] >= 0.6
+            assert set(m["recall_drop"]) == {"0", "1", "2"} and m["champion_recall"]["3"] == 0.0
+            assert st["champion"]["classes"] == ["0", "1", "2", "3"] and st["samples"]["new_classes"] == []
+
+            out = client.predict(probe)
+            assert out["model_version"] == second and set(out["predictions"][0]["scores"]) == {"0", "1", "2", "3"}
+            assert sum(p["label"] == "3" for p in out["predictions"]) >= len(probe) // 2
+            versions = {v["version"]: v for v in client.models()["versions"]}
+            assert versions[second]["classes"] == ["0", "1", "2", "3"] and versions[first]["classes"] == ["0", "1", "2"]
+            assert scrape(url)[("continual_class_samples", (("label", "3"),))] == 150
+
+            # Rollback: the old model never names the class; its feedback stays stored and trainable.
+            assert client.rollback()["champion"] == first
+            out = wait_for(lambda: (o := client.predict(probe))["model_version"] == first and o, 30, "the rollback")
+            assert {p["label"] for p in out["predictions"]} <= {"0", "1", "2"}
+            st = client.status()
+            [waiting] = st["samples"]["new_classes"]
+            assert waiting["label"] == "3" and waiting["train"] + waiting["holdout"] == 150
+            client.train()
+            st = wait(client, "a run after the rollback", lambda s: len(s["last_runs"]) >= 3 and
+                      s["last_runs"][0]["status"] not in ("pending", "running"))  # fmt: skip
+            again = st["last_runs"][0]
+            assert again["status"] == "succeeded", again
+            grown = {v["version"]: v for v in client.models()["versions"]}[again["candidate_version"]]
+            assert grown["classes"] == ["0", "1", "2", "3"] and grown["parent"] == first
     finally:
         server.stop()

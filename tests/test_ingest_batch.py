@@ -6,16 +6,18 @@ import numpy as np
 import pytest
 from ingestutil import b64, image_bytes, image_settings, vector_settings
 
+from continual.config import ConfigError
 from continual.ingest import (
     BatchTooLarge,
     DecodedTooLarge,
     MalformedBody,
     ValidationFailed,
+    class_limit,
     derived_id,
     feedback_samples,
     parse_json,
 )
-from continual.store import PayloadTooLarge, Store
+from continual.store import ClassLimit, PayloadTooLarge, Store
 
 
 def fails(doc: object, settings) -> list[tuple[object, str]]:  # type: ignore[no-untyped-def]
@@ -182,3 +184,61 @@ def test_derived_id_known_values(label: str, kind: str, payload: bytes, expected
 def test_malformed_bodies(body: bytes, words: str) -> None:
     with pytest.raises(MalformedBody, match=words):
         parse_json(body)
+
+
+# -- new classes: [model] new_classes, max_classes, label_pattern, max_label_length ---------------------
+def labelled(*labels: object) -> dict[str, object]:
+    return {"samples": [{"id": f"n{i}", "label": label, "x": [0, 1, 2, 3]} for i, label in enumerate(labels)]}
+
+
+def test_a_new_label_is_refused_by_default_and_says_how_to_accept_it(tmp_path: Path) -> None:
+    s = vector_settings(tmp_path)
+    assert s.model.new_classes == "refuse"
+    with pytest.raises(ValidationFailed) as e:
+        feedback_samples(labelled("cat", "fox"), s, known=["fox"])  # stored labels do not matter when refusing
+    [detail] = e.value.details
+    assert (detail["index"], detail["field"]) == (1, "label")
+    assert "'fox' is not one of the configured classes" in detail["message"] and "new_classes" in detail["message"]
+    assert class_limit(s.model) is None
+
+
+def test_with_accept_a_new_label_that_follows_the_rules_is_stored(tmp_path: Path, store: Store) -> None:
+    s = vector_settings(tmp_path, model={"new_classes": "accept", "max_classes": 6})
+    rows = feedback_samples(labelled("cat", "red fox", "product/shoes-2", "café"), s)
+    assert [r.label for r in rows] == ["cat", "red fox", "product/shoes-2", "café"]
+    store.insert(rows, class_limit=class_limit(s.model))
+    assert store.classes.names() == ["cat", "red fox", "product/shoes-2", "café"]
+
+
+def test_new_labels_must_match_the_pattern_and_length(tmp_path: Path) -> None:
+    s = vector_settings(tmp_path, model={"new_classes": "accept", "max_label_length": 8, "label_pattern": "[a-z]+"})
+    with pytest.raises(ValidationFailed) as e:
+        feedback_samples(labelled("fox", "Fox", "abcdefghi", "", 7, " fox"), s)
+    messages = {d["index"]: d["message"] for d in e.value.details}
+    assert set(messages) == {1, 2, 3, 4, 5}
+    assert "label_pattern" in messages[1] and "max_label_length = 8" in messages[2] and "not a string" in messages[4]
+    # A configured class and a stored one pass whatever the rules say.
+    s = vector_settings(tmp_path, model={"new_classes": "accept", "label_pattern": "[0-9]+"})
+    assert len(feedback_samples(labelled("cat", "Old Label"), s, known=["Old Label"])) == 2
+
+
+def test_max_classes_counts_configured_stored_and_new_labels(tmp_path: Path) -> None:
+    s = vector_settings(tmp_path, model={"new_classes": "accept", "max_classes": 5})  # cat, dog, bird configured
+    assert len(feedback_samples(labelled("fox", "owl", "fox"), s)) == 3  # exactly 5 classes
+    with pytest.raises(ValidationFailed) as e:
+        feedback_samples(labelled("fox", "owl", "emu", "emu", "cat"), s)
+    assert [(d["index"], d["field"]) for d in e.value.details] == [(2, "label"), (3, "label")]
+    assert "max_classes = 5" in e.value.details[0]["message"]
+    # A stored label takes a place too.
+    with pytest.raises(ValidationFailed):
+        feedback_samples(labelled("fox", "owl"), s, known=["cat", "emu"])
+    assert class_limit(s.model) == ClassLimit(5, ("cat", "dog", "bird"))
+
+
+def test_max_classes_cannot_be_below_the_configured_classes(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="max_classes = 2"):
+        vector_settings(tmp_path, model={"max_classes": 2, "new_classes": "accept"})
+    # Refusing new labels, the configured list is the bound (a 1000-class model needs no max_classes).
+    assert vector_settings(tmp_path, model={"max_classes": 2}).model.most_classes == 3
+    with pytest.raises(ConfigError, match="label_pattern"):
+        vector_settings(tmp_path, model={"label_pattern": "[a-"})

@@ -17,6 +17,7 @@ from testkit import digit_samples
 
 from continual.config import load_settings
 from continual.learn.run import create_run, request_run
+from continual.models import build_model
 from continual.procutil import process_alive
 from continual.service import jobs, recovery
 from continual.store import NewSample, Store
@@ -61,6 +62,52 @@ def test_trigger_rules() -> None:
     )
     failed = t(True, 600, 1e9, True, consecutive_failures=2)
     assert trigger_reason(failed, trig) == "drift detected with 600 new samples (after 2 failed runs in a row)"
+
+
+def test_a_ready_new_class_is_a_trigger_of_its_own() -> None:
+    s = load_settings(None, env={}, require_file=False)  # min_class_samples 50, min_class_holdout 10
+    t = TriggerInput
+    fox = ("fox", 50, 10)
+    assert trigger_reason(t(True, 60, 1_000.0, False, new_classes=(fox,)), s.triggers) == (
+        "new class 'fox' has 60 samples (50 train, 10 holdout)"
+    )
+    # Below either threshold it waits; the other rules still apply.
+    assert (
+        trigger_reason(t(True, 60, 1_000.0, False, new_classes=(("fox", 49, 99), ("owl", 99, 9))), s.triggers) is None
+    )
+    two = (("owl", 10, 2), fox, ("emu", 70, 12))
+    assert trigger_reason(t(True, 5, 1_000.0, False, new_classes=two), s.triggers) == (
+        "new class 'fox' has 60 samples (50 train, 10 holdout) (and 1 more new classes)"
+    )
+    # The cooldown, the failure backoff and "nothing new since the last gated run" hold for it too.
+    assert trigger_reason(t(True, 60, 10.0, False, new_classes=(fox,)), s.triggers) is None
+    assert trigger_reason(t(True, 60, 1_000.0, False, new_since_last_run=False, new_classes=(fox,)), s.triggers) is None
+    assert "after 2 failed runs" in trigger_reason(
+        t(True, 60, 10_000.0, False, consecutive_failures=2, new_classes=(fox,)), s.triggers
+    )
+    # Before a champion exists the bootstrap rule decides (its run takes the ready classes along).
+    assert trigger_reason(t(False, 60, None, False, new_classes=(fox,)), s.triggers) is None
+
+
+def test_the_check_sees_the_classes_the_champion_lacks(tmp_path: Path) -> None:
+    loop = make_loop(tmp_path, {"model": {"classes": ["0", "1", "2"], "new_classes": "accept", "max_classes": 5}})
+    store = loop.store
+    feed(store, [s for s in digit_samples("original", stop=300) if s["label"] in ("0", "1", "2", "3", "7")])
+    assert jobs.new_classes(loop, None) == ()  # no champion yet: bootstrap decides
+    gauge = loop.metrics.registry.get_sample_value
+    assert gauge("continual_class_samples", {"label": "3"}) == store.count(label="3")
+    model = build_model(loop.settings.model.model_copy(update={"classes": ("0", "1", "2", "3")}))
+    loop.registry.import_model(model, input_spec=loop.settings.model.input.model_dump(mode="json"))
+    champion = store.versions.champion()
+    assert champion is not None and champion.classes == ("0", "1", "2", "3")
+    assert jobs.new_classes(loop, champion) == (("7", store.count(label="7", split="train"),
+                                                 store.count(label="7", split="holdout")),)  # fmt: skip
+    # The metric's label set stays within max_classes, configured classes first.
+    feed(store, [{"id": f"z{i}", "label": f"z{i}", "x": [0.0] * 64} for i in range(4)])
+    jobs.new_classes(loop, champion)
+    labels = {s.labels["label"] for s in loop.metrics.class_samples.collect()[0].samples}
+    assert labels == {"0", "1", "2", "3", "7"}
+    store.dispose()
 
 
 def test_bootstrap_waits_for_cooldown_and_new_data() -> None:

@@ -43,6 +43,7 @@ from continual.store import (
     PayloadTooLarge,
     RunActive,
     StoreUnavailable,
+    TooManyClasses,
     VersionNotFound,
 )
 
@@ -94,6 +95,7 @@ TABLE: list[tuple[type[Exception], Rule]] = [
     (UnknownPrediction, Rule(422, "unknown_prediction", _details, rejects_batch=True)),
     (InputNotLogged, Rule(422, "input_not_logged", _details, rejects_batch=True)),
     (ExclusionInvalid, Rule(422, "validation_error", _details)),
+    (TooManyClasses, Rule(422, "validation_failed", _details, rejects_batch=True)),
     (NoModel, Rule(503, "no_model", headers=RETRY_AFTER)),
     (NoRegistry, Rule(503, "no_registry")),
     (StoreUnavailable, Rule(503, "store_unavailable", headers=RETRY_AFTER)),

@@ -5,9 +5,11 @@ from __future__ import annotations
 from continual.ingest.batch import (
     BatchTooLarge,
     MalformedBody,
+    class_limit,
     derived_id,
     feedback_samples,
     id_problem,
+    label_problem,
     parse_json,
 )
 from continual.ingest.decode import (
@@ -39,6 +41,7 @@ __all__ = [
     "UnknownPrediction",
     "ValidationFailed",
     "check_pixel_budget",
+    "class_limit",
     "decode_input",
     "decode_inputs",
     "decode_payload",
@@ -46,6 +49,7 @@ __all__ = [
     "exclusion_request",
     "feedback_samples",
     "id_problem",
+    "label_problem",
     "parse_json",
     "predict_inputs",
 ]

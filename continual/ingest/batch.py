@@ -9,14 +9,15 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Collection
 from typing import Any
 
 import orjson
 
-from continual.config import Settings
+from continual.config import ModelSettings, Settings
 from continual.ingest.decode import InputError, ValidationFailed, _json_type, check_pixel_budget, decode_input
 from continual.ingest.reference import REFERENCE_KEYS, PredictionLookup, Reference, resolve
-from continual.store import NewSample
+from continual.store import ClassLimit, NewSample
 
 _BAD_ID_CHARS = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
 SAMPLE_KEYS = frozenset({"id", "label", "x", "image", "metadata"})
@@ -64,15 +65,49 @@ def derived_id(label: str, kind: str, payload: bytes) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def class_limit(model: ModelSettings) -> ClassLimit | None:
+    """What ``Store.insert`` must enforce for a batch that passed :func:`feedback_samples` (None: nothing)."""
+    return ClassLimit(model.max_classes, tuple(model.classes)) if model.new_classes == "accept" else None
+
+
+def label_problem(label: Any, model: ModelSettings, known: Collection[str] = ()) -> str:  # Any: a JSON value
+    """Why ``label`` cannot be stored ("" if it can).
+
+    A configured class always can. With ``[model] new_classes = "accept"`` so can
+    a stored one (``known``) and any string that matches ``label_pattern`` and
+    ``max_label_length``; with "refuse" nothing else.
+    """
+    if not isinstance(label, str):
+        # Never repr() it: a label nested 1,000 deep would overflow the stack.
+        return f"expected a string (a class name), got {_json_type(label)}"
+    if label in model.classes:
+        return ""
+    if model.new_classes == "refuse":
+        shown = ", ".join(repr(c) for c in model.classes[:20]) + (" ..." if len(model.classes) > 20 else "")
+        return f'{label!r} is not one of the configured classes ({shown}) and [model] new_classes = "refuse"'
+    if label in known:
+        return ""
+    if len(label) > model.max_label_length:
+        return f"new class {label[:40]!r}...: {len(label)} characters exceeds [model] max_label_length = {model.max_label_length}"
+    if not re.fullmatch(model.label_pattern, label):
+        return f"new class {label!r} does not match [model] label_pattern = {model.label_pattern!r}"
+    return ""
+
+
 def feedback_samples(
-    doc: Any,  # Any: the parsed JSON, validated here
+    doc: Any,  # Any: parsed JSON
     settings: Settings,
     *,
     source: str = "api",
     predictions: PredictionLookup | None = None,
+    known: Collection[str] = (),
 ) -> list[NewSample]:
     """Validate a parsed ``{"samples": [...]}`` document; every bad sample is named in one ValidationFailed.
 
+    ``known``: the labels stored already (``store.classes.names()``); with
+    ``new_classes = "accept"`` they and new labels that follow the label rules pass,
+    as long as the known and new classes together stay within ``max_classes``
+    (``Store.insert`` with :func:`class_limit` enforces that again, atomically).
     A sample ``{"prediction_id", "label"}`` is built from the logged prediction
     (``predictions``, one lookup for the batch; see :mod:`continual.ingest.reference`).
     """
@@ -98,10 +133,10 @@ def feedback_samples(
     for i, item in enumerate(items):
         try:
             if isinstance(item, dict) and "prediction_id" in item:
-                refs.append(_reference(i, item, settings))
+                refs.append(_reference(i, item, settings, known))
                 out.append(None)
                 continue
-            sample = _sample(item, settings, source)
+            sample = _sample(item, settings, source, known)
         except InputError as e:
             details.append({"index": i, "field": e.field, "message": e.message})
             continue
@@ -109,11 +144,27 @@ def feedback_samples(
             details.extend({"index": i, "field": f, "message": m} for f, m in e.errors)
             continue
         out.append(sample)
+    details.extend(_beyond_max_classes(items, settings.model, known) if not details else [])
     if details:
         raise ValidationFailed(details)
     by_reference = resolve(refs, predictions, settings, source)
     # The payload cap is the store's: ``Store.insert`` refuses oversize payloads, naming each one.
     return [s if s is not None else by_reference[i] for i, s in enumerate(out)]
+
+
+def _beyond_max_classes(items: list[Any], model: ModelSettings, known: Collection[str]) -> list[dict[str, Any]]:
+    """One detail per sample whose new label would be class number max_classes + 1 or later."""
+    if model.new_classes != "accept":
+        return []
+    taken = set(model.classes) | set(known)
+    new = list(dict.fromkeys(str(item["label"]) for item in items if str(item["label"]) not in taken))
+    refused = set(new[max(0, model.max_classes - len(taken)) :])
+    return [
+        {"index": i, "field": "label", "message": f"new class {item['label']!r} would exceed [model] max_classes = "
+         f"{model.max_classes} ({len(taken)} classes known)"}
+        for i, item in enumerate(items)
+        if item["label"] in refused
+    ]  # fmt: skip
 
 
 def id_problem(value: Any) -> str:  # Any: JSON value under validation
@@ -178,20 +229,9 @@ class _FieldErrors(Exception):
         self.errors = errors
 
 
-def _label_problem(label: Any, settings: Settings) -> str:  # Any: JSON value under validation
-    classes = settings.model.classes
-    if label is None:
-        return "missing"
-    if not isinstance(label, str):
-        # Never repr() it: a label nested 1,000 deep would overflow the stack.
-        return f"expected a string (one of the configured classes), got {_json_type(label)}"
-    if label not in classes:
-        shown = ", ".join(repr(c) for c in classes[:20]) + (" ..." if len(classes) > 20 else "")
-        return f"{label!r} is not one of the configured classes ({shown})"
-    return ""
-
-
-def _reference(index: int, item: dict[str, Any], settings: Settings) -> Reference:  # Any: JSON
+def _reference(  # Any: JSON
+    index: int, item: dict[str, Any], settings: Settings, known: Collection[str]
+) -> Reference:
     """A by-reference sample's own fields, checked before any lookup."""
     errors: list[tuple[str, str]] = []
     for key in sorted(str(k) for k in set(item) - REFERENCE_KEYS):
@@ -205,7 +245,9 @@ def _reference(index: int, item: dict[str, Any], settings: Settings) -> Referenc
     if sample_id is not None and (problem := id_problem(sample_id)):
         errors.append(("id", problem))
     label = item.get("label")
-    if problem := _label_problem(label, settings):
+    if label is None:
+        errors.append(("label", "missing"))
+    elif problem := label_problem(label, settings.model, known):
         errors.append(("label", problem))
     meta = item.get("metadata")
     if meta is not None and (
@@ -217,7 +259,7 @@ def _reference(index: int, item: dict[str, Any], settings: Settings) -> Referenc
     return Reference(index, pid, label, sample_id, meta)
 
 
-def _sample(item: Any, settings: Settings, source: str) -> NewSample:  # Any: JSON value under validation
+def _sample(item: Any, settings: Settings, source: str, known: Collection[str]) -> NewSample:  # Any: JSON value
     if not isinstance(item, dict):
         raise InputError("", "expected a sample object {id, label, x|image, metadata}")
     # Every field is checked so one response lists all that is wrong with the sample.
@@ -231,8 +273,9 @@ def _sample(item: Any, settings: Settings, source: str) -> NewSample:  # Any: JS
         if problem:
             errors.append(("id", problem))
     label = item.get("label")
-    problem = _label_problem(label, settings)
-    if problem:
+    if label is None:
+        errors.append(("label", "missing"))
+    elif problem := label_problem(label, settings.model, known):
         errors.append(("label", problem))
     meta = item.get("metadata")
     if meta is not None:

@@ -2,6 +2,9 @@
 
 Called by :func:`continual.learn.run.execute_run` in the worker process. Rank 0
 writes the version; under torchrun every rank trains its share of each batch.
+When the run's data holds classes the parent lacks (``continual.learn.classes``),
+the candidate is the parent with its head grown to them, and the parent is the
+teacher of the loop's distillation term.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torch.utils.data import Dataset
 
 from continual.config import Settings
 from continual.learn.calibrate import calibrate
+from continual.learn.classes import plan_classes
 from continual.learn.data import (
     RunData,
     SampleDataset,
@@ -31,9 +35,10 @@ from continual.learn.data import (
 from continual.learn.dist import Dist, cpu_threads, pick_device
 from continual.learn.ewc import EwcTerm, combine_fisher, fisher_diagonal
 from continual.learn.replay import MixedBatchSampler, uses_ewc
-from continual.learn.train import TrainResult, train
+from continual.learn.train import TrainResult, accuracy_on, train
 from continual.models import Classifier, build_model
 from continual.models.features import FeatureCache, backbone_hash, embed_rows
+from continual.models.heads import grow_classifier, grow_head_tensors
 from continual.models.manifest import Manifest, ModelSource
 from continual.store import Store
 
@@ -57,15 +62,6 @@ class VersionFiles(ModelSource, Protocol):
         extra_tensors: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
         extra: Mapping[str, Any] | None = None,
     ) -> Manifest: ...
-
-
-class ClassesChanged(ValueError):
-    def __init__(self, parent: str, parent_classes: tuple[str, ...], configured: tuple[str, ...]) -> None:
-        self.parent, self.parent_classes, self.configured = parent, parent_classes, configured
-        super().__init__(
-            f"the parent version {parent} has classes {list(parent_classes)} but [model] classes = "
-            f"{list(configured)}; changing the classes needs a new bootstrap model"
-        )
 
 
 @dataclass(frozen=True)
@@ -101,22 +97,43 @@ def build_candidate(
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
-    progress({"phase": "planning"})
-    data_start, data_cpu = time.perf_counter(), time.process_time()
-    data = plan_run_data(store, settings, parent_cutoff=parent_cutoff, data_cutoff=data_cutoff, seed=seed)
     progress({"phase": "loading"})
-    # Bootstrap: the pretrained base with a fresh head. Update: a copy of the parent.
-    model = files.load_model(parent, settings) if parent else build_model(settings.model)
-    if tuple(model.classes) != tuple(settings.model.classes):
-        raise ClassesChanged(parent or "?", tuple(model.classes), tuple(settings.model.classes))
+    data_start, data_cpu = time.perf_counter(), time.process_time()
+    parent_model = files.load_model(parent, settings) if parent else None
+    progress({"phase": "planning"})
+    # Rank 0 fixes the class list (the store may gain samples while the ranks read it).
+    plan = dist.broadcast(
+        plan_classes(
+            parent, parent_model.classes if parent_model else None, store.classes.rows(settings.model.classes), settings
+        )
+        if dist.is_main
+        else None
+    )
+    data = plan_run_data(
+        store, settings, parent_cutoff=parent_cutoff, data_cutoff=data_cutoff, seed=seed,
+        classes=plan.classes, added=plan.added,
+    )  # fmt: skip
+    # Bootstrap: the pretrained base with a fresh head over the configured (and ready new) classes.
+    model = parent_model or build_model(settings.model.model_copy(update={"classes": plan.classes}))
     model.to(device)
+    cache = _feature_cache(settings, model, data)
+    teacher: Classifier | None = None
+    growth: dict[str, Any] = {}
+    if parent_model is not None and plan.added:
+        # A copy with the grown head trains; the parent stays as it is, the distillation term's teacher.
+        model, growth = _grow(store, settings, parent_model, plan.classes, data, cache, device, seed)
+        teacher = parent_model.eval()
+        model.to(device)
     ewc_on = uses_ewc(t.strategy)
     parent_fisher = files.load_tensors(parent, "fisher") if parent and ewc_on else None
+    if parent_fisher and plan.added:
+        # The old head rows keep their Fisher; the new rows have none (nothing to hold them to yet).
+        parent_fisher = grow_head_tensors(parent_fisher, len(plan.classes))
     # The anchor is the parent's weights: the model before its first step.
     anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
     ewc = EwcTerm(model, anchor, parent_fisher) if parent_fisher else None
 
-    net, train_ds, val_ds, cache_info = _datasets(store, settings, model, data, device, progress)
+    net, train_ds, val_ds, cache_info = _datasets(store, settings, model, data, device, cache, progress)
     cache_info["data_seconds"] = round(time.perf_counter() - data_start, 3)
     cache_info["data_cpu_seconds"] = round(time.process_time() - data_cpu, 3)
     sampler = MixedBatchSampler(
@@ -128,6 +145,10 @@ def build_candidate(
     val_loader = (
         make_loader(val_ds, sequential_batches(len(val_ds), 256), num_workers=0) if val_ds is not None else None
     )
+
+    if growth and val_loader is not None:
+        # What the new rows' initialisation gives before any step (imprint vs random, see bench/classes.py).
+        growth["validation_accuracy_before_training"] = round(accuracy_on(net, val_loader, device)[0], 6)
 
     def train_batches(epoch: int) -> Any:  # Any: the DataLoader's batches
         sampler.set_epoch(epoch)
@@ -146,7 +167,14 @@ def build_candidate(
         steps_per_epoch=len(sampler), device=device, net=net,
         val_batches=(lambda: val_loader) if val_loader is not None else None,
         ewc=ewc, wrap=wrap, on_progress=progress, should_stop=should_stop,
+        # The teacher takes what the net takes: cached features go through the parent's head alone.
+        teacher=(teacher.head if net is not model else teacher) if teacher is not None else None,
+        n_old=len(plan.base),
     )  # fmt: skip
+    if result.bias_correction is not None:
+        growth["bias_correction"] = result.bias_correction
+        if net is not model:
+            net = model.head  # the corrected head: the Fisher is the served model's
 
     fisher: dict[str, torch.Tensor] | None = None
     fisher_n = 0
@@ -156,6 +184,7 @@ def build_candidate(
         fisher = combine_fisher(parent_fisher, fisher_new, t.fisher_decay)
 
     metrics = _metrics(result, data, settings, seed=seed, fisher_n=fisher_n, cache_info=cache_info)
+    metrics["classes"] = {"added": list(plan.added), "waiting": list(plan.waiting), **growth}
     should_stop()  # a SIGTERM before the write: nothing is written (every rank asks: it is a collective)
     if not dist.is_main:
         return Candidate(None, metrics)
@@ -189,12 +218,71 @@ def build_candidate(
             "world_size": dist.world_size,
             "data": data.summary(),
             **({"calibration": calibration} if calibration is not None else {}),
+            "parent_classes": list(plan.base) if parent else None,
+            "added_classes": list(plan.added),
         },
     )
     return Candidate(manifest.version, metrics)
 
 
 TrainSet = Dataset[tuple[torch.Tensor, torch.Tensor]]
+# Imprinting a new class's head row needs its mean embedding (and the old classes'): this many samples each.
+IMPRINT_SAMPLES = 100
+
+
+def _feature_cache(settings: Settings, model: Classifier, data: RunData) -> FeatureCache | None:
+    """The frozen base's feature cache when the head will train on cached features (see :func:`_datasets`)."""
+    t, m = settings.training, settings.model
+    n_all = len(data.train) + len(data.validation)
+    if m.mode != "feature_extraction" or m.input.augment or not 0 < n_all <= t.feature_cache_items:
+        return None
+    return FeatureCache(backbone_hash(model), t.feature_cache_items, settings.service.data_dir / "cache" / "features")
+
+
+def _grow(
+    store: Store,
+    settings: Settings,
+    parent: Classifier,
+    classes: tuple[str, ...],
+    data: RunData,
+    cache: FeatureCache | None,
+    device: torch.device,
+    seed: int,
+) -> tuple[Classifier, dict[str, Any]]:
+    """A copy of ``parent`` with its head grown to ``classes`` (old rows exact), and what was done.
+
+    The new rows are imprinted (``[training] head_init``, see
+    :func:`continual.models.heads.grow_head` for why centred imprinting): the
+    parent embeds up to :data:`IMPRINT_SAMPLES` training samples of every class
+    in the run's data. Without samples of an old class to centre on (naive
+    strategy, no old-class feedback) or of a new one, the rows start random.
+    """
+    init = settings.training.head_init
+    info: dict[str, Any] = {"head_init": init}
+    embeddings: dict[str, torch.Tensor] = {}
+    if init == "imprint":
+        rng = np.random.default_rng([seed, 11])
+        picked = {
+            classes[int(k)]: data.train[rng.permutation(np.flatnonzero(data.train_labels == k))[:IMPRINT_SAMPLES]]
+            for k in np.unique(data.train_labels)
+        }
+        rows = {r.seq: r for r in store.get_samples(np.concatenate(list(picked.values())).tolist())}
+        parent.eval()
+        for c, seqs in picked.items():
+            found = [rows[int(s)] for s in seqs if int(s) in rows]
+            if found:
+                e = embed_rows(parent, found, spec=settings.model.input, cache=cache, device=device)
+                embeddings[c] = torch.from_numpy(e)
+        added = classes[len(parent.classes) :]
+        missing = [c for c in added if c not in embeddings]
+        old = [c for c in embeddings if c in set(parent.classes)]
+        if missing or not old:
+            why = f"no training samples of {missing}" if missing else "no old-class samples to centre on"
+            init, info = "random", {"head_init": "random", "imprint_skipped": why}
+        else:
+            info["imprint_samples"] = {c: len(e) for c, e in embeddings.items()}
+    grown = grow_classifier(parent, classes, init=init, embeddings_by_class=embeddings or None, seed=seed)
+    return grown, info
 
 
 def _datasets(
@@ -203,24 +291,22 @@ def _datasets(
     model: Classifier,
     data: RunData,
     device: torch.device,
+    cache: FeatureCache | None,
     progress: Callable[[dict[str, Any]], None],
 ) -> tuple[nn.Module, TrainSet, TrainSet | None, dict[str, Any]]:
     """(net, train dataset, validation dataset or None, cache info).
 
     With a frozen base (feature_extraction, no augmentation) and few enough
-    samples, the base runs once per sample and the head trains on its cached
-    outputs; otherwise batches are decoded from the store every epoch.
+    samples (``cache`` is given), the base runs once per sample and the head
+    trains on its cached outputs; otherwise batches are decoded from the store
+    every epoch.
     """
     t, m = settings.training, settings.model
     spec = m.input
     n_all = len(data.train) + len(data.validation)
-    frozen_base = m.mode == "feature_extraction" and not spec.augment
-    if frozen_base and 0 < n_all <= t.feature_cache_items:
+    if cache is not None:
         progress({"phase": "embedding", "samples": n_all})
         model.eval()
-        cache = FeatureCache(
-            backbone_hash(model), t.feature_cache_items, settings.service.data_dir / "cache" / "features"
-        )
         hits0 = cache.hits
         seqs = np.concatenate([data.train, data.validation])
         by_seq = {r.seq: r for r in store.get_samples(seqs.tolist())}

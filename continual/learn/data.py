@@ -71,20 +71,36 @@ class RunData:
         }
 
 
-def plan_run_data(store: Store, settings: Settings, *, parent_cutoff: int, data_cutoff: int, seed: int) -> RunData:
+def plan_run_data(
+    store: Store,
+    settings: Settings,
+    *,
+    parent_cutoff: int,
+    data_cutoff: int,
+    seed: int,
+    classes: Sequence[str] | None = None,
+    added: Sequence[str] = (),
+) -> RunData:
     """New train samples in (parent_cutoff, data_cutoff], a replay draw at or before parent_cutoff.
 
     Only the train split is read, so holdout samples never reach training. The
     validation slice (for early stopping) is carved from both by id hash.
+    ``classes``: the run's class list (default ``[model] classes``); samples of
+    other labels are skipped. A class in ``added`` (new to the parent) counts
+    all its samples as new, also those stored before ``parent_cutoff`` (they
+    waited there until the class was ready).
     """
     t = settings.training
-    class_index = {c: i for i, c in enumerate(settings.model.classes)}
+    class_index = {c: i for i, c in enumerate(settings.model.classes if classes is None else classes)}
     new_rows = store.train_index(after=parent_cutoff, upto=data_cutoff)
+    if added and parent_cutoff > 0:
+        new_rows = sorted(new_rows + store.train_index(upto=parent_cutoff, labels=list(added)))
     replay_rows: list[tuple[int, str, str]] = []
     if uses_replay(t.strategy) and parent_cutoff > 0:
         # Seeded by the cutoff too, so successive runs replay different old samples.
         drawn = draw_replay(store, t.replay_buffer, cutoff=parent_cutoff, seed=seed + parent_cutoff)
-        replay_rows = store.train_index(seqs=drawn.tolist())
+        taken = {r[0] for r in new_rows}
+        replay_rows = [r for r in store.train_index(seqs=drawn.tolist()) if r[0] not in taken]
     skipped = 0
     parts: dict[str, tuple[list[int], list[int]]] = {"new": ([], []), "replay": ([], []), "validation": ([], [])}
     for name, rows in (("new", new_rows), ("replay", replay_rows)):

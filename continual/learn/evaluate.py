@@ -22,6 +22,13 @@ class EvalResult:
     predictions: np.ndarray  # class index per sample, in the order of the seqs given
     labels: np.ndarray  # true class index; -1 for a label the model does not know (always wrong)
     seqs: np.ndarray | None = None
+    classes: tuple[str, ...] = ()  # the model's classes: what a prediction index names
+    label_names: np.ndarray | None = None  # the stored label of each sample (object array)
+
+    @property
+    def predicted_names(self) -> np.ndarray:
+        """The predicted class of each sample by name (object array): comparable across models."""
+        return np.asarray(self.classes, dtype=object)[self.predictions] if len(self.predictions) else np.array([])
 
 
 @torch.inference_mode()
@@ -44,6 +51,7 @@ def evaluate(
     order = np.asarray([int(s) for s in seqs], dtype=np.int64)
     preds: dict[int, int] = {}
     labels: dict[int, int] = {}
+    names: dict[int, str] = {}
     try:
         for rows in store.iter_samples(seqs=order.tolist(), batch_size=batch_size):
             x = torch.stack([decode_row(r, transform) for r in rows]).to(device)
@@ -52,10 +60,14 @@ def evaluate(
             for r, p in zip(rows, out.argmax(dim=-1).cpu().tolist(), strict=True):
                 preds[r.seq] = int(p)
                 labels[r.seq] = class_index.get(r.label, -1)
+                names[r.seq] = r.label
     finally:
         model.train(was_training)
     kept = np.asarray([s for s in order if s in preds], dtype=np.int64)  # seqs no longer stored are skipped
     p = np.asarray([preds[s] for s in kept], dtype=np.int64)
     y = np.asarray([labels[s] for s in kept], dtype=np.int64)
     acc = float((p == y).mean()) if len(kept) else 0.0
-    return EvalResult(accuracy=acc, n=len(kept), predictions=p, labels=y, seqs=kept)
+    label_names = np.asarray([names[s] for s in kept], dtype=object)
+    return EvalResult(
+        accuracy=acc, n=len(kept), predictions=p, labels=y, seqs=kept, classes=tuple(classes), label_names=label_names
+    )

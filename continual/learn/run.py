@@ -1,7 +1,7 @@
 """A training run's life: its spec, then start → progress → finish on its row.
 
 A run is created with a *spec*: a snapshot of the settings that shape training
-(``service``, ``model``, ``training``, ``ingest``), the seed and the trigger. The
+(``service``, ``model``, ``training``, ``ingest``, ``triggers``), the seed and the trigger. The
 worker trains from that snapshot alone; only the store connection (and its
 secrets) comes from the worker's own process, so a config edited after the
 request never changes a run already asked for. :func:`execute_run` is the
@@ -35,8 +35,9 @@ log = logging.getLogger("continual.learn.run")
 HANG_ENV = "CONTINUAL_TEST_HANG_AT"
 
 # Sections of the settings copied into the run spec; auth and store hold secrets
-# and the worker takes the store connection from its own process.
-SPEC_SECTIONS = ("service", "model", "training", "ingest")
+# and the worker takes the store connection from its own process. "triggers" holds
+# when a new class is ready to join the model (min_class_samples, min_class_holdout).
+SPEC_SECTIONS = ("service", "model", "training", "ingest", "triggers")
 
 
 def make_spec(settings: Settings, *, trigger: str, seed: int | None = None) -> dict[str, Any]:

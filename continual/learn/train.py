@@ -1,4 +1,5 @@
-"""The training loop, written out in one function: mix, forward, loss + penalty, backward, clip, step, validate, keep the best."""
+"""The training loop, written out in one function: mix, forward, loss + distillation + penalty, backward, clip,
+step, validate, keep the best, then correct the new classes' bias."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from continual.config import Settings
+from continual.learn.bias import fit_bias_correction, fold_bias_correction, new_class_mask
+from continual.learn.distill import distillation_loss
 from continual.learn.ewc import EwcTerm
 from continual.learn.schedule import apply_phase, make_optimizer, make_scheduler, set_train_mode
 
@@ -45,7 +48,7 @@ class TrainResult:
     epochs_run: int
     steps: int
     best_epoch: int
-    validation_accuracy: float | None
+    validation_accuracy: float | None  # of the kept epoch; a run that adds classes: its balanced accuracy
     validation_n: int
     final_loss: float
     samples_seen: int
@@ -53,6 +56,8 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     # CPU time of this process in the loop: on a shared machine it tracks the work done, not the waiting.
     train_cpu_seconds: float = 0.0
+    # A run that added classes: the fitted correction ({"alpha", "beta", "n"}) or why none was fitted.
+    bias_correction: dict[str, Any] | None = None
 
     @property
     def samples_per_s(self) -> float:
@@ -88,6 +93,8 @@ def train(
     net: nn.Module | None = None,
     val_batches: Callable[[], Iterable[tuple[Tensor, Tensor]]] | None = None,
     ewc: EwcTerm | None = None,
+    teacher: nn.Module | None = None,
+    n_old: int = 0,
     wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
     on_progress: Callable[[dict[str, Any]], None] = lambda p: None,
     should_stop: Callable[[], None] = lambda: None,
@@ -100,10 +107,21 @@ def train(
     what runs the step (DistributedDataParallel under torchrun); it is re-applied
     whenever the set of trainable parameters changes. ``should_stop`` raises
     :class:`Cancelled` or :class:`TimeBudgetExceeded`.
+
+    A run that added classes passes ``teacher`` (the parent, taking the same
+    inputs as ``net``) and ``n_old``, the parent's number of classes: every batch
+    then adds ``distill_weight`` times the distillation term, and after the loop
+    the new classes' logits get a bias correction fitted on the validation slice
+    (``[training] bias_correction``), folded into ``model.head``.
     """
     t = settings.training
     net = model if net is None else net
     lam = t.ewc_lambda if ewc is not None and len(ewc) else 0.0
+    if teacher is not None and n_old < 1:
+        raise ValueError(f"a teacher needs n_old >= 1 (the parent's classes), got {n_old}")
+    distill = t.distill_weight if teacher is not None else 0.0
+    if teacher is not None:
+        teacher.eval()
     optimizer = make_optimizer(model, t)
     total_steps = t.epochs * steps_per_epoch
     scheduler = make_scheduler(optimizer, t, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
@@ -131,6 +149,13 @@ def train(
             with _autocast(device):
                 logits = runner(x)
             loss = F.cross_entropy(logits.float(), y)
+            if distill:
+                # Learning without forgetting: the parent's softened scores over its own classes on
+                # this batch (new and replayed samples alike) are a target that keeps the old classes'
+                # relative logits where they were while the new head rows learn.
+                with torch.no_grad(), _autocast(device):
+                    old_logits = teacher(x)  # type: ignore[misc]
+                loss = loss + distill * distillation_loss(logits, old_logits, n_old, t.distill_temperature)
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 raise NonFiniteLoss(epoch, step, loss_value)
@@ -168,6 +193,11 @@ def train(
             on_progress({"phase": "validating", "epoch": epoch + 1, "epochs": t.epochs, "step": step})
             acc, val_n = accuracy_on(net, val_batches(), device)
             record["validation_accuracy"] = acc
+            if teacher is not None:
+                # A run that adds classes keeps the epoch with the best mean recall per class: the slice
+                # holds every new-class sample but only a replayed share of each old class, and the gate
+                # judges class by class.
+                acc = record["validation_balanced_accuracy"] = balanced_accuracy_on(net, val_batches(), device)
             if best_acc is None or acc > best_acc:
                 best_acc, best_epoch, bad_epochs = acc, epoch, 0
                 best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
@@ -182,6 +212,13 @@ def train(
     else:
         best_epoch = len(history) - 1
     model.eval()
+    bias = None
+    if teacher is not None:
+        bias = (
+            _correct_bias(model, net, val_batches, n_old, device)
+            if t.bias_correction
+            else {"skipped": "[training] bias_correction = false"}
+        )
     return TrainResult(
         epochs_run=len(history),
         steps=step,
@@ -193,4 +230,52 @@ def train(
         train_seconds=train_seconds,
         history=history,
         train_cpu_seconds=train_cpu,
+        bias_correction=bias,
     )
+
+
+def balanced_accuracy_on(net: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device) -> float:
+    """The mean over classes of each class's recall (classes without samples left out)."""
+    logits, y = _logits_on(net, batches, device)
+    pred = logits.argmax(dim=1)
+    return float(torch.stack([(pred[y == c] == c).float().mean() for c in torch.unique(y)]).mean()) if len(y) else 0.0
+
+
+@torch.no_grad()  # not inference_mode: the bias fit backpropagates through products with these logits
+def _logits_on(net: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device) -> tuple[Tensor, Tensor]:
+    was_training = net.training
+    net.eval()
+    out, ys = [], []
+    for x, y in batches:
+        with _autocast(device):
+            out.append(net(x.to(device, non_blocking=True)).float().cpu())
+        ys.append(y)
+    net.train(was_training)
+    return torch.cat(out), torch.cat(ys)
+
+
+def _correct_bias(
+    model: nn.Module,
+    net: nn.Module,
+    val_batches: Callable[[], Iterable[tuple[Tensor, Tensor]]] | None,
+    n_old: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """BiC: fit ``alpha * z + beta`` on the new classes' logits over the validation slice, fold it into the head.
+
+    The head saw every new-class sample but only a replayed share of each old
+    class, so the new logits come out too large; two numbers fitted on samples
+    training never used (each class weighing the same) pull them back, and
+    folding them into the head's new rows means serving needs no extra step.
+    """
+    if val_batches is None:
+        return {"skipped": "no validation slice"}
+    logits, y = _logits_on(net, val_batches(), device)
+    n_classes = logits.shape[1]
+    is_new = y >= n_old
+    if not bool(is_new.any()) or bool(is_new.all()):
+        return {"skipped": f"the validation slice needs old and new classes: {int(is_new.sum())} new of {len(y)}"}
+    mask = new_class_mask(n_old, n_classes)
+    alpha, beta = fit_bias_correction(logits, y, mask)
+    model.head = fold_bias_correction(model.head, mask, alpha, beta)  # type: ignore[assignment]
+    return {"alpha": round(alpha, 6), "beta": round(beta, 6), "n": len(y)}

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from continual.drift.check import DriftDecision, run_check
+from continual.learn.classes import new_class_counts
 from continual.learn.run import create_run
 from continual.metrics import Metrics
 from continual.registry import VersionNotFound
@@ -33,7 +34,7 @@ from continual.service import recovery
 from continual.service.accuracy import accuracy
 from continual.service.context import TRAINER_LEASE, ServiceContext
 from continual.service.trainer import train_and_gate
-from continual.store import StoreUnavailable
+from continual.store import Champion, StoreUnavailable
 from continual.triggers import TriggerInput, estimate_low, labels_needed, pick_estimate, trigger_reason
 
 log = logging.getLogger("continual.service.jobs")
@@ -79,6 +80,7 @@ def check(ctx: ServiceContext) -> dict[str, Any]:
             new_since_last_run=last_cutoff is None or ctx.store.max_seq() > last_cutoff,
             consecutive_failures=failures,
             estimated_accuracy=estimate,
+            new_classes=new_classes(ctx, champion),
         )
         ctx.metrics.labels_needed.set(labels_needed(inputs, ctx.settings.triggers))
         if window is not None and estimate is not None and estimate_low(estimate, ctx.settings.triggers):
@@ -92,6 +94,19 @@ def check(ctx: ServiceContext) -> dict[str, Any]:
     finally:
         if not ctx.stop.is_set():
             ctx.state.set("idle")
+
+
+def new_classes(ctx: ServiceContext, champion: Champion | None) -> tuple[tuple[str, int, int], ...]:
+    """(label, train, holdout) of each class with samples that the champion lacks and the policy lets in.
+
+    Also mirrors every class's sample count in ``continual_class_samples{label}``.
+    """
+    rows = ctx.store.classes.rows(ctx.settings.model.classes)
+    ctx.metrics.set_class_samples({r.label: r.samples for r in rows}, limit=ctx.settings.model.most_classes)
+    if champion is None:
+        return ()
+    have = champion.classes if champion.classes is not None else ctx.registry.manifest(champion.version).classes
+    return tuple((c.label, c.train, c.holdout) for c in new_class_counts(have, rows, ctx.settings))
 
 
 def _seconds_since(when: datetime | None) -> float | None:

@@ -3,9 +3,10 @@
 The only package that imports SQLAlchemy or writes SQL. :class:`Store` owns the
 engine and the sample methods; the other tables have one owner each, reached as
 ``store.versions`` (model versions, the champion pointer), ``store.runs``
-(training runs), ``store.records`` (gate decisions, drift checks, events) and
-``store.leases`` (the trainer lease) and ``store.predictions`` (the prediction log
-and the accuracy windows over it).
+(training runs), ``store.records`` (gate decisions, drift checks, events),
+``store.classes`` (every label's first sighting and sample counts), ``store.leases``
+(the trainer lease) and ``store.predictions`` (the prediction log and the accuracy
+windows over it).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from sqlalchemy.engine import make_url
 from continual.config import Settings, StoreSettings, read_secret_file
 from continual.store import samples as _samples
 from continual.store import sampling as _reads
+from continual.store.classes import Classes, ClassLimit, ClassRow, TooManyClasses
 from continual.store.engine import EngineOptions, StoreUnavailable, make_engine, read_tx
 from continual.store.lease import Leases
 from continual.store.migrate import SchemaOutOfDate, check_schema, current_revision, head_revision, upgrade
@@ -41,6 +43,8 @@ from continual.store.versions import Champion, ChampionMoved, NoPreviousChampion
 __all__ = [
     "Champion",
     "ChampionMoved",
+    "ClassLimit",
+    "ClassRow",
     "IdConflict",
     "InsertResult",
     "LoggedPrediction",
@@ -57,6 +61,7 @@ __all__ = [
     "SchemaOutOfDate",
     "Store",
     "StoreUnavailable",
+    "TooManyClasses",
     "VersionNotFound",
     "split_of",
     "vector_from_payload",
@@ -96,6 +101,7 @@ class Store:
         self.records = Records(self.engine)
         self.leases = Leases(self.engine)
         self.predictions = Predictions(self.engine)
+        self.classes = Classes(self.engine)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Store:
@@ -141,13 +147,17 @@ class Store:
         self.engine.dispose()
 
     # -- samples --------------------------------------------------------------
-    def insert(self, batch: Sequence[NewSample], now: datetime | None = None) -> InsertResult:
+    def insert(
+        self, batch: Sequence[NewSample], now: datetime | None = None, *, class_limit: ClassLimit | None = None
+    ) -> InsertResult:
         return _samples.insert_samples(
             self.engine,
             batch,
             holdout_fraction=self.holdout_fraction,
             max_payload_bytes=self.max_payload_bytes,
             now=now,
+            class_limit=class_limit,
+            seen_labels=self.classes.seen,
         )
 
     def split_of(self, external_id: str) -> str:
@@ -208,10 +218,15 @@ class Store:
         return _reads.get_samples(self.engine, seqs)
 
     def train_index(
-        self, *, seqs: Sequence[int] | None = None, after: int | None = None, upto: int | None = None
+        self,
+        *,
+        seqs: Sequence[int] | None = None,
+        after: int | None = None,
+        upto: int | None = None,
+        labels: Sequence[str] | None = None,
     ) -> list[tuple[int, str, str]]:
-        """(seq, external_id, label) of the train-split samples in play, by seqs or by range."""
-        return _reads.train_index(self.engine, seqs=seqs, after=after, upto=upto)
+        """(seq, external_id, label) of the train-split samples in play, by seqs or by range (and labels)."""
+        return _reads.train_index(self.engine, seqs=seqs, after=after, upto=upto, labels=labels)
 
     def payloads(self, seqs: Sequence[int], *, chunk: int = 500) -> Iterator[list[PayloadRow]]:
         return _reads.payloads(self.engine, seqs, chunk=chunk)

@@ -8,10 +8,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, select, update
+from sqlalchemy import Connection, Engine, bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
 
+from continual.store import classes as _classes
 from continual.store.bulk import insert_rows
+from continual.store.classes import ClassLimit
 from continual.store.engine import write_tx
 from continual.store.records import _event
 from continual.store.schema import predictions, samples
@@ -124,12 +126,18 @@ def insert_samples(
     holdout_fraction: float,
     max_payload_bytes: int,
     now: datetime | None = None,
+    class_limit: ClassLimit | None = None,
+    seen_labels: set[str] | None = None,
 ) -> InsertResult:
     """Store a batch in one transaction, all or nothing.
 
     A sample whose id is stored already with the same label and payload is a
     duplicate (skipped); with a different label or payload it is a conflict and
-    nothing in the batch is stored.
+    nothing in the batch is stored. A label never stored before gets its row in
+    ``classes`` in the same transaction; ``class_limit`` refuses the batch
+    (:class:`~continual.store.classes.TooManyClasses`) when its new labels would
+    make too many classes. ``seen_labels``: labels known to have their row (see
+    :func:`continual.store.classes.check_new`); updated once the batch committed.
     """
     too_large = [
         (i, s.external_id, s.kind, len(s.payload)) for i, s in enumerate(batch) if len(s.payload) > max_payload_bytes
@@ -144,10 +152,12 @@ def insert_samples(
     # Fast path: a batch of new ids is one INSERT. If any id is stored already
     # the unique index refuses it, the transaction rolls back, and the slow path
     # below sorts duplicates from conflicts.
+    labels = [s.label for s in batch]
     try:
         with write_tx(engine) as conn:
-            _insert_rows(conn, rows)
+            new = _insert_with_classes(conn, rows, now, class_limit, labels, seen_labels)
             _link_predictions(conn, unique, now)
+        _remember(seen_labels, new)
         return InsertResult(len(unique), in_batch_dupes, _labeled(unique))
     except IntegrityError:
         pass
@@ -170,11 +180,11 @@ def insert_samples(
                 if conflicts:
                     raise IdConflict(conflicts, _indices(batch, conflicts))
                 fresh = [r for r in rows if r["external_id"] not in existing]
-                if fresh:
-                    _insert_rows(conn, fresh)
+                new = _insert_with_classes(conn, fresh, now, class_limit, labels, seen_labels) if fresh else []
                 fresh_samples = [s for s in unique if s.external_id not in existing]
                 _link_predictions(conn, fresh_samples, now)
-                return InsertResult(len(fresh), in_batch_dupes + len(unique) - len(fresh), _labeled(fresh_samples))
+            _remember(seen_labels, new)
+            return InsertResult(len(fresh), in_batch_dupes + len(unique) - len(fresh), _labeled(fresh_samples))
         except IntegrityError:
             # Another writer stored one of these ids between our read and write
             # (PostgreSQL read committed); the second pass sees it.
@@ -216,6 +226,28 @@ def _row(s: NewSample, holdout_fraction: float, now: datetime) -> dict[str, Any]
         "meta": s.meta,
         "excluded": False,
     }
+
+
+def _insert_with_classes(
+    conn: Connection,
+    rows: list[dict[str, Any]],
+    now: datetime,
+    limit: ClassLimit | None,
+    labels: Sequence[str],
+    seen: set[str] | None,
+) -> list[str]:
+    """Insert the rows and the ``classes`` rows of labels they bring; returns those labels."""
+    new = _classes.check_new(conn, {r["label"] for r in rows}, limit, labels, seen)
+    after = int(conn.execute(select(func.coalesce(func.max(samples.c.seq), 0))).scalar_one()) if new else 0
+    _insert_rows(conn, rows)
+    _classes.add_new(conn, new, now, after=after)
+    return new
+
+
+def _remember(seen: set[str] | None, new: list[str]) -> None:
+    # Only after the commit: a rolled-back batch's labels have no row.
+    if seen is not None:
+        seen.update(new)
 
 
 def _insert_rows(conn: Connection, rows: list[dict[str, Any]]) -> None:

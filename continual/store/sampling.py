@@ -234,7 +234,12 @@ def iter_samples(
 
 
 def train_index(
-    engine: Engine, *, seqs: Sequence[int] | None = None, after: int | None = None, upto: int | None = None
+    engine: Engine,
+    *,
+    seqs: Sequence[int] | None = None,
+    after: int | None = None,
+    upto: int | None = None,
+    labels: Sequence[str] | None = None,
 ) -> list[tuple[int, str, str]]:
     """(seq, external_id, label) of train-split rows in play: a few dozen bytes a row, never payloads."""
     cols = select(samples.c.seq, samples.c.external_id, samples.c.label).where(
@@ -249,6 +254,8 @@ def train_index(
                 out.extend((int(r[0]), r[1], r[2]) for r in conn.execute(q))
             return out
         q = cols
+        if labels is not None:
+            q = q.where(samples.c.label.in_(list(labels)))
         if after is not None:
             q = q.where(samples.c.seq > after)
         if upto is not None:

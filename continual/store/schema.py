@@ -55,6 +55,16 @@ samples = Table(
 # Covers counts and (seq, label) reads for draws within a split.
 Index("ix_samples_split_seq", samples.c.split, samples.c.seq, samples.c.label)
 
+# One row per label ever stored (configured or accepted as a new class): when it was first
+# seen. Its sample counts come from ``samples`` (excluded samples do not count).
+classes = Table(
+    "classes",
+    metadata,
+    Column("label", String(255), primary_key=True),
+    Column("first_seen_at", DateTime(timezone=True), nullable=False),
+    Column("first_seq", BigInteger, nullable=True),
+)
+
 model_versions = Table(
     "model_versions",
     metadata,
@@ -67,6 +77,8 @@ model_versions = Table(
     Column("status", String(32), nullable=False, default="candidate"),
     Column("metrics", JSON, nullable=True),
     Column("manifest_sha256", String(64), nullable=True),
+    # The version's class list in head order (its manifest's); NULL for rows written before 0004.
+    Column("classes", JSON, nullable=True),
 )
 
 # Append-only: the champion is the version of the newest row.

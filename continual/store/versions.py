@@ -11,7 +11,7 @@ can never both see the same champion and both succeed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -66,6 +66,7 @@ class Champion:
     architecture: str
     data_cutoff: int
     metrics: dict[str, Any] | None
+    classes: tuple[str, ...] | None = None  # None: a row written before the store recorded classes
 
 
 class Versions:
@@ -162,6 +163,7 @@ class Versions:
         run_id: int | None,
         metrics: Mapping[str, Any] | None,
         manifest_sha256: str,
+        classes: Sequence[str] | None = None,
     ) -> bool:
         """Insert a candidate's row; False when the version is registered already."""
         try:
@@ -177,6 +179,7 @@ class Versions:
                         status="candidate",
                         metrics=dict(metrics or {}),
                         manifest_sha256=manifest_sha256,
+                        classes=list(classes) if classes is not None else None,
                     )
                 )
         except IntegrityError:
@@ -262,6 +265,7 @@ def _champion(conn: Connection) -> Champion | None:
             model_versions.c.architecture,
             model_versions.c.data_cutoff,
             model_versions.c.metrics,
+            model_versions.c.classes,
         )
         .join(model_versions, model_versions.c.version == champion_history.c.version)
         .order_by(champion_history.c.id.desc())
@@ -280,6 +284,7 @@ def _champion(conn: Connection) -> Champion | None:
         architecture=m["architecture"],
         data_cutoff=int(m["data_cutoff"] or 0),
         metrics=m["metrics"],
+        classes=tuple(m["classes"]) if m["classes"] is not None else None,
     )
 
 

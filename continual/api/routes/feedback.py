@@ -16,7 +16,7 @@ from continual.api.auth import require
 from continual.api.body import json_body
 from continual.api.context import AppContext
 from continual.api.routes import Ctx
-from continual.ingest import UnknownPrediction, feedback_samples
+from continual.ingest import UnknownPrediction, class_limit, feedback_samples
 from continual.store import InsertResult, NewSample
 
 router = APIRouter()
@@ -39,16 +39,19 @@ async def feedback(request: Request, ctx: Ctx) -> dict[str, int]:
 
 def _store(doc: Any, ctx: AppContext) -> InsertResult:  # Any: the parsed JSON, validated by feedback_samples
     """Validate and store one batch (in a worker thread: image decoding and the commit block)."""
-    return ctx.store.insert(_samples(doc, ctx))
+    return ctx.store.insert(_samples(doc, ctx), class_limit=class_limit(ctx.settings.model))
 
 
 def _samples(doc: Any, ctx: AppContext) -> list[NewSample]:  # Any: the parsed JSON
+    model = ctx.settings.model
+    # With new classes accepted, a label stored before is known; the store re-checks max_classes atomically.
+    known = ctx.store.classes.names() if model.new_classes == "accept" else ()
     try:
-        return feedback_samples(doc, ctx.settings, predictions=ctx.store.predictions)
+        return feedback_samples(doc, ctx.settings, predictions=ctx.store.predictions, known=known)
     except UnknownPrediction:
         # A label sent right after its answer can beat this process's log writer to the
         # store: write what it holds and look once more.
         log = ctx.serving.log if ctx.serving is not None else None
         if log is None or not log.pending or not log.flush(timeout=5.0):
             raise
-        return feedback_samples(doc, ctx.settings, predictions=ctx.store.predictions)
+        return feedback_samples(doc, ctx.settings, predictions=ctx.store.predictions, known=known)

@@ -10,7 +10,7 @@ from continual.api.auth import actor, require
 from continual.api.context import AppContext
 from continual.api.errors import NoRegistry
 from continual.api.routes import Ctx
-from continual.registry import Registry
+from continual.registry import ChecksumMismatch, Registry, VersionNotFound
 
 router = APIRouter()
 HISTORY_SHOWN = 50
@@ -45,10 +45,22 @@ def models(
     return {
         "champion": champion,
         "serving": _serving_version(ctx),
-        "versions": [{**v, "champion": v["version"] == champion} for v in reversed(versions.rows())],
+        "versions": [
+            {**v, "classes": _classes(ctx, v), "champion": v["version"] == champion} for v in reversed(versions.rows())
+        ],
         "history": versions.history(limit=history_limit, offset=history_offset),
         "history_total": versions.history_size(),
     }
+
+
+def _classes(ctx: AppContext, row: dict[str, Any]) -> list[str] | None:
+    """A version's classes: its row's, or (rows written before the store kept them) its manifest's."""
+    if row.get("classes") is not None or ctx.registry is None or row["status"] == "deleted":
+        return row.get("classes")
+    try:
+        return list(ctx.registry.manifest(row["version"]).classes)
+    except (VersionNotFound, ChecksumMismatch):
+        return None
 
 
 @router.post("/v1/models/rollback", dependencies=[require("admin")])
