@@ -28,7 +28,12 @@ def embeddings(seed: int = 1, dim: int = 6) -> dict[str, torch.Tensor]:
 
 def mlp(classes: tuple[str, ...] = OLD) -> ModelSettings:
     return ModelSettings(
-        architecture="mlp", weights="none", classes=classes, hidden=(8,), input=InputSettings(kind="vector", shape=(6,))
+        architecture="mlp",
+        weights="none",
+        mode="all",
+        classes=classes,
+        hidden=(8,),
+        input=InputSettings(kind="vector", shape=(6,)),
     )
 
 
