@@ -5,6 +5,11 @@ The rules are pure functions: :func:`decide` of per-sample correctness, and
 classes. The shell (:func:`evaluate`) draws the holdouts, runs both models on
 them and decides.
 Promoting, recording and metrics belong to the caller (``continual.service.trainer``).
+
+One piece by design (about 450 lines): every rule that can refuse a candidate is
+here, so a reader checking why a model was or was not promoted reads one file;
+the per-class rules share ``Decision``, the holdout draw and the scoring with the
+plain ones.
 """
 
 from __future__ import annotations

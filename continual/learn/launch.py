@@ -88,13 +88,7 @@ class RunHandle:
     def cancel(self, grace: float = 10.0) -> int:
         """SIGTERM the worker's process group; SIGKILL it if it has not stopped after ``grace`` seconds."""
         self._cancel_requested = True
-        if self.process.poll() is None:
-            self._signal(signal.SIGTERM)
-            try:
-                self.process.wait(grace)
-            except subprocess.TimeoutExpired:
-                self._signal(signal.SIGKILL)
-                self.process.wait()
+        self._terminate(grace)
         code = self.process.returncode
         self._record(code)
         return code
@@ -107,6 +101,12 @@ class RunHandle:
         """
         self.store.runs.finish(self.run_id, "failed", error=reason)
         self._recorded = True
+        self._terminate(grace)
+        self._signal(signal.SIGKILL)  # its DataLoader workers or torchrun ranks too
+        return self.process.returncode
+
+    def _terminate(self, grace: float) -> None:
+        """SIGTERM the process group, then SIGKILL if the worker has not exited after ``grace`` seconds."""
         if self.process.poll() is None:
             self._signal(signal.SIGTERM)
             try:
@@ -114,8 +114,6 @@ class RunHandle:
             except subprocess.TimeoutExpired:
                 self._signal(signal.SIGKILL)
                 self.process.wait()
-        self._signal(signal.SIGKILL)  # its DataLoader workers or torchrun ranks too
-        return self.process.returncode
 
     def _signal(self, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
