@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -84,7 +85,17 @@ def main(argv: list[str] | None = None) -> int:
     status = row["status"]
     if dist.is_main:
         print(f"training run {args.run}: {status}" + (f" ({row['error']})" if row.get("error") else ""), flush=True)
-    return {"succeeded": EXIT_OK, "cancelled": EXIT_CANCELLED}.get(status, EXIT_FAILED)
+    code = {"succeeded": EXIT_OK, "cancelled": EXIT_CANCELLED}.get(status, EXIT_FAILED)
+    if dist.enabled:
+        # A rank that has recorded its outcome leaves without interpreter finalization:
+        # gloo's C++ threads can still hold Python objects then, and tearing those down
+        # aborts the rank (SIGABRT, "terminate called without an active exception"),
+        # which torchrun reports as a failed run although it succeeded.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _training_device(store: Store, run_id: int) -> str:
