@@ -25,7 +25,7 @@ from continual.store.classes import Classes, ClassLimit, ClassRow, TooManyClasse
 from continual.store.engine import EngineOptions, StoreUnavailable, make_engine, read_tx
 from continual.store.lease import Leases
 from continual.store.migrate import SchemaOutOfDate, check_schema, current_revision, head_revision, upgrade
-from continual.store.predictions import LoggedPrediction, Outcome, PredictionRecord, Predictions
+from continual.store.predictions import LoggedInput, LoggedPrediction, Outcome, PredictionRecord, Predictions
 from continual.store.records import Records
 from continual.store.runs import RunActive, RunNotFound, RunNotPending, Runs
 from continual.store.samples import (
@@ -47,6 +47,7 @@ __all__ = [
     "ClassRow",
     "IdConflict",
     "InsertResult",
+    "LoggedInput",
     "LoggedPrediction",
     "NewSample",
     "NoPreviousChampion",
