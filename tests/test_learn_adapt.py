@@ -237,3 +237,26 @@ def test_domain_augmentation_changes_training_images_only() -> None:
     assert torch.equal(transform_stored(Row(), make_transform(domain, train=False)), plain)
     with pytest.raises(ValueError):
         InputSettings(augment_domain=("rotate",))  # type: ignore[arg-type]
+
+
+def test_the_loop_unfreezes_progressively_and_records_each_epoch() -> None:
+    settings = settings_from_dict(
+        {
+            "model": {
+                "architecture": "mlp", "weights": "none", "mode": "fine_tune", "unfreeze_last": 2,
+                "hidden": [16, 8, 8], "classes": ["a", "b"], "input": {"kind": "vector", "shape": [10]},
+            },
+            "training": {"epochs": 4, "unfreeze_schedule": "progressive", "batch_size": 32},
+            "adaptation": {"warmup_steps": 3},
+        }
+    )  # fmt: skip
+    source, y, _ = _domains(128, seed=3)
+    torch.manual_seed(0)
+    model = build_model(settings.model)
+    first_block = model.backbone[1][0].weight.detach().clone()
+    result = train(
+        model, settings, lambda epoch: _batches(source, y, 32, epoch), steps_per_epoch=4, device=torch.device("cpu")
+    )
+    assert [h["unfrozen_blocks"] for h in result.history] == [0, 1, 2, 2]
+    assert [h["mode"] for h in result.history] == ["feature_extraction", "fine_tune", "fine_tune", "fine_tune"]
+    assert torch.equal(model.backbone[1][0].weight, first_block)  # below unfreeze_last: never trained
