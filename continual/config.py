@@ -120,6 +120,9 @@ class InputSettings(_Section):
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     augment: bool = False
+    # Domain augmentation for images in training batches (off by default): photometric changes a
+    # new camera or scanner brings, so the model leans less on them. Any of "color_jitter", "blur", "noise".
+    augment_domain: tuple[Literal["color_jitter", "blur", "noise"], ...] = ()
 
     @field_validator("shape")
     @classmethod
@@ -322,8 +325,46 @@ class TrainingSettings(_Section):
     distill_temperature: float = Field(2.0, gt=0)
     # Fit a scale and shift of the new classes' logits on the validation slice and fold it into the head.
     bias_correction: bool = True
+    # Learning from unlabeled traffic (continual/learn/adapt.py; see [adaptation]): "adabn" recomputes the
+    # backbone's BatchNorm statistics on logged inputs, "dann" adds a domain classifier behind a gradient
+    # reversal layer. Both need a trainable or BatchNorm backbone to change anything.
+    adaptation: Literal["none", "adabn", "dann"] = "none"
+    # "progressive": the head first, then one more block from the top each epoch up to [model] unfreeze_last,
+    # each step with a short LR warm-up. "fixed": [model] mode / unfreeze_last (after warmup_epochs) throughout.
+    unfreeze_schedule: Literal["fixed", "progressive"] = "fixed"
 
     _device = field_validator("device")(classmethod(lambda cls, v: _check_device(v)))
+
+
+class AdaptationSettings(_Section):
+    """Unlabeled target data for [training] adaptation: logged inputs from the prediction log."""
+
+    # "drift_window": the predictions logged while the last drift check's current window was collected
+    # (the window it flagged), falling back to "latest" when no check flagged drift. "latest": the newest.
+    target: Literal["drift_window", "latest"] = "drift_window"
+    # At most this many logged inputs (deduplicated by input hash, holdout inputs left out).
+    target_samples: int = Field(1_000, ge=1)
+    # Fewer than this: the run trains without adaptation and records why.
+    min_target_samples: int = Field(32, ge=1)
+    # The gradient reversal layer's final weight; it ramps from 0 by 2/(1+exp(-10 p))-1 over training.
+    grl_weight: float = Field(1.0, ge=0)
+    # Weight of the domain classifier's loss in the total loss.
+    domain_weight: float = Field(1.0, ge=0)
+    domain_hidden: int = Field(256, ge=1)
+    # Progressive unfreezing: optimizer steps of linear LR warm-up after each block joins.
+    warmup_steps: int = Field(20, ge=0)
+
+
+class LabelQueueSettings(_Section):
+    """``GET /v1/label-queue``: which logged, unlabeled predictions are most worth a label."""
+
+    # A handed-out item is not handed out again for this long (unless labeled, it then comes back).
+    lease_seconds: float = Field(600.0, gt=0)
+    max_k: int = Field(500, ge=1)
+    # The newest this many unlabeled predictions with a kept input are ranked (uncertainty, then k-center).
+    candidates: int = Field(5_000, ge=1)
+    # k-center picks among the top (diversity_pool x k) most uncertain candidates.
+    diversity_pool: int = Field(4, ge=1)
 
 
 class GateSettings(_Section):
@@ -409,6 +450,8 @@ class Settings(_Section):
     serving: ServingSettings = ServingSettings()
     retention: RetentionSettings = RetentionSettings()
     accuracy: AccuracySettings = AccuracySettings()
+    adaptation: AdaptationSettings = AdaptationSettings()
+    label_queue: LabelQueueSettings = LabelQueueSettings()
 
     def resolved_store(self) -> StoreSettings:
         """The store section with the URL filled in (the SQLite default in the data dir); no password in it."""

@@ -177,6 +177,11 @@ class Metrics:
             "Labeled samples still needed for the run the low accuracy estimate asks for (0: none needed)",
             registry=r,
         )
+        self.label_queue_items = Counter(
+            f"{PREFIX}_label_queue_items",
+            "Predictions handed out (and leased) by the label queue, GET /v1/label-queue",
+            registry=r,
+        )
 
         # service
         self.state = Gauge(f"{PREFIX}_state", "1 for the current state", ["state"], registry=r)

@@ -10,7 +10,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from continual.api import errors
 from continual.api.auth import Auth
 from continual.api.context import AppContext
-from continual.api.routes import admin, feedback, models, predict, status
+from continual.api.routes import admin, feedback, labelqueue, models, predict, status
 from continual.metrics import Metrics
 
 
@@ -23,7 +23,7 @@ def create_app(ctx: AppContext) -> FastAPI:
     app.state.store_ping = status.StorePing(ctx.store.ping, ctx.settings.service.readyz_timeout_seconds)
     app.add_middleware(RequestMetrics, metrics=ctx.metrics)
     errors.install(app, ctx.metrics)
-    for routes in (status, feedback, predict, models, admin):
+    for routes in (status, feedback, predict, models, admin, labelqueue):
         app.include_router(routes.router)
     return app
 

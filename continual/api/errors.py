@@ -33,6 +33,7 @@ from continual.ingest import (
     UnknownPrediction,
     ValidationFailed,
 )
+from continual.learn.labelqueue import BadQueueRequest
 from continual.metrics import Metrics
 from continual.registry import ChecksumMismatch
 from continual.serving import NoModel
@@ -96,6 +97,7 @@ TABLE: list[tuple[type[Exception], Rule]] = [
     (InputNotLogged, Rule(422, "input_not_logged", _details, rejects_batch=True)),
     (ExclusionInvalid, Rule(422, "validation_error", _details)),
     (TooManyClasses, Rule(422, "validation_failed", _details, rejects_batch=True)),
+    (BadQueueRequest, Rule(422, "validation_failed", _details)),
     (NoModel, Rule(503, "no_model", headers=RETRY_AFTER)),
     (NoRegistry, Rule(503, "no_registry")),
     (StoreUnavailable, Rule(503, "store_unavailable", headers=RETRY_AFTER)),

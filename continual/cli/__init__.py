@@ -1,7 +1,7 @@
 """The ``continual`` command: the parser and ``main``. Each area's subcommands live in a module beside this one.
 
 ``service`` (serve, status, check-config), ``db``, ``ingest`` (and ``samples exclude``),
-``models``, ``train``, ``drift``: each has ``register(subparsers, common)``.
+``models``, ``train``, ``drift``, ``label-queue``: each has ``register(subparsers, common)``.
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ import sys
 from collections.abc import Callable, Sequence
 
 from continual import __version__
-from continual.cli import db, drift, ingest, models, service, train
+from continual.cli import db, drift, ingest, labelqueue, models, service, train
 from continual.cli.common import UserError
 from continual.config import ConfigError
+from continual.learn.labelqueue import BadQueueRequest
 from continual.models import ModelError
 from continual.registry import ChecksumMismatch
 from continual.store import (
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"continual {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for area in (service, db, ingest, models, train, drift):
+    for area in (service, db, ingest, models, train, drift, labelqueue):
         area.register(sub, common)
     return parser
 
@@ -63,6 +64,7 @@ USER_ERRORS = (
     NoPreviousChampion,
     ChampionMoved,
     RunActive,
+    BadQueueRequest,
 )
 
 

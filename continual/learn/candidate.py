@@ -39,6 +39,7 @@ from continual.learn.data import (
 from continual.learn.dist import Dist, cpu_threads, pick_device
 from continual.learn.ewc import EwcTerm, combine_fisher, fisher_diagonal
 from continual.learn.replay import MixedBatchSampler, uses_ewc
+from continual.learn.target import prepare_adaptation
 from continual.learn.train import TrainResult, accuracy_on, train
 from continual.models import Classifier, build_model
 from continual.models.features import FeatureCache, backbone_hash, embed_rows
@@ -120,6 +121,9 @@ def build_candidate(
     # Bootstrap: the pretrained base with a fresh head over the configured (and ready new) classes.
     model = parent_model or build_model(settings.model.model_copy(update={"classes": plan.classes}))
     model.to(device)
+    # Logged inputs as unlabeled target data ([training] adaptation); AdaBN re-estimates BatchNorm here.
+    progress({"phase": "adapting"})
+    adapt = prepare_adaptation(store, settings, model, device, seed=seed, distributed=dist.enabled)
     cache = _feature_cache(settings, model, data)
     teacher: Classifier | None = None
     growth: dict[str, Any] = {}
@@ -173,7 +177,7 @@ def build_candidate(
         ewc=ewc, wrap=wrap, on_progress=progress, should_stop=should_stop,
         # The teacher takes what the net takes: cached features go through the parent's head alone.
         teacher=(teacher.head if net is not model else teacher) if teacher is not None else None,
-        n_old=len(plan.base),
+        n_old=len(plan.base), domain_net=adapt.domain_net, target_batches=adapt.batches,
     )  # fmt: skip
     if result.bias_correction is not None:
         growth["bias_correction"] = result.bias_correction
@@ -189,6 +193,7 @@ def build_candidate(
 
     metrics = _metrics(result, data, settings, seed=seed, fisher_n=fisher_n, cache_info=cache_info)
     metrics["classes"] = {"added": list(plan.added), "waiting": list(plan.waiting), **growth}
+    metrics["adaptation"] = adapt.info
     should_stop()  # a SIGTERM before the write: nothing is written (every rank asks: it is a collective)
     if not dist.is_main:
         return Candidate(None, metrics)
@@ -219,6 +224,8 @@ def build_candidate(
             "training": t.model_dump(mode="json"),
             "mode": settings.model.mode,
             "unfreeze_last": settings.model.unfreeze_last,
+            "adaptation": adapt.info,
+            "unfreeze_schedule": t.unfreeze_schedule,
             "world_size": dist.world_size,
             "data": data.summary(),
             **({"calibration": calibration} if calibration is not None else {}),

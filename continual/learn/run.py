@@ -34,10 +34,10 @@ log = logging.getLogger("continual.learn.run")
 # Test hook: the worker hangs (ignoring SIGTERM, as a stuck C call would) when it reports this phase.
 HANG_ENV = "CONTINUAL_TEST_HANG_AT"
 
-# Sections of the settings copied into the run spec; auth and store hold secrets
+# Sections of the settings copied into the run spec ("adaptation": the target data of [training] adaptation); auth and store hold secrets
 # and the worker takes the store connection from its own process. "triggers" holds
 # when a new class is ready to join the model (min_class_samples, min_class_holdout).
-SPEC_SECTIONS = ("service", "model", "training", "ingest", "triggers")
+SPEC_SECTIONS = ("service", "model", "training", "ingest", "triggers", "adaptation")
 
 
 def make_spec(settings: Settings, *, trigger: str, seed: int | None = None) -> dict[str, Any]:

@@ -18,19 +18,50 @@ from continual.config import ModelSettings, TrainingSettings
 HEAD_PREFIX = "head."
 
 
-def phase_mode(epoch: int, model: ModelSettings, warmup_epochs: int) -> tuple[str, int]:
-    """``(mode, unfreeze_last)`` for an epoch (0-based): head only during the warm-up, then the configured mode."""
+def phase_mode(
+    epoch: int, model: ModelSettings, warmup_epochs: int, *, schedule: str = "fixed", n_blocks: int = 0
+) -> tuple[str, int]:
+    """``(mode, unfreeze_last)`` for an epoch (0-based).
+
+    ``schedule = "fixed"``: head only during the warm-up, then the configured mode.
+    ``"progressive"``: epoch 0 trains the head; each later epoch unfreezes one more
+    block from the top, up to ``unfreeze_last`` (``mode = "fine_tune"``) or every
+    block (``mode = "all"``, which ends with the whole model) — the top blocks are
+    the most task-specific, so they move first, and the lower, more general ones
+    only once the layers above them have settled.
+    """
+    if schedule == "progressive":
+        if model.mode == "feature_extraction":
+            return "feature_extraction", 0
+        limit = model.unfreeze_last if model.mode == "fine_tune" else n_blocks
+        n = min(epoch, limit)
+        if model.mode == "all" and n >= n_blocks:
+            return "all", 0
+        return ("fine_tune", n) if n else ("feature_extraction", 0)
+    if schedule != "fixed":
+        raise ValueError(f"unfreeze_schedule must be 'fixed' or 'progressive', got {schedule!r}")
     if epoch < warmup_epochs and model.mode != "feature_extraction":
         return "feature_extraction", 0
     return model.mode, model.unfreeze_last
 
 
-def apply_phase(model: nn.Module, settings: ModelSettings, epoch: int, warmup_epochs: int) -> tuple[str, int]:
+def apply_phase(
+    model: nn.Module, settings: ModelSettings, epoch: int, warmup_epochs: int, *, schedule: str = "fixed"
+) -> tuple[str, int]:
     from continual.models import apply_mode
 
-    mode, unfreeze = phase_mode(epoch, settings, warmup_epochs)
+    blocks = getattr(model, "blocks", None)
+    n_blocks = len(blocks()) if callable(blocks) else 0
+    mode, unfreeze = phase_mode(epoch, settings, warmup_epochs, schedule=schedule, n_blocks=n_blocks)
     apply_mode(model, mode, unfreeze)  # type: ignore[arg-type]
     return mode, unfreeze
+
+
+def warmup_factor(steps_since_unfreeze: int, warmup_steps: int) -> float:
+    """The LR multiplier of a freshly unfrozen base: linear from 1/warmup_steps to 1."""
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, (steps_since_unfreeze + 1) / warmup_steps)
 
 
 def set_train_mode(model: nn.Module) -> None:

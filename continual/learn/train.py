@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from continual.config import Settings
+from continual.learn.adapt import domain_loss, grl_lambda
 from continual.learn.bias import fit_bias_correction, fold_bias_correction, new_class_mask
 from continual.learn.distill import distillation_loss
 from continual.learn.ewc import EwcTerm
-from continual.learn.schedule import apply_phase, make_optimizer, make_scheduler, set_train_mode
+from continual.learn.schedule import apply_phase, make_optimizer, make_scheduler, set_train_mode, warmup_factor
 
 
 class NonFiniteLoss(RuntimeError):
@@ -95,6 +96,8 @@ def train(
     ewc: EwcTerm | None = None,
     teacher: nn.Module | None = None,
     n_old: int = 0,
+    domain_net: nn.Module | None = None,
+    target_batches: Callable[[int], Iterable[Tensor]] | None = None,
     wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
     on_progress: Callable[[dict[str, Any]], None] = lambda p: None,
     should_stop: Callable[[], None] = lambda: None,
@@ -113,6 +116,14 @@ def train(
     then adds ``distill_weight`` times the distillation term, and after the loop
     the new classes' logits get a bias correction fitted on the validation slice
     (``[training] bias_correction``), folded into ``model.head``.
+
+    DANN (``[training] adaptation = "dann"``) passes ``domain_net`` and
+    ``target_batches(epoch)``, unlabeled target inputs: every step then also
+    embeds a target batch and adds ``[adaptation] domain_weight`` times the domain
+    loss on source and target embeddings behind the gradient reversal layer, whose
+    weight ramps up with training progress (:func:`continual.learn.adapt.grl_lambda`).
+    With ``[training] unfreeze_schedule = "progressive"`` each newly unfrozen block
+    starts with a short LR warm-up (``[adaptation] warmup_steps``).
     """
     t = settings.training
     net = model if net is None else net
@@ -122,7 +133,16 @@ def train(
     distill = t.distill_weight if teacher is not None else 0.0
     if teacher is not None:
         teacher.eval()
+    a = settings.adaptation
+    dann = domain_net is not None and target_batches is not None
+    if dann and (net is not model or not isinstance(getattr(model, "backbone", None), nn.Module)):
+        raise ValueError("DANN needs the model's backbone in the step: it cannot train on cached features")
     optimizer = make_optimizer(model, t)
+    if dann:
+        domain_net.to(device).train()  # type: ignore[union-attr]
+        optimizer.add_param_group(
+            {"params": list(domain_net.parameters()), "lr": t.head_learning_rate, "name": "domain"}
+        )  # type: ignore[union-attr]
     total_steps = t.epochs * steps_per_epoch
     scheduler = make_scheduler(optimizer, t, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
 
@@ -133,22 +153,46 @@ def train(
     history: list[dict[str, Any]] = []
     phase: tuple[str, int] | None = None
     runner = net
+    unfrozen_at: int | None = None  # the step a progressive schedule last unfroze a block
 
     for epoch in range(t.epochs):
         # The head trains alone during the warm-up; the last blocks join afterwards.
-        new_phase = apply_phase(model, settings.model, epoch, t.warmup_epochs)
+        new_phase = apply_phase(model, settings.model, epoch, t.warmup_epochs, schedule=t.unfreeze_schedule)
         if new_phase != phase:
+            if phase is not None and t.unfreeze_schedule == "progressive":
+                unfrozen_at = step
             phase, runner = new_phase, wrap(net)
         set_train_mode(model)
         trainable = [p for p in model.parameters() if p.requires_grad]
+        if dann:
+            trainable += list(domain_net.parameters())  # type: ignore[union-attr]
+            target_iter = iter(target_batches(epoch))  # type: ignore[misc]
+        epoch_domain = 0.0
         epoch_start, epoch_cpu, epoch_loss, epoch_steps = time.perf_counter(), time.process_time(), 0.0, 0
 
         for x, y in train_batches(epoch):
             should_stop()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with _autocast(device):
-                logits = runner(x)
-            loss = F.cross_entropy(logits.float(), y)
+            if dann:
+                # One forward over the source batch and a target batch; the domain classifier sees both
+                # embeddings through the reversal layer, whose weight ramps up as training progresses.
+                xt = next(target_iter, None)
+                if xt is None:
+                    target_iter = iter(target_batches(epoch))  # type: ignore[misc]
+                    xt = next(target_iter)
+                xt = xt.to(device, non_blocking=True)
+                with _autocast(device):
+                    emb = model.backbone(torch.cat([x, xt]))  # type: ignore[operator]
+                    logits = model.head(emb[: len(x)])  # type: ignore[operator]
+                loss = F.cross_entropy(logits.float(), y)
+                grl = grl_lambda(step / max(1, total_steps), a.grl_weight)
+                d_loss = domain_loss(domain_net, emb[: len(x)], emb[len(x) :], grl)  # type: ignore[arg-type]
+                epoch_domain += float(d_loss.detach())
+                loss = loss + a.domain_weight * d_loss
+            else:
+                with _autocast(device):
+                    logits = runner(x)
+                loss = F.cross_entropy(logits.float(), y)
             if distill:
                 # Learning without forgetting: the parent's softened scores over its own classes on
                 # this batch (new and replayed samples alike) are a target that keeps the old classes'
@@ -168,6 +212,12 @@ def train(
                 ewc.add_grad_(lam)  # type: ignore[union-attr]
             if t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(trainable, t.grad_clip)
+            if unfrozen_at is not None:
+                # A block just unfrozen starts at a fraction of the base LR: its first gradients come from
+                # a head tuned to the frozen features and would otherwise knock the pretrained weights about.
+                f = warmup_factor(step - unfrozen_at, a.warmup_steps)
+                for g, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=False):
+                    g["lr"] = lr * f if g.get("name") == "base" else lr
             optimizer.step()
             scheduler.step()
             step, epoch_steps, seen = step + 1, epoch_steps + 1, seen + len(y)
@@ -189,6 +239,10 @@ def train(
 
         # Validate, keep the best weights, stop when validation stops improving.
         record: dict[str, Any] = {"epoch": epoch + 1, "loss": epoch_loss / max(1, epoch_steps), "mode": phase[0]}
+        if t.unfreeze_schedule == "progressive":
+            record["unfrozen_blocks"] = phase[1] if phase[0] == "fine_tune" else ("all" if phase[0] == "all" else 0)
+        if dann:
+            record["domain_loss"] = epoch_domain / max(1, epoch_steps)
         if val_batches is not None:
             on_progress({"phase": "validating", "epoch": epoch + 1, "epochs": t.epochs, "step": step})
             acc, val_n = accuracy_on(net, val_batches(), device)

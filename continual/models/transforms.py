@@ -76,7 +76,9 @@ def make_transform(
     """
     if spec.kind == "vector":
         return VectorTransform(tuple(spec.shape))
-    return ImageTransform(spec, augment=train and spec.augment, max_pixels=max_pixels)
+    return ImageTransform(
+        spec, augment=train and spec.augment, domain=spec.augment_domain if train else (), max_pixels=max_pixels
+    )
 
 
 class VectorTransform:
@@ -101,13 +103,19 @@ class ImageTransform:
     """Encoded or decoded image -> resized, normalised ``(C, H, W)`` tensor."""
 
     def __init__(
-        self, spec: InputSettings, *, augment: bool = False, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+        self,
+        spec: InputSettings,
+        *,
+        augment: bool = False,
+        domain: tuple[str, ...] = (),
+        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         self.mode = "L" if spec.channels == 1 else "RGB"
         self.height, self.width = spec.size
         self.mean = torch.tensor(spec.mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(spec.std, dtype=torch.float32).view(-1, 1, 1)
         self.augment = augment
+        self.domain = tuple(domain)
         self.max_pixels = max_pixels
 
     def __call__(self, sample: DecodedLike) -> torch.Tensor:
@@ -116,9 +124,27 @@ class ImageTransform:
         img = sample.image if getattr(sample, "image", None) is not None else _open(sample.payload, self.max_pixels)
         size = (self.width, self.height)
         img = self._augment(img.convert(self.mode)) if self.augment else fit_image(img, self.mode, size)
+        if self.domain:
+            img = self._domain(img)
         arr = np.asarray(img, dtype=np.float32) / 255.0
         t = torch.from_numpy(arr.reshape(self.height, self.width, -1)).permute(2, 0, 1)
+        if "noise" in self.domain:
+            # Sensor noise: a random strength per image, up to 5% of the pixel range.
+            t = (t + torch.randn_like(t) * float(torch.rand(())) * 0.05).clamp(0.0, 1.0)
         return (t - self.mean) / self.std
+
+    def _domain(self, img: Image.Image) -> Image.Image:
+        # Photometric only (``[model.input] augment_domain``): what a new camera, scanner or lighting
+        # changes, never the geometry that carries the label.
+        from torchvision.transforms import v2
+
+        ops: list[object] = []
+        if "color_jitter" in self.domain:
+            hue = 0.05 if self.mode == "RGB" else 0.0
+            ops.append(v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4 if hue else 0.0, hue=hue))
+        if "blur" in self.domain:
+            ops.append(v2.RandomApply([v2.GaussianBlur(3, sigma=(0.1, 1.5))], p=0.5))
+        return v2.Compose(ops)(img) if ops else img  # type: ignore[arg-type]
 
     def _augment(self, img: Image.Image) -> Image.Image:
         # Mild on purpose: online updates see few samples, and strong augmentation

@@ -5,7 +5,8 @@ engine and the sample methods; the other tables have one owner each, reached as
 ``store.versions`` (model versions, the champion pointer), ``store.runs``
 (training runs), ``store.records`` (gate decisions, drift checks, events),
 ``store.classes`` (every label's first sighting and sample counts), ``store.leases``
-(the trainer lease) and ``store.predictions`` (the prediction log and the accuracy
+(the trainer lease), ``store.label_queue`` (leases on predictions handed out for labeling) and
+``store.predictions`` (the prediction log and the accuracy
 windows over it).
 """
 
@@ -23,9 +24,10 @@ from continual.store import samples as _samples
 from continual.store import sampling as _reads
 from continual.store.classes import Classes, ClassLimit, ClassRow, TooManyClasses
 from continual.store.engine import EngineOptions, StoreUnavailable, make_engine, read_tx
+from continual.store.labelqueue import LabelQueue, QueueCandidate
 from continual.store.lease import Leases
 from continual.store.migrate import SchemaOutOfDate, check_schema, current_revision, head_revision, upgrade
-from continual.store.predictions import LoggedPrediction, Outcome, PredictionRecord, Predictions
+from continual.store.predictions import LoggedInput, LoggedPrediction, Outcome, PredictionRecord, Predictions
 from continual.store.records import Records
 from continual.store.runs import RunActive, RunNotFound, RunNotPending, Runs
 from continual.store.samples import (
@@ -47,6 +49,8 @@ __all__ = [
     "ClassRow",
     "IdConflict",
     "InsertResult",
+    "LabelQueue",
+    "LoggedInput",
     "LoggedPrediction",
     "NewSample",
     "NoPreviousChampion",
@@ -54,6 +58,7 @@ __all__ = [
     "PayloadRow",
     "PayloadTooLarge",
     "PredictionRecord",
+    "QueueCandidate",
     "RunActive",
     "RunNotFound",
     "RunNotPending",
@@ -102,6 +107,7 @@ class Store:
         self.leases = Leases(self.engine)
         self.predictions = Predictions(self.engine)
         self.classes = Classes(self.engine)
+        self.label_queue = LabelQueue(self.engine)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Store:

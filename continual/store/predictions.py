@@ -23,7 +23,7 @@ from sqlalchemy import Engine, delete, func, insert, select, update
 
 from continual.store.bulk import insert_rows
 from continual.store.engine import read_tx, write_tx
-from continual.store.schema import accuracy_windows, predictions
+from continual.store.schema import accuracy_windows, predictions, samples
 
 # Ids per IN (...) query: well under SQLite's and PostgreSQL's parameter limits.
 _CHUNK = 500
@@ -63,6 +63,21 @@ class LoggedPrediction:
     true_label: str | None
     labeled_at: datetime | None
     sample_id: str | None
+
+
+@dataclass(frozen=True)
+class LoggedInput:
+    """A logged prediction's kept input, as adaptation reads it (a ``StoredInput`` for the transforms)."""
+
+    id: str
+    kind: str
+    sha256: str
+    payload: bytes
+    seq: int = 0  # not a sample: errors name it by ``external_id``
+
+    @property
+    def external_id(self) -> str:
+        return f"prediction {self.id}"
 
 
 @dataclass(frozen=True)
@@ -145,6 +160,38 @@ class Predictions:
                         sample_id=m["sample_id"],
                     )
         return out
+
+    def logged_inputs(
+        self, *, limit: int, before: datetime | None = None, kind: str | None = None
+    ) -> tuple[list[LoggedInput], int]:
+        """The newest ``limit`` kept inputs (made at or before ``before``), one per input hash; and how many repeats were skipped.
+
+        Class-blind (labeled or not), and never the input of a holdout sample: the gate's
+        holdouts must stay unseen, even without their labels.
+        """
+        holdout = select(samples.c.sha256).where(samples.c.split == "holdout")
+        q = (
+            select(predictions.c.id, predictions.c.kind, predictions.c.sha256, predictions.c.payload)
+            .where(predictions.c.payload.is_not(None), predictions.c.sha256.not_in(holdout))
+            .order_by(predictions.c.id.desc())
+        )
+        if before is not None:
+            q = q.where(predictions.c.created_at <= before)
+        if kind is not None:
+            q = q.where(predictions.c.kind == kind)
+        out: list[LoggedInput] = []
+        seen: set[str] = set()
+        repeats = 0
+        with read_tx(self.engine) as conn:
+            for r in conn.execute(q.execution_options(yield_per=_CHUNK)):
+                if r.sha256 in seen:
+                    repeats += 1
+                    continue
+                seen.add(r.sha256)
+                out.append(LoggedInput(r.id, r.kind, r.sha256, bytes(r.payload)))
+                if len(out) >= limit:
+                    break
+        return out, repeats
 
     def scores(self, prediction_id: str) -> dict[str, float] | None:
         with read_tx(self.engine) as conn:

@@ -226,3 +226,14 @@ accuracy_windows = Table(
     Column("realized_at", DateTime(timezone=True), nullable=True),
 )
 Index("ix_accuracy_windows_version_last", accuracy_windows.c.model_version, accuracy_windows.c.last_id)
+
+# The label queue's leases: a prediction handed out by GET /v1/label-queue is not handed out again
+# until ``leased_until`` (the labeler's label usually arrives first; then it is labeled and never queued).
+label_leases = Table(
+    "label_leases",
+    metadata,
+    Column("prediction_id", String(32), primary_key=True),
+    Column("leased_at", DateTime(timezone=True), nullable=False),
+    Column("leased_until", DateTime(timezone=True), nullable=False),
+    Column("holder", String(255), nullable=False, default=""),
+)

@@ -1,0 +1,151 @@
+"""What to label next: the most uncertain logged predictions, spread out over the embedding space.
+
+Uncertainty is the *margin* between the two highest calibrated scores the
+prediction was served with (small margin: the model hesitated between two
+classes). The ``[label_queue] diversity_pool`` x k most uncertain candidates are
+then thinned to k by greedy k-center on the champion's embeddings: the most
+uncertain first, then each time the candidate farthest from everything picked —
+twenty near-copies of one confusing input teach less than twenty different ones.
+Picked items are leased (``store.label_queue``) so two labelers get disjoint items.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import torch
+
+from continual.config import InputSettings, Settings
+from continual.models import Classifier
+from continual.models.features import embed_rows
+from continual.store import QueueCandidate, Store
+
+ROUNDS = 3  # re-rank this often when a concurrent request leased some of the picks first
+
+
+class BadQueueRequest(ValueError):
+    """A label-queue request that cannot be answered as asked (422)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.details = [{"field": field, "message": message}]
+        super().__init__(f"{field}: {message}")
+
+
+@dataclass(frozen=True)
+class QueueItem:
+    candidate: QueueCandidate
+    margin: float
+    leased_until: datetime
+
+
+def margin(scores: Mapping[str, float] | None, confidence: float) -> float:
+    """Top score minus the runner-up's; without logged scores, 2c - 1 (the smallest margin c allows)."""
+    if not scores:
+        return 2.0 * confidence - 1.0
+    top = sorted(scores.values(), reverse=True)
+    return float(top[0] - (top[1] if len(top) > 1 else max(0.0, 1.0 - top[0])))
+
+
+def k_center(emb: np.ndarray, k: int, *, first: int = 0) -> list[int]:
+    """Greedy k-center (farthest-first traversal) from ``first``: indices in pick order, at most ``k``."""
+    n = len(emb)
+    if k < 1 or n == 0:
+        return []
+    if not 0 <= first < n:
+        raise ValueError(f"first must index one of the {n} rows, got {first}")
+    x = np.asarray(emb, dtype=np.float64).reshape(n, -1)
+    picked = [first]
+    dist = np.linalg.norm(x - x[first], axis=1)
+    dist[first] = -1.0
+    while len(picked) < min(k, n):
+        i = int(np.argmax(dist))
+        picked.append(i)
+        dist = np.minimum(dist, np.linalg.norm(x - x[i], axis=1))
+        dist[picked] = -1.0
+    return picked
+
+
+def rank(margins: np.ndarray, emb: np.ndarray | None, k: int, pool: int) -> list[int]:
+    """The k picks: the ``pool`` x k smallest margins, thinned by k-center on ``emb`` (None: by margin alone)."""
+    order = np.argsort(margins, kind="stable")[: max(k, pool * k)]
+    if emb is None or len(order) <= k:
+        return [int(i) for i in order[:k]]
+    return [int(order[i]) for i in k_center(emb[order], k, first=0)]
+
+
+def check_k(k: int, settings: Settings) -> None:
+    top = settings.label_queue.max_k
+    if not 1 <= k <= top:
+        raise BadQueueRequest("k", f"must be between 1 and {top} ([label_queue] max_k), got {k}")
+
+
+def next_items(
+    store: Store,
+    settings: Settings,
+    model: Classifier | None,
+    spec: InputSettings,
+    *,
+    k: int,
+    device: torch.device,
+    holder: str = "",
+    now: datetime | None = None,
+) -> list[QueueItem]:
+    """Up to ``k`` unlabeled logged predictions most worth a label, leased to ``holder``.
+
+    ``model`` (the champion) embeds the pool for k-center; without one the queue
+    ranks by margin alone.
+    """
+    check_k(k, settings)
+    q = settings.label_queue
+    now = now or datetime.now(UTC)
+    until = now + timedelta(seconds=q.lease_seconds)
+    items: list[QueueItem] = []
+    for _ in range(ROUNDS):
+        want = k - len(items)
+        cands = store.label_queue.candidates(limit=q.candidates, now=now, kind=spec.kind)
+        if not cands:
+            break
+        m = np.array([margin(c.scores, c.confidence) for c in cands])
+        pool = np.argsort(m, kind="stable")[: q.diversity_pool * want]
+        emb = None
+        if model is not None and len(pool) > want:
+            emb = embed_rows(
+                model, [cands[int(i)] for i in pool], spec=spec, device=device,
+                max_pixels=settings.ingest.max_image_pixels,
+            )  # fmt: skip
+        picks = [int(pool[i]) for i in rank(m[pool], emb, want, q.diversity_pool)]
+        got = set(
+            store.label_queue.lease([cands[i].id for i in picks], now=now, seconds=q.lease_seconds, holder=holder)
+        )
+        items += [QueueItem(cands[i], float(m[i]), until) for i in picks if cands[i].id in got]
+        if len(items) >= k or len(got) == len(picks):
+            break
+    return items
+
+
+def item_json(item: QueueItem, *, with_input: bool = True) -> dict[str, object]:
+    """One item as the API and the export write it: the prediction, and its input as predict would take it."""
+    c = item.candidate
+    out: dict[str, object] = {
+        "prediction_id": c.id,
+        "label": c.label,
+        "confidence": round(c.confidence, 6),
+        "margin": round(item.margin, 6),
+        "model_version": c.model_version,
+        "predicted_at": c.created_at.isoformat(),
+        "leased_until": item.leased_until.isoformat(),
+    }
+    if with_input:
+        if c.kind == "vector":
+            out["x"] = [float(v) for v in np.frombuffer(c.payload, dtype="<f4")]
+        else:
+            out["image"] = base64.b64encode(c.payload).decode("ascii")
+    return out
+
+
+def items_json(items: Sequence[QueueItem], *, with_input: bool = True) -> list[dict[str, object]]:
+    return [item_json(i, with_input=with_input) for i in items]
