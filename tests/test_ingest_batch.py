@@ -216,7 +216,11 @@ def test_new_labels_must_match_the_pattern_and_length(tmp_path: Path) -> None:
         feedback_samples(labelled("fox", "Fox", "abcdefghi", "", 7, " fox"), s)
     messages = {d["index"]: d["message"] for d in e.value.details}
     assert set(messages) == {1, 2, 3, 4, 5}
-    assert "label_pattern" in messages[1] and "max_label_length = 8" in messages[2] and "expected a string (a class name), got a number" in messages[4]
+    assert (
+        "label_pattern" in messages[1]
+        and "max_label_length = 8" in messages[2]
+        and "expected a string (a class name), got a number" in messages[4]
+    )
     # A configured class and a stored one pass whatever the rules say.
     s = vector_settings(tmp_path, model={"new_classes": "accept", "label_pattern": "[0-9]+"})
     assert len(feedback_samples(labelled("cat", "Old Label"), s, known=["Old Label"])) == 2
