@@ -30,8 +30,10 @@ from dataclasses import dataclass
 # Topic sections (the language sections -- python, golang, rust, gnu-r, ... -- are the packaging ecosystems
 # themselves, not topics, and are left out).
 CLASSES = ("games", "science", "sound", "graphics", "net", "admin", "text", "utils")
-SUPPORT_PREFIXES = ("lib", "python3-", "r-cran-", "golang-", "node-", "ruby-")
-SUPPORT_SUFFIXES = ("-data", "-common", "-doc", "-dev")
+LIBRARY_PREFIXES = ("lib", "python3-", "r-cran-", "golang-", "node-", "ruby-")
+DATA_SUFFIXES = ("-data", "-common", "-doc")
+SUPPORT_PREFIXES = LIBRARY_PREFIXES
+SUPPORT_SUFFIXES = (*DATA_SUFFIXES, "-dev")
 _SECTION_PREFIX = re.compile(r"^(contrib|non-free|non-free-firmware)/")
 
 
@@ -56,6 +58,13 @@ class Package:
 
 def is_support(name: str) -> bool:
     return name.startswith(SUPPORT_PREFIXES) or name.endswith(SUPPORT_SUFFIXES)
+
+
+def kind_of(name: str) -> str:
+    """ "app", "library" (libraries, language bindings, -dev) or "data" (-data, -common, -doc)."""
+    if name.endswith(DATA_SUFFIXES) and not name.startswith(LIBRARY_PREFIXES):
+        return "data"
+    return "library" if is_support(name) else "app"
 
 
 def dumpavail() -> str:
