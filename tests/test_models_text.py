@@ -202,3 +202,27 @@ def test_fine_tuning_moves_only_the_last_layers_and_the_head() -> None:
     assert any(n.startswith("backbone.encoder.encoder.layer.5.") for n in moved)
     assert any(n.startswith("backbone.encoder.encoder.layer.4.") for n in moved)
     assert moved <= trainable, sorted(moved - trainable)
+
+
+class _MeanOfTokenVectors(torch.nn.Module):
+    """A user's text backbone: it gets the same tokenized batches [N, 2, L] (ids, mask) as minilm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens = torch.nn.Embedding(30522, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, mask = x[:, 0], x[:, 1].unsqueeze(-1).float()
+        return (self.tokens(ids) * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
+def mean_of_token_vectors(settings: object) -> torch.nn.Module:
+    return _MeanOfTokenVectors()
+
+
+def test_a_custom_factory_gets_tokenized_text_batches() -> None:
+    settings = text_settings(architecture="test_models_text:mean_of_token_vectors", weights="none", mode="all")
+    model = build_model(settings.model)
+    assert model.embedding_dim == 16  # found with one forward pass on int64 zeros (all [PAD])
+    logits = model(_batch(settings, TEXTS))
+    assert logits.shape == (4, 2) and torch.isfinite(logits).all()
