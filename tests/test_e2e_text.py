@@ -12,7 +12,7 @@ import pytest
 from serverutil import ServerProcess
 from testkit import wait_for
 
-from continual.client import Client, text_sample
+from continual.client import Client, ClientError, label_sample, text_sample
 
 pytestmark = pytest.mark.slow
 
@@ -62,6 +62,17 @@ def test_text_service_bootstrap_predict_drift_update_gate(tmp_path: Path) -> Non
             )
             assert out["model_version"] == first
             assert [p["label"] for p in out["predictions"]] == ["games", "net"]
+            # A label for a logged text prediction: the service rebuilds the sample from the logged input.
+            pid = out["predictions"][0]["prediction_id"]
+
+            def by_reference() -> int | None:
+                try:
+                    return client.feedback([label_sample(pid, "games")]).accepted
+                except ClientError:  # 422 until the prediction log's writer has flushed it
+                    return None
+
+            assert wait_for(by_reference, 30, "feedback by prediction id", 0.5) == 1
+            assert client.feedback([label_sample(pid, "games")]).duplicates == 1
             long = client.predict([{"text": "a game with many levels " * 40}])  # 200 words > max_length 64 tokens
             assert long["predictions"][0]["label"] == "games"
             bad = httpx.post(url + "/v1/predict", json={"inputs": [{"text": "ok"}, {"text": "\u0000"}]}, timeout=30)
