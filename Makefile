@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test install lint bench clean serve mutation
+.PHONY: demo demo-text test install lint bench clean serve mutation
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "make: $(PYTHON) not found; run 'make PYTHON=python3 ...'"; exit 1; }
@@ -18,6 +18,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m continual.demo
+
+# The same four acts with a text classifier (MiniLM) on Debian package descriptions (needs apt lists).
+demo-text: $(STAMP)
+	$(PY) -m continual.demo.text
 
 serve: $(STAMP)
 	$(VENV)/bin/continual db upgrade
@@ -45,4 +49,4 @@ bench: $(STAMP)
 	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) data demo-out .pytest_cache mutants
+	rm -rf $(VENV) data data-text demo-out demo-out-text .pytest_cache mutants

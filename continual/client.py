@@ -70,6 +70,15 @@ def image_sample(
     return _sample({"image": base64.b64encode(data).decode("ascii")}, label, id, metadata)
 
 
+def text_sample(
+    text: str, label: str, *, id: str | None = None, metadata: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A feedback sample with a text input (for ``[model.input] kind = "text"``)."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    return _sample({"text": text}, label, id, metadata)
+
+
 def label_sample(
     prediction_id: str, label: str, *, id: str | None = None, metadata: dict[str, Any] | None = None
 ) -> dict[str, Any]:

@@ -113,13 +113,17 @@ class IngestSettings(_Section):
 
 
 class InputSettings(_Section):
-    kind: Literal["vector", "image"] = "image"
+    kind: Literal["vector", "image", "text"] = "image"
     shape: tuple[int, ...] = (64,)
     size: tuple[int, int] = (224, 224)
     channels: Literal[1, 3] = 3
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     augment: bool = False
+    # kind "text": the longest text a sample or predict input may carry (characters, 422 above it),
+    # and the tokens the encoder sees (longer texts are cut; continual_text_truncated_total counts them).
+    max_text_chars: int = Field(10_000, ge=1)
+    max_length: int = Field(128, ge=8, le=512)
     # Domain augmentation for images in training batches (off by default): photometric changes a
     # new camera or scanner brings, so the model leans less on them. Any of "color_jitter", "blur", "noise".
     augment_domain: tuple[Literal["color_jitter", "blur", "noise"], ...] = ()
@@ -164,9 +168,10 @@ class InputSettings(_Section):
 
 class ModelSettings(_Section):
     # torchvision names (resnet18, resnet50, mobilenet_v3_small, efficientnet_b0),
-    # efficientnet_lite0, mlp, or "package.module:function".
+    # efficientnet_lite0, mlp, minilm (text), or "package.module:function".
     architecture: str = "efficientnet_lite0"
-    # "imagenet", "none", or a local file path.
+    # "imagenet", "none", or a local file path. For minilm, "imagenet" means its own pretrained
+    # weights (the name is the contract's; "pretrained" is accepted as a synonym).
     weights: str = "imagenet"
     classes: tuple[str, ...] = tuple(str(i) for i in range(10))
     mode: Literal["feature_extraction", "fine_tune", "all"] = "feature_extraction"
@@ -325,6 +330,10 @@ class TrainingSettings(_Section):
     distill_temperature: float = Field(2.0, gt=0)
     # Fit a scale and shift of the new classes' logits on the validation slice and fold it into the head.
     bias_correction: bool = True
+    # The first share of the run's optimizer steps ramps every LR linearly from 0 (0: no ramp).
+    lr_warmup_fraction: float = Field(0.0, ge=0, lt=1)
+    # AdamW/SGD weight decay on LayerNorm/BatchNorm weights and biases too (false: matrices only).
+    decay_norm_and_bias: bool = True
     # Learning from unlabeled traffic (continual/learn/adapt.py; see [adaptation]): "adabn" recomputes the
     # backbone's BatchNorm statistics on logged inputs, "dann" adds a domain classifier behind a gradient
     # reversal layer. Both need a trainable or BatchNorm backbone to change anything.
@@ -334,6 +343,17 @@ class TrainingSettings(_Section):
     unfreeze_schedule: Literal["fixed", "progressive"] = "fixed"
 
     _device = field_validator("device")(classmethod(lambda cls, v: _check_device(v)))
+
+
+# [training] defaults for [model.input] kind = "text" (keys set in the file or the environment win):
+# the usual BERT fine-tuning recipe -- base LR 2e-5 (the head keeps 1e-3), a linear LR ramp over the
+# first 10% of steps, and no weight decay on LayerNorm weights and biases.
+TEXT_TRAINING_DEFAULTS: dict[str, float | bool] = {
+    "learning_rate": 2e-5,
+    "lr_warmup_fraction": 0.1,
+    "decay_norm_and_bias": False,
+    "weight_decay": 0.01,
+}
 
 
 class AdaptationSettings(_Section):
@@ -452,6 +472,15 @@ class Settings(_Section):
     accuracy: AccuracySettings = AccuracySettings()
     adaptation: AdaptationSettings = AdaptationSettings()
     label_queue: LabelQueueSettings = LabelQueueSettings()
+
+    @model_validator(mode="after")
+    def _text_training_defaults(self) -> Settings:
+        # A BERT-style encoder wants another recipe than an ImageNet CNN; keys set explicitly win.
+        if self.model.input.kind == "text":
+            unset = {k: v for k, v in TEXT_TRAINING_DEFAULTS.items() if k not in self.training.model_fields_set}
+            if unset:
+                object.__setattr__(self, "training", self.training.model_copy(update=unset))
+        return self
 
     def resolved_store(self) -> StoreSettings:
         """The store section with the URL filled in (the SQLite default in the data dir); no password in it."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import time
 from collections.abc import Mapping
 
@@ -66,6 +67,19 @@ class Metrics:
             f"{PREFIX}_drift_detected", "1 if the last check reported drift", ["detector"], registry=r
         )
         self.drift_checks = Counter(f"{PREFIX}_drift_checks", "Drift checks run", registry=r)
+        # Text inputs: the tokenizer's view of the last check's windows (window: reference | current).
+        self.drift_text_unknown = Gauge(
+            f"{PREFIX}_drift_text_unknown_token_ratio",
+            "Share of [UNK] tokens in the last drift check's window (text)",
+            ["window"],
+            registry=r,
+        )
+        self.drift_text_tokens = Gauge(
+            f"{PREFIX}_drift_text_tokens_mean",
+            "Mean tokens per text in the last drift check's window (text)",
+            ["window"],
+            registry=r,
+        )
         self.last_drift_check = Gauge(
             f"{PREFIX}_last_drift_check_timestamp_seconds", "When the last drift check ran", registry=r
         )
@@ -108,6 +122,14 @@ class Metrics:
             f"{PREFIX}_model_load_failures", "Model versions refused at load (checksum or format)", registry=r
         )
         self.predictions = Counter(f"{PREFIX}_predictions", "Inputs predicted", registry=r)
+        self.text_inputs = Counter(f"{PREFIX}_text_inputs", "Texts tokenized for prediction", registry=r)
+        self.text_truncated = Counter(
+            f"{PREFIX}_text_truncated",
+            "Texts cut to [model.input] max_length tokens before the encoder (predict)",
+            registry=r,
+        )
+        self._text_lock = threading.Lock()
+        self._text_seen: tuple[int, int, int] = (0, 0, 0)  # (id of the transform, texts, truncated) mirrored so far
         self.predict_latency = Histogram(
             f"{PREFIX}_predict_latency_seconds", "Predict latency per request", buckets=_LATENCY_BUCKETS, registry=r
         )
@@ -239,6 +261,22 @@ class Metrics:
                     with contextlib.suppress(KeyError):
                         g.remove(method)
         self.estimate_flagged.set(1 if flagged else 0)
+
+    def mirror_text_stats(self, owner: object, texts: int, truncated: int) -> None:
+        """Mirror a serving transform's running counts (a new model's transform starts again from 0)."""
+        with self._text_lock:
+            seen_owner, seen_texts, seen_truncated = self._text_seen
+            if seen_owner != id(owner):
+                seen_texts = seen_truncated = 0
+            if texts > seen_texts:
+                self.text_inputs.inc(texts - seen_texts)
+            if truncated > seen_truncated:
+                self.text_truncated.inc(truncated - seen_truncated)
+            self._text_seen = (id(owner), max(texts, seen_texts), max(truncated, seen_truncated))
+
+    def set_text_drift(self, window: str, *, unknown_rate: float, mean_tokens: float) -> None:
+        self.drift_text_unknown.labels(window=window).set(unknown_rate)
+        self.drift_text_tokens.labels(window=window).set(mean_tokens)
 
     def set_drift(self, detector: str, *, effect: float | None, p_value: float | None, detected: bool) -> None:
         """One detector's outcome of the last check; a detector that could not run reports no drift."""

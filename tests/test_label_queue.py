@@ -16,9 +16,10 @@ import torch
 from learnutil import make_settings
 
 from continual.cli import main
-from continual.learn.labelqueue import BadQueueRequest, QueueItem, k_center, margin, next_items, rank
+from continual.learn.labelqueue import BadQueueRequest, QueueItem, item_json, k_center, margin, next_items, rank
 from continual.predlog import new_prediction_id
 from continual.store import NewSample, PredictionRecord, Store
+from continual.store.labelqueue import QueueCandidate
 
 NOW = datetime(2026, 11, 1, 12, tzinfo=UTC)
 CPU = torch.device("cpu")
@@ -142,3 +143,19 @@ def test_export_writes_csv_and_jsonl_with_leases(tmp_path: Path, capsys: pytest.
     assert main(["label-queue", "export", "--config", str(cfg), "--k", "21"]) == 1
     assert "between 1 and 20" in capsys.readouterr().err
     store.dispose()
+
+
+@pytest.mark.parametrize(
+    ("kind", "payload", "field", "value"),
+    [
+        ("vector", np.array([0.5, -1.0], dtype="<f4").tobytes(), "x", [0.5, -1.0]),
+        ("image", b"\x89PNG...", "image", "iVBORy4uLg=="),
+        ("text", "écran noir après la mise à jour".encode(), "text", "écran noir après la mise à jour"),
+    ],
+)
+def test_an_item_carries_its_input_as_predict_takes_it(kind: str, payload: bytes, field: str, value: object) -> None:
+    c = QueueCandidate("p1", NOW, "v1", "a", 0.6, {"a": 0.6, "b": 0.4}, kind, "0" * 64, payload)
+    out = item_json(QueueItem(c, 0.2, NOW + timedelta(minutes=10)))
+    assert out[field] == value
+    assert {"x", "image", "text"} - {field} == {"x", "image", "text"} - set(out)
+    assert "text" not in item_json(QueueItem(c, 0.2, NOW), with_input=False)

@@ -1,4 +1,4 @@
-"""``continual ingest PATH`` (send a directory tree, .npz or CSV to a running service) and ``continual samples exclude``.
+"""``continual ingest PATH`` (send a directory tree, .npz, CSV or JSON Lines to a running service) and ``continual samples exclude``.
 
 Resumable: ids are derived from each file/row and its content, so a second run
 sends the same ids and the server answers "duplicate" for what it already has.
@@ -184,11 +184,14 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p = sub.add_parser(
         "ingest",
         parents=[common],
-        help="send labeled samples from a directory tree, .npz or .csv to a running service",
+        help="send labeled samples from a directory tree, .npz, .csv or .jsonl to a running service",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("path", help="PATH/<class>/<file>.png|jpg, a .npz with x and y, or a .csv with a label column")
+    p.add_argument(
+        "path",
+        help="PATH/<class>/<file>.png|jpg, a .npz with x and y, a .csv with a label column (and features, image or text), or a .jsonl of {text, label, id}",
+    )
     p.add_argument("--url", default=None, help="service URL (default: $CONTINUAL_URL, else host:port from the config)")
     p.add_argument(
         "--token", default=None, help="ingest token; shows in `ps` and shell history: prefer $CONTINUAL_TOKEN"

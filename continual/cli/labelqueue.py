@@ -15,7 +15,7 @@ from continual.cli.common import cli_actor, open_store, settings_of
 from continual.learn.labelqueue import BadQueueRequest, items_json, next_items
 from continual.registry import Registry
 
-# The CSV's columns; the input (when kept) is one column: "x" as a JSON list, "image" as base64.
+# The CSV's columns; the input (when kept) is one column: "x" as a JSON list, "image" as base64, "text" as is.
 COLUMNS = ("prediction_id", "label", "confidence", "margin", "model_version", "predicted_at", "leased_until", "input")
 
 
@@ -67,6 +67,6 @@ def _write(out: TextIO, rows: list[dict[str, object]], fmt: str) -> None:
     w = csv.writer(out)
     w.writerow(COLUMNS)
     for r in rows:
-        data = r.get("x", r.get("image"))
+        data = r.get("x", r.get("image", r.get("text")))
         cell = json.dumps(data) if isinstance(data, list) else (data or "")
         w.writerow([*(r[c] for c in COLUMNS[:-1]), cell])

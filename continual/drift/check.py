@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from continual.config import DriftSettings, Settings
+from continual.config import DriftSettings, InputSettings, Settings
 from continual.drift.categorical import LabelShiftDetector, PredictionShiftDetector
 from continual.drift.ks import KSDetector
 from continual.drift.mmd import MMDDetector
@@ -47,6 +47,7 @@ from continual.drift.result import DriftResult
 from continual.drift.windows import EmbeddingCache, Window, cache_key, select_windows
 from continual.models.device import resolve_device
 from continual.models.manifest import ModelSource
+from continual.models.text import text_stats
 from continual.store import Store
 
 log = logging.getLogger("continual.drift")
@@ -101,6 +102,8 @@ class DriftDecision:
     reasons: list[str]
     skipped: dict[str, str] = field(default_factory=dict)  # detector name -> why it did not run
     champion: str | None = None
+    # Text inputs: {"reference"|"current": {"texts", "unknown_token_rate", "mean_tokens", "truncated_rate"}}.
+    text: dict[str, dict[str, float]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe(
@@ -113,6 +116,7 @@ class DriftDecision:
                 "check_id": self.check_id,
                 "reasons": self.reasons,
                 **results_json(self.results, self.skipped, self.reasons),
+                **({"text": self.text} if self.text is not None else {}),
             }
         )
 
@@ -304,6 +308,9 @@ def run_check(
         head=lambda: model().head,  # type: ignore[return-value]
     )
     results = [DETECTORS[k][2](inputs) for k in runnable]
+    text = {"reference": window_text_stats(store, ref, spec), "current": window_text_stats(store, cur, spec)} if (
+        spec.kind == "text"
+    ) else None  # fmt: skip
     detected = any(r.detected for r in results)
     reasons = [_reason(r) for r in results] + [f"{name} skipped: {why}" for name, why in skipped.items()]
     n_current = len(cur) if feedback_ok else (len(recent.predicted) if not isinstance(recent, str) else len(cur))
@@ -316,7 +323,7 @@ def run_check(
             n_reference=len(ref),
             n_current=n_current,
             duration_seconds=duration,
-            results=results_json(results, skipped, reasons),
+            results={**results_json(results, skipped, reasons), **({"text": text} if text is not None else {})},
         )
     log.info(
         "drift check vs %s: %s (%s) in %.2fs, %d embedded, %d cached",
@@ -327,7 +334,19 @@ def run_check(
         cache.computed,
         cache.hits,
     )
-    return DriftDecision(detected, results, len(ref), n_current, duration, check_id, reasons, skipped, champion)
+    return DriftDecision(detected, results, len(ref), n_current, duration, check_id, reasons, skipped, champion, text)
+
+
+def window_text_stats(store: Store, window: Window, spec: InputSettings) -> dict[str, float]:
+    """The tokenizer's view of a window of text samples: [UNK] share, mean length, share cut at max_length."""
+    texts = [row.payload.decode("utf-8") for chunk in store.payloads(window.seqs.tolist()) for row in chunk]
+    s = text_stats(texts, spec)
+    return {
+        "texts": s.texts,
+        "unknown_token_rate": s.unknown_rate,
+        "mean_tokens": s.mean_tokens,
+        "truncated_rate": s.truncated / s.texts if s.texts else 0.0,
+    }
 
 
 def pca_project(ref: np.ndarray, cur: np.ndarray, k: int, *, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -15,12 +15,19 @@ from typing import Any
 import orjson
 
 from continual.config import ModelSettings, Settings
-from continual.ingest.decode import InputError, ValidationFailed, _json_type, check_pixel_budget, decode_input
+from continual.ingest.decode import (
+    INPUT_FIELDS,
+    InputError,
+    ValidationFailed,
+    _json_type,
+    check_pixel_budget,
+    decode_input,
+)
 from continual.ingest.reference import REFERENCE_KEYS, PredictionLookup, Reference, resolve
 from continual.store import ClassLimit, NewSample
 
 _BAD_ID_CHARS = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
-SAMPLE_KEYS = frozenset({"id", "label", "x", "image", "metadata"})
+SAMPLE_KEYS = frozenset({"id", "label", "x", "image", "text", "metadata"})
 MAX_ID_LENGTH = 255
 
 
@@ -235,7 +242,7 @@ def _reference(  # Any: JSON
     """A by-reference sample's own fields, checked before any lookup."""
     errors: list[tuple[str, str]] = []
     for key in sorted(str(k) for k in set(item) - REFERENCE_KEYS):
-        hint = "a sample by prediction id carries no input" if key in ("x", "image") else "unknown field"
+        hint = "a sample by prediction id carries no input" if key in ("x", "image", "text") else "unknown field"
         errors.append((key, f"{hint}; a sample by reference has {sorted(REFERENCE_KEYS)}"))
     pid = item.get("prediction_id")
     problem = id_problem(pid)
@@ -261,7 +268,7 @@ def _reference(  # Any: JSON
 
 def _sample(item: Any, settings: Settings, source: str, known: Collection[str]) -> NewSample:  # Any: JSON value
     if not isinstance(item, dict):
-        raise InputError("", "expected a sample object {id, label, x|image, metadata}")
+        raise InputError("", "expected a sample object {id, label, x|image|text, metadata}")
     # Every field is checked so one response lists all that is wrong with the sample.
     errors: list[tuple[str, str]] = []
     unknown = sorted(str(k) for k in set(item) - SAMPLE_KEYS)
@@ -282,9 +289,10 @@ def _sample(item: Any, settings: Settings, source: str, known: Collection[str]) 
         problem = _metadata_problem(meta, settings.ingest.max_metadata_bytes, settings.ingest.max_metadata_depth)
         if problem:
             errors.append(("metadata", problem))
-    other = "image" if settings.model.input.kind == "vector" else "x"
-    if other in item:
-        errors.append((other, f"this service takes {settings.model.input.kind} inputs, not {other!r}"))
+    kind = settings.model.input.kind
+    for other in (f for k, f in INPUT_FIELDS.items() if k != kind):
+        if other in item:
+            errors.append((other, f"this service takes {kind} inputs, not {other!r}"))
     decoded = None
     try:
         # Decoded to validate, then dropped: feedback stores the bytes, so one image is alive at a time.

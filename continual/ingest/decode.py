@@ -1,4 +1,4 @@
-"""Wire formats of one input: ``{"x": numbers}`` or ``{"image": "<base64 PNG or JPEG>"}``.
+"""Wire formats of one input: ``{"x": numbers}``, ``{"image": "<base64 PNG or JPEG>"}`` or ``{"text": "..."}``.
 
 The one place that knows them. Feedback and predict both decode through
 :func:`decode_input`; training and drift read stored bytes back with
@@ -17,6 +17,7 @@ import base64
 import binascii
 import io
 import math
+import re
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -33,13 +34,16 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _NUMBER_TYPES = frozenset({float, int})
+# NUL and unpaired surrogates (legal in JSON escapes) have no place in UTF-8 text a database stores.
+_BAD_TEXT_CHARS = re.compile("[\x00\ud800-\udfff]")
+INPUT_FIELDS = {"vector": "x", "image": "image", "text": "text"}
 
 
 @dataclass(frozen=True)
 class Decoded:
-    kind: Literal["vector", "image"]
-    # Exactly what the store keeps: float32 little-endian bytes (vectors) or the
-    # encoded PNG/JPEG bytes as received (images).
+    kind: Literal["vector", "image", "text"]
+    # Exactly what the store keeps: float32 little-endian bytes (vectors), the
+    # encoded PNG/JPEG bytes as received (images), or the text as UTF-8 (text).
     payload: bytes
     # For kind image, when kept: already converted and resized to the input spec (what the
     # model's transform makes of it), so a request never holds its full-size images.
@@ -111,6 +115,12 @@ def decode_input(
     """
     if not isinstance(obj, dict):
         raise InputError("", f"expected a JSON object, got {_json_type(obj)}")
+    if spec.kind == "text":
+        if "text" not in obj:
+            other = next((f for f in ("x", "image") if f in obj), None)
+            hint = f" (this service takes text inputs, not {other!r})" if other else ""
+            raise InputError("text", f"missing{hint}")
+        return Decoded("text", decode_text(obj["text"], max_chars=spec.max_text_chars))
     if spec.kind == "vector":
         if "x" not in obj:
             hint = " (this service takes vector inputs, not images)" if "image" in obj else ""
@@ -187,7 +197,25 @@ def decode_payload(kind: str, payload: bytes) -> Decoded:
         return Decoded("vector", payload)
     if kind == "image":
         return Decoded("image", payload, _open_image(payload, max_pixels=None))
-    raise ValueError(f"unknown payload kind {kind!r}; expected 'vector' or 'image'")
+    if kind == "text":
+        return Decoded("text", payload)
+    raise ValueError(f"unknown payload kind {kind!r}; expected 'vector', 'image' or 'text'")
+
+
+# -- text -------------------------------------------------------------------------
+def decode_text(value: Any, *, max_chars: int) -> bytes:  # Any: JSON value under validation
+    """A non-empty string of at most ``max_chars`` characters, without NUL or lone surrogates -> UTF-8 bytes."""
+    if not isinstance(value, str):
+        raise InputError("text", f"expected a string, got {_json_type(value)}")
+    if not value.strip():
+        raise InputError("text", "empty text" if not value else "text has only whitespace")
+    if len(value) > max_chars:
+        raise InputError("text", f"{len(value)} characters exceeds [model.input] max_text_chars = {max_chars}")
+    bad = _BAD_TEXT_CHARS.search(value)
+    if bad:
+        what = "NUL character" if bad.group() == "\x00" else "unpaired surrogate"
+        raise InputError("text", f"contains a {what} at character {bad.start()} (not valid UTF-8 text)")
+    return value.encode("utf-8")
 
 
 # -- vectors ----------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Read labeled samples from files, as wire-format sample dicts with deterministic ids.
 
 Formats: an ImageFolder tree (``PATH/<class>/<file>.png|jpg``), an ``.npz`` with
-``x`` and ``y`` arrays, or a CSV with a ``label`` column (and feature columns, an
-``image`` column, or a ``prediction_id`` column: labels for logged predictions). Each id is derived
+``x`` and ``y`` arrays, a CSV with a ``label`` column (and feature columns, an
+``image`` column, a ``text`` column, or a ``prediction_id`` column: labels for logged
+predictions), or JSON Lines (``.jsonl``) of ``{"text", "label", "id"?}``. Each id is derived
 from where the sample sits and what it holds (relative path or row, plus a hash
 of label and content), so importing the same files again sends the same ids and
 the server counts them as duplicates: an interrupted import is resumed by
@@ -15,6 +16,7 @@ import base64
 import csv
 import hashlib
 import io
+import json
 import math
 import zipfile
 from collections.abc import Iterator
@@ -46,7 +48,7 @@ class Skipped:
 
 @dataclass(frozen=True)
 class Source:
-    kind: str  # "imagefolder" | "npz" | "csv"
+    kind: str  # "imagefolder" | "npz" | "csv" | "jsonl"
     total: int
     items: Iterator[Item | Skipped]
 
@@ -63,7 +65,11 @@ def open_source(path: str | Path, *, images: bool = False) -> Source:
         return _npz(p, images=images)
     if suffix == ".csv":
         return _csv(p)
-    raise ImportFormatError(f"{p}: unknown format {suffix!r}; expected a directory tree, a .npz or a .csv file")
+    if suffix in (".jsonl", ".ndjson"):
+        return _jsonl(p)
+    raise ImportFormatError(
+        f"{p}: unknown format {suffix!r}; expected a directory tree, a .npz, a .csv or a .jsonl file"
+    )
 
 
 def sample_id(prefix: str, where: str, label: str, content: bytes) -> str:
@@ -166,9 +172,11 @@ def _csv(path: Path) -> Source:
         raise ImportFormatError(f"{path}: repeated column names in header {header}")
     if "prediction_id" in header:
         return _csv_references(path, header, total)
-    has_image = "image" in header
-    features = [c for c in header if c not in ("label", "id", "image")]
-    if not has_image and not features:
+    if "text" in header and "image" in header:
+        raise ImportFormatError(f"{path}: a 'text' and an 'image' column; a CSV holds one kind of input")
+    has_image, has_text = "image" in header, "text" in header
+    features = [c for c in header if c not in ("label", "id", "image", "text")]
+    if not has_image and not has_text and not features:
         raise ImportFormatError(f"{path}: no feature columns and no 'image' column")
 
     def items() -> Iterator[Item | Skipped]:
@@ -180,7 +188,9 @@ def _csv(path: Path) -> Source:
                     yield Skipped(where, "empty label")
                     continue
                 given_id = (row.get("id") or "").strip()
-                if has_image:
+                if has_text:
+                    item = _csv_text(row, label, features, where)
+                elif has_image:
                     item = _csv_image(path, row, label, features, where)
                 else:
                     item = _csv_vector(row, label, features, where)
@@ -256,3 +266,62 @@ def _csv_image(
     if meta:
         sample["metadata"] = meta
     return sample, data
+
+
+def _csv_text(row: dict[str, Any], label: str, extra: list[str], where: str) -> tuple[dict[str, Any], bytes] | Skipped:
+    """A ``text`` column (sent as it is: the service validates it); the other columns become metadata."""
+    text = row.get("text") or ""
+    if not text.strip():
+        return Skipped(where, "empty 'text' column")
+    sample: dict[str, Any] = {"label": label, "text": text}
+    meta = {c: row[c] for c in extra if row.get(c) not in (None, "")}
+    if meta:
+        sample["metadata"] = meta
+    return sample, text.encode("utf-8", "surrogatepass")
+
+
+# -- JSON Lines -------------------------------------------------------------------
+JSONL_KEYS = ("text", "label", "id", "metadata")
+
+
+def _jsonl(path: Path) -> Source:
+    """One ``{"text", "label", "id"?, "metadata"?}`` object per line; other keys join the metadata."""
+    with path.open(encoding="utf-8") as f:
+        total = sum(1 for line in f if line.strip())
+
+    def items() -> Iterator[Item | Skipped]:
+        with path.open(encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path.name} line {line_no}"
+                try:
+                    obj = json.loads(line)
+                except ValueError as e:
+                    yield Skipped(where, f"not JSON: {e}")
+                    continue
+                if not isinstance(obj, dict):
+                    yield Skipped(where, "expected a JSON object {text, label, id}")
+                    continue
+                label, text = obj.get("label"), obj.get("text")
+                if not isinstance(label, str) or not label.strip():
+                    yield Skipped(where, "missing or empty 'label'")
+                    continue
+                if not isinstance(text, str) or not text.strip():
+                    yield Skipped(where, "missing or empty 'text'")
+                    continue
+                meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+                meta = {**meta, **{k: v for k, v in obj.items() if k not in JSONL_KEYS}}
+                sample: dict[str, Any] = {"label": label.strip(), "text": text}
+                if meta:
+                    sample["metadata"] = meta
+                given = obj.get("id")
+                content = text.encode("utf-8", "surrogatepass")
+                sample["id"] = (
+                    str(given)
+                    if given not in (None, "")
+                    else sample_id("jsonl", f"{path.name}:{line_no}", label.strip(), content)
+                )
+                yield Item(where, sample)
+
+    return Source("jsonl", total, items())

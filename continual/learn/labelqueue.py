@@ -142,6 +142,8 @@ def item_json(item: QueueItem, *, with_input: bool = True) -> dict[str, object]:
     if with_input:
         if c.kind == "vector":
             out["x"] = [float(v) for v in np.frombuffer(c.payload, dtype="<f4")]
+        elif c.kind == "text":
+            out["text"] = c.payload.decode("utf-8")
         else:
             out["image"] = base64.b64encode(c.payload).decode("ascii")
     return out

@@ -76,18 +76,34 @@ def param_groups(model: nn.Module, training: TrainingSettings) -> list[dict[str,
 
     Every parameter is listed, frozen or not: a frozen one gets no gradient and
     the optimizer skips it, so unfreezing after the warm-up needs no new optimizer.
+    With ``decay_norm_and_bias = false`` (the text default) each splits in two:
+    biases and normalisation weights (every parameter with fewer than two
+    dimensions) go to a ``*_no_decay`` group with ``weight_decay = 0`` -- decaying
+    LayerNorm's gain towards 0 only fights the pretrained scale.
     """
-    base, head = [], []
+    buckets: dict[str, list[nn.Parameter]] = {"base": [], "base_no_decay": [], "head": [], "head_no_decay": []}
     for name, p in model.named_parameters():
-        (head if name.startswith(HEAD_PREFIX) else base).append(p)
+        group = "head" if name.startswith(HEAD_PREFIX) else "base"
+        if not training.decay_norm_and_bias and is_no_decay(name, p):
+            group += "_no_decay"
+        buckets[group].append(p)
     groups: list[dict[str, object]] = []
-    if base:
-        groups.append({"params": base, "lr": training.learning_rate, "name": "base"})
-    if head:
-        groups.append({"params": head, "lr": training.head_learning_rate, "name": "head"})
+    for name, params in buckets.items():
+        if not params:
+            continue
+        lr = training.head_learning_rate if name.startswith("head") else training.learning_rate
+        group: dict[str, object] = {"params": params, "lr": lr, "name": name}
+        if name.endswith("_no_decay"):
+            group["weight_decay"] = 0.0
+        groups.append(group)
     if not groups:
         raise ValueError("the model has no parameters to train")
     return groups
+
+
+def is_no_decay(name: str, p: nn.Parameter) -> bool:
+    """Biases and normalisation weights (LayerNorm, BatchNorm): vectors, not matrices."""
+    return p.ndim < 2 or name.endswith(".bias") or "layernorm" in name.lower()
 
 
 def make_optimizer(model: nn.Module, training: TrainingSettings) -> torch.optim.Optimizer:
@@ -100,15 +116,23 @@ def make_optimizer(model: nn.Module, training: TrainingSettings) -> torch.optim.
 
 
 def lr_factor(step: int, *, training: TrainingSettings, steps_per_epoch: int, total_steps: int) -> float:
-    """The multiplier of every group's base LR at an optimizer step (0-based)."""
+    """The multiplier of every group's base LR at an optimizer step (0-based).
+
+    With ``lr_warmup_fraction`` the first ``ceil(fraction * total_steps)`` steps ramp
+    linearly up to the schedule (step ``i`` at ``(i + 1) / warmup``): Adam's first
+    updates, with its moment estimates still noisy, would otherwise move the
+    pretrained weights at the full LR.
+    """
+    warmup = math.ceil(training.lr_warmup_fraction * total_steps)
+    ramp = min(1.0, (step + 1) / warmup) if warmup else 1.0
     if training.lr_schedule == "constant":
-        return 1.0
+        return ramp
     if training.lr_schedule == "step":
-        return training.lr_gamma ** ((step // max(1, steps_per_epoch)) // training.lr_step_epochs)
+        return ramp * training.lr_gamma ** ((step // max(1, steps_per_epoch)) // training.lr_step_epochs)
     if training.lr_schedule == "cosine":
         # Ends at 5% of the base LR rather than 0: the last steps still learn.
         progress = min(1.0, step / max(1, total_steps))
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+        return ramp * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
     raise ValueError(f"training.lr_schedule must be cosine, step or constant, got {training.lr_schedule!r}")
 
 

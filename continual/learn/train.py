@@ -217,7 +217,7 @@ def train(
                 # a head tuned to the frozen features and would otherwise knock the pretrained weights about.
                 f = warmup_factor(step - unfrozen_at, a.warmup_steps)
                 for g, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=False):
-                    g["lr"] = lr * f if g.get("name") == "base" else lr
+                    g["lr"] = lr * f if str(g.get("name", "")).startswith("base") else lr  # base, base_no_decay
             optimizer.step()
             scheduler.step()
             step, epoch_steps, seen = step + 1, epoch_steps + 1, seen + len(y)

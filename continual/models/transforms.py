@@ -64,6 +64,8 @@ def input_shape(spec: InputSettings) -> tuple[int, ...]:
     """Shape of one transformed sample (no batch dimension)."""
     if spec.kind == "vector":
         return tuple(spec.shape)
+    if spec.kind == "text":
+        return (2, spec.max_length)  # token ids and attention mask (continual.models.text)
     return (spec.channels, spec.size[0], spec.size[1])
 
 
@@ -76,6 +78,10 @@ def make_transform(
     """
     if spec.kind == "vector":
         return VectorTransform(tuple(spec.shape))
+    if spec.kind == "text":
+        from continual.models.text import TextTransform
+
+        return TextTransform(spec)
     return ImageTransform(
         spec, augment=train and spec.augment, domain=spec.augment_domain if train else (), max_pixels=max_pixels
     )

@@ -16,6 +16,7 @@ from torch import nn
 
 from continual.config import ModelSettings
 from continual.models.classifier import Classifier
+from continual.models.text import minilm_parts
 from continual.models.transforms import input_shape
 from continual.models.weights import (
     ModelError,
@@ -26,7 +27,11 @@ from continual.models.weights import (
     torchvision_weights_file,
 )
 
-BUILTIN = ("mlp", "efficientnet_lite0", "resnet18", "resnet50", "mobilenet_v3_small", "efficientnet_b0")
+BUILTIN = ("mlp", "minilm", "efficientnet_lite0", "resnet18", "resnet50", "mobilenet_v3_small", "efficientnet_b0")
+
+
+# [model] weights values that mean "the architecture's own pretrained weights" (ImageNet for images).
+PRETRAINED = ("imagenet", "pretrained")
 
 
 @dataclass
@@ -48,10 +53,11 @@ def build_model(model: ModelSettings, *, weights: str | None = None) -> Classifi
     classes (e.g. a torchvision ``resnet18`` whose ``fc`` has one output per class).
     """
     weights = model.weights if weights is None else weights
-    parts = _parts(model, pretrained=weights == "imagenet")
+    pretrained = weights in PRETRAINED
+    parts = _parts(model, pretrained=pretrained)
     head = nn.Linear(parts.dim, len(model.classes))
     clf = Classifier(parts.backbone, head, model.classes, architecture=model.architecture, blocks=parts.blocks)
-    if weights not in ("imagenet", "none"):
+    if not pretrained and weights != "none":
         load_weights(clf, read_state_dict(weights), head_key=parts.head_key, source=weights)
     return clf
 
@@ -127,6 +133,9 @@ def _parts(model: ModelSettings, *, pretrained: bool) -> _Parts:
     if ":" in arch:
         _no_imagenet(arch, pretrained)
         return _user_factory(model)
+    if arch == "minilm":
+        backbone, blocks = minilm_parts(model.input, pretrained=pretrained)
+        return _Parts(backbone, backbone.embedding_dim, blocks)
     if arch == "efficientnet_lite0":
         _needs_rgb(model)
         return _efficientnet_lite0(pretrained)
@@ -215,7 +224,9 @@ def _user_factory(model: ModelSettings) -> _Parts:
         was_training = backbone.training
         backbone.eval()
         with torch.no_grad():
-            out = backbone(torch.zeros(2, *input_shape(model.input)))
+            # Text backbones take int64 token ids and masks (continual.models.text); zeros are [PAD].
+            dtype = torch.long if model.input.kind == "text" else torch.float32
+            out = backbone(torch.zeros(2, *input_shape(model.input), dtype=dtype))
         backbone.train(was_training)
         if out.ndim != 2:
             raise ModelError(

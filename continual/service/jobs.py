@@ -162,6 +162,8 @@ def mirror_drift(metrics: Metrics, decision: DriftDecision) -> None:
     for name in decision.skipped:
         # A detector that could not run reports no drift rather than a stale alarm.
         metrics.set_drift(name, effect=None, p_value=None, detected=False)
+    for window, stats in (decision.text or {}).items():
+        metrics.set_text_drift(window, unknown_rate=stats["unknown_token_rate"], mean_tokens=stats["mean_tokens"])
     metrics.drift_checked()
 
 

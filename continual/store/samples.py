@@ -20,7 +20,7 @@ from continual.store.schema import predictions, samples
 
 SPLITS = ("train", "holdout")
 # The wire field each payload kind came in (a refused sample's details name it).
-_INPUT_FIELD = {"vector": "x", "image": "image"}
+_INPUT_FIELD = {"vector": "x", "image": "image", "text": "text"}
 
 
 class IdConflict(ValueError):
@@ -65,7 +65,7 @@ class PayloadTooLarge(ValueError):
 class NewSample:
     external_id: str
     label: str
-    kind: str  # "vector" (float32 bytes) | "image" (encoded PNG/JPEG bytes)
+    kind: str  # "vector" (float32 bytes) | "image" (encoded PNG/JPEG bytes) | "text" (UTF-8)
     payload: bytes
     source: str = ""
     meta: dict[str, Any] | None = None

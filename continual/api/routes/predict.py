@@ -40,6 +40,10 @@ def _predict(body: bytes, ctx: AppContext) -> dict[str, Any]:
     )
     version, preds = ctx.serving.predict(decoded, live=live)  # type: ignore[union-attr]
     ctx.metrics.predictions.inc(len(preds))
+    stats = getattr(live.transform, "stats", None)
+    if callable(stats):  # text: the tokenizer's running counts (truncations)
+        s = stats()
+        ctx.metrics.mirror_text_stats(live.transform, s.texts, s.truncated)
     ctx.metrics.predict_latency.observe(time.perf_counter() - start)
     return {
         "model_version": version,
