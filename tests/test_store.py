@@ -271,3 +271,26 @@ def test_a_draw_costs_about_the_same_from_2k_and_from_40k_rows(tmp_path: Path) -
     small, large = steps(2_000), steps(40_000)
     # SQLite VM steps (x100): the work, not the wall clock. Reading 40k rows would cost ~20x 2k.
     assert large <= small * 1.5 + 20, (small, large)
+
+
+def test_sqlite_commits_are_fsynced_by_default_and_normal_is_a_choice(tmp_path: Path) -> None:
+    """2xx means durable: a SQLite store commits with synchronous=FULL unless [store] says NORMAL."""
+    from sqlalchemy import text
+
+    from continual.config import load_settings
+    from continual.store.engine import EngineOptions
+
+    def level(store: Store) -> int:
+        with store.engine.connect() as conn:
+            return int(conn.execute(text("PRAGMA synchronous")).scalar_one())
+
+    default = Store(f"sqlite:///{tmp_path / 'a.db'}")
+    relaxed = Store(f"sqlite:///{tmp_path / 'b.db'}", options=EngineOptions(sqlite_synchronous="NORMAL"))
+    configured = load_settings(None, env={"CONTINUAL_SERVICE__DATA_DIR": str(tmp_path / "c")})
+    from_config = Store.from_settings(configured)
+    try:
+        assert configured.store.sqlite_synchronous == "FULL"
+        assert (level(default), level(relaxed), level(from_config)) == (2, 1, 2)  # FULL = 2, NORMAL = 1
+    finally:
+        for s in (default, relaxed, from_config):
+            s.dispose()

@@ -6,7 +6,7 @@ When the run's data holds classes the parent lacks (``continual.learn.classes``)
 the candidate is the parent with its head grown to them, and the parent is the
 teacher of the loop's distillation term.
 
-One piece (about 420 lines): the build is one sequence (parent, data, loop,
+One piece (about 430 lines): the build is one sequence (parent, data, loop,
 Fisher, calibration, files) whose steps share the run's state; split, each part
 would take and return most of it.
 """
