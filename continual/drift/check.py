@@ -24,6 +24,9 @@ things, and a retrain still needs ``min_new_samples`` and passes the gate.
 When the reference window, or every current window, is below ``min_samples``
 there is nothing to test: the decision says "too few samples", and no row or
 metric is written (an idle service would otherwise log an empty row every tick).
+
+One piece (about 415 lines): the windows, the shared embeddings and the table of
+detectors are one check; split, every part would pass the same windows around.
 """
 
 from __future__ import annotations
