@@ -1,6 +1,28 @@
 """New classes benchmark through the engine: digits arrive as class tasks (0-4, then 5-6, then 7-9).
 
     PYTHONPATH=. .venv/bin/python bench/classes.py [--seeds 0,1,2] [--jobs 2] [--set distill_weight=1] ...
+    PYTHONPATH=. .venv/bin/python bench/classes.py --text [--per-section 300] [--seeds 0,1,2]
+
+``--text``: the same strategies, tables and targets on the Debian text stream
+(``continual/demo/debian.py``: package description -> archive section; needs this
+machine's apt lists, else it says so and exits 0). The 8 sections arrive in three
+tasks: games, science, sound, graphics; then net, admin; then text, utils
+(``TEXT_TASKS``, the order of ``debian.CLASSES``). Why this order: the first task
+holds the four topical application sections, whose vocabularies barely overlap,
+as a catalogue would start; net and admin (system software: "daemon", "server",
+"tool") come next; utils, the archive's catch-all whose descriptions resemble
+every other section ("command-line tool to ..."), comes last with text, so the
+last task pulls hardest on the old classes -- the text counterpart of digits 7-9
+taking class 1's samples. ``--per-section`` texts per section (balanced, a
+name-hash draw over apps and support packages alike). The inputs are NOT the
+encoder run on every step: each description is embedded once by the service's
+own feature-extraction path (``build_model`` minilm, frozen all-MiniLM-L6-v2,
+``embed_rows``: attention-masked mean of the token states, 384 numbers), cached
+in a temporary ``.npy`` (``bench/classes_text.py``), and the runs feed these
+vectors as ``kind = "vector"`` to the same MLP head (hidden 128) through
+``execute_run``. That is what ``[model] mode = "feature_extraction"`` on text
+trains: a head over frozen sentence embeddings (the service's head is linear,
+this one has a hidden layer, as for the digits). The output's first line says so.
 
 Every number comes from the service's own code path, as in ``bench/stream.py``:
 each task's samples go into a store with ``Store.insert`` (feedback labels the
@@ -66,6 +88,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -104,9 +127,47 @@ TRAINING: dict[str, Any] = {
     "cpu_threads": 1,
 }
 BALANCED_RATIO = False
+TEXT_TASKS: tuple[tuple[int, ...], ...] = ((0, 1, 2, 3), (4, 5), (6, 7))  # indices into debian.CLASSES
 
 
-def bench_settings(work: Path, classes: list[str], training: dict[str, Any]) -> Settings:
+@dataclass(frozen=True)
+class Data:
+    """A class-incremental stream: inputs [N, D], class index per row, class names, tasks (class indices)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    labels: tuple[str, ...]
+    tasks: tuple[tuple[int, ...], ...]
+    task_names: tuple[str, ...]
+    header: str = ""
+
+    def names(self, classes: tuple[int, ...]) -> list[str]:
+        return [self.labels[c] for c in classes]
+
+
+def digits_data() -> Data:
+    x, y = digit_vectors()
+    return Data(x, y.astype(np.int64), tuple(str(c) for c in range(10)), TASKS, ("0-4", "5-6", "7-9"))
+
+
+def text_data(per_section: int) -> Data:
+    """Debian descriptions as frozen MiniLM embeddings (bench/classes_text.py); NoAptLists without apt lists."""
+    from classes_text import text_vectors
+
+    from continual.demo.debian import CLASSES
+
+    t0 = time.perf_counter()
+    x, y, _, cached = text_vectors(per_section)
+    tasks = " / ".join(f"task {i + 1}: " + ", ".join(CLASSES[c] for c in t) for i, t in enumerate(TEXT_TASKS))
+    header = (
+        f"Debian package descriptions -> section, {per_section} per section ({len(y)} texts; {tasks}); "
+        f"inputs: frozen all-MiniLM-L6-v2 mean-pooled embeddings ({x.shape[1]}-d, the service's feature_extraction "
+        f"path, embedded once: {time.perf_counter() - t0:.1f} s{', from the .npy cache' if cached else ''}) fed as kind=vector to the MLP head"
+    )
+    return Data(x, y, CLASSES, TEXT_TASKS, tuple(f"task {i + 1}" for i in range(len(TEXT_TASKS))), header)
+
+
+def bench_settings(work: Path, classes: list[str], training: dict[str, Any], dim: int = 64) -> Settings:
     return settings_from_dict(
         {
             "service": {"data_dir": str(work)},
@@ -118,7 +179,7 @@ def bench_settings(work: Path, classes: list[str], training: dict[str, Any]) -> 
                 "hidden": [128],
                 "classes": classes,
                 "new_classes": "accept",
-                "input": {"kind": "vector", "shape": [64]},
+                "input": {"kind": "vector", "shape": [dim]},
             },
             "triggers": {"min_class_samples": 1, "min_class_holdout": 1},
             "training": {**TRAINING, **training},
@@ -126,9 +187,11 @@ def bench_settings(work: Path, classes: list[str], training: dict[str, Any]) -> 
     )
 
 
-def insert(store: Store, x: np.ndarray, y: np.ndarray, classes: tuple[int, ...], seed: int) -> None:
-    idx = np.flatnonzero(np.isin(y, classes))
-    batch = [NewSample(f"s{seed}-{i}", str(int(y[i])), "vector", x[i].astype("<f4").tobytes()) for i in idx]
+def insert(store: Store, data: Data, classes: tuple[int, ...], seed: int) -> None:
+    idx = np.flatnonzero(np.isin(data.y, classes))
+    batch = [
+        NewSample(f"s{seed}-{i}", data.labels[data.y[i]], "vector", data.x[i].astype("<f4").tobytes()) for i in idx
+    ]
     for i in range(0, len(batch), 500):
         store.insert(batch[i : i + 500])
 
@@ -143,15 +206,16 @@ def run_and_promote(store: Store, settings: Settings) -> dict[str, Any]:
     return row
 
 
-def recalls(store: Store, settings: Settings, version: str, classes: tuple[int, ...]) -> tuple[float, dict[int, float]]:
-    """Accuracy on the holdout of ``classes`` and each class's recall."""
+def recalls(store: Store, settings: Settings, version: str, classes: tuple[int, ...],
+            labels: tuple[str, ...]) -> tuple[float, dict[int, float]]:  # fmt: skip
+    """Accuracy on the holdout of ``classes`` and each class's recall (``labels``: class index -> stored label)."""
     model = Registry(settings.models_dir, store).load_model(version, settings)
     seqs = store.draw(10**9, split="holdout")
     r = evaluate(model, store, seqs, settings)
     names, pred = r.label_names, r.predicted_names
-    keep = np.isin(names, [str(c) for c in classes])
+    keep = np.isin(names, [labels[c] for c in classes])
     names, pred = names[keep], pred[keep]
-    return float(np.mean(names == pred)), {c: float(np.mean(pred[names == str(c)] == str(c))) for c in classes}
+    return float(np.mean(names == pred)), {c: float(np.mean(pred[names == labels[c]] == labels[c])) for c in classes}
 
 
 def balanced_ratio(n_old: int, n_new: int) -> float:
@@ -159,67 +223,70 @@ def balanced_ratio(n_old: int, n_new: int) -> float:
     return n_old / (n_old + n_new)
 
 
-def incremental(name: str, base: Path, work: Path, x: np.ndarray, y: np.ndarray, seed: int) -> dict[str, Any]:
+def incremental(name: str, base: Path, work: Path, data: Data, seed: int) -> dict[str, Any]:
     shutil.copytree(base, work)
-    seen = TASKS[0]
+    seen = data.tasks[0]
+    dim = data.x.shape[1]
     over = {**STRATEGIES[name], "seed": seed}
-    settings = bench_settings(work, [str(c) for c in seen], over)
+    settings = bench_settings(work, data.names(seen), over, dim)
     store = Store.from_settings(settings)
-    acc, rec = recalls(store, settings, str(store.versions.champion_version()), seen)
+    acc, rec = recalls(store, settings, str(store.versions.champion_version()), seen, data.labels)
     out: dict[str, Any] = {"acc": [acc], "recall": [rec], "before": [], "seconds": 0.0}
-    for new in TASKS[1:]:
+    for new in data.tasks[1:]:
         old, seen = seen, seen + new
         if BALANCED_RATIO:
             over["replay_ratio"] = balanced_ratio(len(old), len(new))
-        settings = bench_settings(work, [str(c) for c in TASKS[0]], over)
-        insert(store, x, y, new, seed)
+        settings = bench_settings(work, data.names(data.tasks[0]), over, dim)
+        insert(store, data, new, seed)
         t0 = time.perf_counter()
         row = run_and_promote(store, settings)
         out["seconds"] += time.perf_counter() - t0
         got = row["metrics"]["classes"]
-        if got["added"] != [str(c) for c in new]:
-            raise RuntimeError(f"{name}: the run added {got['added']}, expected {list(new)}")
+        if got["added"] != data.names(new):
+            raise RuntimeError(f"{name}: the run added {got['added']}, expected {data.names(new)}")
         out["before"].append(got.get("validation_accuracy_before_training", float("nan")))
-        acc, rec = recalls(store, settings, row["candidate_version"], seen)
+        acc, rec = recalls(store, settings, row["candidate_version"], seen, data.labels)
         out["acc"].append(acc)
         out["recall"].append(rec)
     store.dispose()
     return out
 
 
-def joint(root: Path, x: np.ndarray, y: np.ndarray, seed: int) -> dict[str, Any]:
+def joint(root: Path, data: Data, seed: int) -> dict[str, Any]:
     out: dict[str, Any] = {"acc": [], "recall": [], "before": [], "seconds": 0.0}
     seen: tuple[int, ...] = ()
-    for t, new in enumerate(TASKS):
+    for t, new in enumerate(data.tasks):
         seen = seen + new
         work = root / f"joint-{t}"
-        settings = bench_settings(work, [str(c) for c in seen], {"strategy": "naive", "seed": seed})
+        settings = bench_settings(work, data.names(seen), {"strategy": "naive", "seed": seed}, data.x.shape[1])
         store = Store.from_settings(settings)
         store.upgrade()
-        insert(store, x, y, seen, seed)
+        insert(store, data, seen, seed)
         t0 = time.perf_counter()
         row = run_and_promote(store, settings)
         out["seconds"] += time.perf_counter() - t0
-        acc, rec = recalls(store, settings, row["candidate_version"], seen)
+        acc, rec = recalls(store, settings, row["candidate_version"], seen, data.labels)
         out["acc"].append(acc)
         out["recall"].append(rec)
         store.dispose()
     return out
 
 
-def run_seed(seed: int, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+def run_seed(seed: int, data: Data) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="continual-classes-") as tmp:
         root = Path(tmp)
         base = root / "task1"
-        # The task-1 model every strategy starts from: one bootstrap run on classes 0-4.
-        settings = bench_settings(base, [str(c) for c in TASKS[0]], {"strategy": "replay", "seed": seed})
+        # The task-1 model every strategy starts from: one bootstrap run on the first task's classes.
+        settings = bench_settings(
+            base, data.names(data.tasks[0]), {"strategy": "replay", "seed": seed}, data.x.shape[1]
+        )
         store = Store.from_settings(settings)
         store.upgrade()
-        insert(store, x, y, TASKS[0], seed)
+        insert(store, data, data.tasks[0], seed)
         run_and_promote(store, settings)
         store.dispose()
-        results = {name: incremental(name, base, root / name.replace(" ", "_"), x, y, seed) for name in STRATEGIES}
-        results["joint"] = joint(root, x, y, seed)
+        results = {name: incremental(name, base, root / name.replace(" ", "_"), data, seed) for name in STRATEGIES}
+        results["joint"] = joint(root, data, seed)
     return results
 
 
@@ -248,9 +315,11 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def report(summary: dict[str, dict[str, Any]], seeds: list[int], seconds: float) -> bool:
-    tasks = ["0-4", "5-6", "7-9"]
+def report(summary: dict[str, dict[str, Any]], seeds: list[int], seconds: float, data: Data) -> bool:
+    tasks = data.task_names
     width = max(len(n) for n in summary) + 1
+    if data.header:
+        print(data.header)
     print(f"training: {TRAINING}; replay_ratio balanced per task: {BALANCED_RATIO}")
     print(f"seeds: {seeds}; every run through execute_run; mean over seeds (± std)\n")
     print("accuracy on all classes seen so far, after each task (store holdout)")
@@ -267,11 +336,19 @@ def report(summary: dict[str, dict[str, Any]], seeds: list[int], seconds: float)
             print(f"{name:<{width}} {r['final']:.3f}  gap {r['final'] - j:+.3f}  ratio {r['final'] / j:.3f}")
     classes = sorted(summary["joint"]["drop"])
     print("\nforgetting per old class: recall drop from its best to the end (mean over seeds; max = worst class)")
-    print(f"{'strategy':<{width}} " + " ".join(f"{c:>6}" for c in classes) + f" {'max':>6} {'worst seed':>10}")
+    cw = {c: max(6, len(data.labels[c])) for c in classes}
+    print(
+        f"{'strategy':<{width}} "
+        + " ".join(f"{data.labels[c]:>{cw[c]}}" for c in classes)
+        + f" {'max':>6} {'worst seed':>10}"
+    )
     for name, r in summary.items():
-        cells = " ".join(f"{r['drop'][c]:>6.3f}" for c in classes)
+        cells = " ".join(f"{r['drop'][c]:>{cw[c]}.3f}" for c in classes)
         print(f"{name:<{width}} {cells} {max(r['drop'].values()):>6.3f} {max(r['drop_worst_seed'].values()):>10.3f}")
-    print("\nnew rows' init: validation accuracy of the grown model before its first step (task 5-6, 7-9)")
+    print(
+        "\nnew rows' init: validation accuracy of the grown model before its first step "
+        + f"({'' if tasks[1].startswith('task') else 'task '}{', '.join(tasks[1:])})"
+    )
     for name, r in summary.items():
         if len(r["before"]):
             print(f"{name:<{width}} " + " ".join(f"{v:.3f}" for v in r["before"]) + f"   final {r['final']:.3f}")
@@ -285,7 +362,7 @@ def report(summary: dict[str, dict[str, Any]], seeds: list[int], seconds: float)
     )
     print(
         f"target {BEST} each old class's recall drop <= {TARGET_DROP} (mean over seeds): "
-        f"worst class {worst} {best['drop'][worst]:.3f}: {'OK' if drop_ok else 'MISSED'}"
+        f"worst class {data.labels[worst]} {best['drop'][worst]:.3f}: {'OK' if drop_ok else 'MISSED'}"
     )
     print(f"\n{seconds:.1f} s")
     return gap_ok and drop_ok
@@ -299,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a training setting")
     parser.add_argument("--balanced-ratio", action="store_true", help="replay_ratio = the old classes' share, per task")
     parser.add_argument("--strategies", default="", help="comma-separated subset (joint always runs)")
+    parser.add_argument("--text", action="store_true", help="the Debian sections over frozen MiniLM embeddings")
+    parser.add_argument("--per-section", type=int, default=300, help="--text: texts per section (balanced)")
     args = parser.parse_args(argv)
     for item in args.set:
         key, _, value = item.partition("=")
@@ -310,15 +389,23 @@ def main(argv: list[str] | None = None) -> int:
         for name in [n for n in STRATEGIES if n not in keep]:
             del STRATEGIES[name]
     seeds = [int(s) for s in args.seeds.split(",")]
-    x, y = digit_vectors()
-    y = y.astype(np.int64)
     t0 = time.perf_counter()
+    if args.text:
+        from continual.demo.debian import NoAptLists
+
+        try:
+            data = text_data(args.per_section)
+        except NoAptLists as e:
+            print(f"bench/classes.py --text SKIPPED: {e}")
+            return 0
+    else:
+        data = digits_data()
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs) as pool:
-            runs = list(pool.map(run_seed, seeds, [x] * len(seeds), [y] * len(seeds)))
+            runs = list(pool.map(run_seed, seeds, [data] * len(seeds)))
     else:
-        runs = [run_seed(seed, x, y) for seed in seeds]
-    ok = report(summarise(runs), seeds, time.perf_counter() - t0)
+        runs = [run_seed(seed, data) for seed in seeds]
+    ok = report(summarise(runs), seeds, time.perf_counter() - t0, data)
     return 0 if ok else 1
 
 
