@@ -38,6 +38,7 @@ import torch
 from continual.config import Settings
 from continual.models import Classifier, build_model, load_weights
 from continual.models.manifest import Manifest, model_settings_for
+from continual.models.weights import file_sha256
 from continual.procutil import process_alive
 from continual.store import ChampionMoved, NoPreviousChampion, Store, VersionNotFound
 
@@ -80,14 +81,6 @@ def new_version_id(now: datetime | None = None) -> str:
     """Sortable by creation time (microseconds), unique by a random suffix."""
     now = now or datetime.now(UTC)
     return f"{now:%Y%m%dT%H%M%S.%f}-{secrets.token_hex(3)}"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_file(path: Path) -> None:
@@ -156,7 +149,7 @@ class Registry:
                 # safetensors refuses shared or non-contiguous storage: copy to plain CPU tensors.
                 save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors_of.items()}, tmp / fname)
                 _crash_point("weights" if name == "weights" else "extra")
-                files[fname] = {"sha256": _sha256(tmp / fname), "size": (tmp / fname).stat().st_size}
+                files[fname] = {"sha256": file_sha256(tmp / fname), "size": (tmp / fname).stat().st_size}
             manifest = Manifest(
                 version=version,
                 architecture=architecture,
@@ -253,9 +246,9 @@ class Registry:
     def verify(self, version: str) -> Manifest:
         """The manifest, after checking it against the store and every file against it."""
         m = self.manifest(version)
-        expected = self.store.versions.manifest_sha256(version)
+        expected = self.store.versions.manifestfile_sha256(version)
         if expected:
-            actual = _sha256(self._dir(version) / MANIFEST)
+            actual = file_sha256(self._dir(version) / MANIFEST)
             if actual != expected:
                 self._refused(version, MANIFEST, f"sha256 {actual} != recorded {expected}")
                 raise ChecksumMismatch(version, MANIFEST, expected, actual)
@@ -268,7 +261,7 @@ class Registry:
             if size != meta["size"]:
                 self._refused(version, fname, f"size {size} != {meta['size']}")
                 raise ChecksumMismatch(version, fname, f"{meta['size']} bytes", f"{size} bytes")
-            digest = _sha256(path)
+            digest = file_sha256(path)
             if digest != meta["sha256"]:
                 self._refused(version, fname, f"sha256 {digest} != {meta['sha256']}")
                 raise ChecksumMismatch(version, fname, meta["sha256"], digest)
@@ -393,7 +386,7 @@ class Registry:
                 m = self.verify(path.name)
             except ChecksumMismatch:
                 continue
-            self._add_row(m, _sha256(path / MANIFEST))
+            self._add_row(m, file_sha256(path / MANIFEST))
             log.warning("registered model version %s found on disk without a store row", m.version)
 
     def apply_retention(self, keep_last: int) -> list[str]:

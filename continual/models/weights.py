@@ -44,6 +44,15 @@ class WeightsFileError(ModelError):
         super().__init__(f"weights file {self.path}: {reason}")
 
 
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The sha256 of a file, read in 1 MiB chunks (model files are hundreds of MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """A state dict from ``.safetensors`` or a ``torch.save`` file, never unpickling code."""
     p = Path(path)
