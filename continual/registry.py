@@ -246,7 +246,7 @@ class Registry:
     def verify(self, version: str) -> Manifest:
         """The manifest, after checking it against the store and every file against it."""
         m = self.manifest(version)
-        expected = self.store.versions.manifestfile_sha256(version)
+        expected = self.store.versions.manifest_sha256(version)
         if expected:
             actual = file_sha256(self._dir(version) / MANIFEST)
             if actual != expected:
