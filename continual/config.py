@@ -5,6 +5,12 @@ names the key, the value and what is allowed.
 
 One module on purpose (it is longer than most): the design keeps every default in
 one place, and the override and error-message code walks the whole settings tree.
+Reading order: one class per ``config.toml`` table, in the file's order ([service],
+[auth], [store], [ingest], [model] with [model.input], [triggers], [drift],
+[training] with the text recipe's defaults, [adaptation], [label_queue], [gate],
+[serving], [retention], [accuracy]); then :class:`Settings`, which joins them and
+checks rules that span tables; then loading (:func:`load_settings`, env overrides,
+error messages).
 """
 
 from __future__ import annotations

@@ -9,7 +9,11 @@ Promoting, recording and metrics belong to the caller (``continual.service.train
 One piece by design (about 450 lines): every rule that can refuse a candidate is
 here, so a reader checking why a model was or was not promoted reads one file;
 the per-class rules share ``Decision``, the holdout draw and the scoring with the
-plain ones.
+plain ones. Three parts, each under a ``# --`` heading: the plain rules
+(:func:`decide`: bootstrap, forgetting, learning, McNemar, shadow), the rules for
+a candidate that adds classes (:class:`ClassGate`, :func:`decide_classes`), and
+the shell that runs both models on the same holdouts (:func:`evaluate`,
+:func:`evaluate_classes`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ Outcome = Literal["promoted", "rejected", "deferred", "superseded"]
 _EPS = 1e-9
 # Holdouts are capped (seeded draw) so the gate's cost stays bounded as the store grows.
 MAX_HOLDOUT = 5_000
+
+
+# -- the plain rules: a candidate against the champion on the old and new holdouts ----------------------
 
 
 @dataclass(frozen=True)

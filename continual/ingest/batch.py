@@ -248,6 +248,17 @@ def _reference(  # Any: JSON
     problem = id_problem(pid)
     if problem:
         errors.append(("prediction_id", problem))
+    errors += _id_label_metadata_errors(item, settings, known)
+    if errors:
+        raise _FieldErrors(errors)
+    return Reference(index, pid, item["label"], item.get("id"), item.get("metadata"))
+
+
+def _id_label_metadata_errors(
+    item: dict[str, Any], settings: Settings, known: Collection[str]
+) -> list[tuple[str, str]]:
+    """What is wrong with the fields every sample has, by value or by reference: id, label, metadata."""
+    errors: list[tuple[str, str]] = []
     sample_id = item.get("id")
     if sample_id is not None and (problem := id_problem(sample_id)):
         errors.append(("id", problem))
@@ -261,9 +272,7 @@ def _reference(  # Any: JSON
         problem := _metadata_problem(meta, settings.ingest.max_metadata_bytes, settings.ingest.max_metadata_depth)
     ):
         errors.append(("metadata", problem))
-    if errors:
-        raise _FieldErrors(errors)
-    return Reference(index, pid, label, sample_id, meta)
+    return errors
 
 
 def _sample(item: Any, settings: Settings, source: str, known: Collection[str]) -> NewSample:  # Any: JSON value
@@ -274,21 +283,7 @@ def _sample(item: Any, settings: Settings, source: str, known: Collection[str]) 
     unknown = sorted(str(k) for k in set(item) - SAMPLE_KEYS)
     for key in unknown:
         errors.append((key, f"unknown field; a sample has {sorted(SAMPLE_KEYS)}"))
-    sample_id = item.get("id")
-    if sample_id is not None:
-        problem = id_problem(sample_id)
-        if problem:
-            errors.append(("id", problem))
-    label = item.get("label")
-    if label is None:
-        errors.append(("label", "missing"))
-    elif problem := label_problem(label, settings.model, known):
-        errors.append(("label", problem))
-    meta = item.get("metadata")
-    if meta is not None:
-        problem = _metadata_problem(meta, settings.ingest.max_metadata_bytes, settings.ingest.max_metadata_depth)
-        if problem:
-            errors.append(("metadata", problem))
+    errors += _id_label_metadata_errors(item, settings, known)
     kind = settings.model.input.kind
     for other in (f for k, f in INPUT_FIELDS.items() if k != kind):
         if other in item:
@@ -303,12 +298,12 @@ def _sample(item: Any, settings: Settings, source: str, known: Collection[str]) 
         errors.append((e.field, e.message))
     if errors or decoded is None:
         raise _FieldErrors(errors)
-    label = str(label)
+    label, sample_id = str(item["label"]), item.get("id")
     return NewSample(
         external_id=sample_id if sample_id is not None else derived_id(label, decoded.kind, decoded.payload),
         label=label,
         kind=decoded.kind,
         payload=decoded.payload,
         source=source,
-        meta=meta,
+        meta=item.get("metadata"),
     )
