@@ -20,6 +20,8 @@ STATES = ("starting", "idle", "checking", "training", "gating", "promoting", "st
 # Bounded reasons for rejected feedback; anything else is counted as "other".
 REJECT_REASONS = ("validation", "conflict", "too_large", "content_type", "malformed", "auth", "unavailable", "other")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Serving transforms whose text counts are tracked: the live model's and the few it replaced.
+_TEXT_TRANSFORMS_KEPT = 3
 _TRAINING_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 # Label delays: seconds (a hook right after the answer) to weeks (a customer's complaint).
 _DELAY_BUCKETS = (1, 10, 60, 300, 900, 3600, 4 * 3600, 86_400, 3 * 86_400, 7 * 86_400, 30 * 86_400)
@@ -129,7 +131,10 @@ class Metrics:
             registry=r,
         )
         self._text_lock = threading.Lock()
-        self._text_seen: tuple[int, int, int] = (0, 0, 0)  # (id of the transform, texts, truncated) mirrored so far
+        # Per serving transform (the newest few; a request still on the previous model after a swap
+        # reports its counts too): (the transform, texts, truncated) mirrored so far. Keyed by id() but
+        # holding the transform, so a freed one's id cannot be reused while its entry is here.
+        self._text_seen: dict[int, tuple[object, int, int]] = {}
         self.predict_latency = Histogram(
             f"{PREFIX}_predict_latency_seconds", "Predict latency per request", buckets=_LATENCY_BUCKETS, registry=r
         )
@@ -265,14 +270,14 @@ class Metrics:
     def mirror_text_stats(self, owner: object, texts: int, truncated: int) -> None:
         """Mirror a serving transform's running counts (a new model's transform starts again from 0)."""
         with self._text_lock:
-            seen_owner, seen_texts, seen_truncated = self._text_seen
-            if seen_owner != id(owner):
-                seen_texts = seen_truncated = 0
+            _, seen_texts, seen_truncated = self._text_seen.pop(id(owner), (owner, 0, 0))
             if texts > seen_texts:
                 self.text_inputs.inc(texts - seen_texts)
             if truncated > seen_truncated:
                 self.text_truncated.inc(truncated - seen_truncated)
-            self._text_seen = (id(owner), max(texts, seen_texts), max(truncated, seen_truncated))
+            self._text_seen[id(owner)] = (owner, max(texts, seen_texts), max(truncated, seen_truncated))
+            while len(self._text_seen) > _TEXT_TRANSFORMS_KEPT:  # the oldest first (insertion order)
+                del self._text_seen[next(iter(self._text_seen))]
 
     def set_text_drift(self, window: str, *, unknown_rate: float, mean_tokens: float) -> None:
         self.drift_text_unknown.labels(window=window).set(unknown_rate)

@@ -226,3 +226,29 @@ def test_a_custom_factory_gets_tokenized_text_batches() -> None:
     assert model.embedding_dim == 16  # found with one forward pass on int64 zeros (all [PAD])
     logits = model(_batch(settings, TEXTS))
     assert logits.shape == (4, 2) and torch.isfinite(logits).all()
+
+
+def test_truncation_metrics_count_each_serving_transform_from_zero() -> None:
+    """A new model's transform starts its counts again; the counters keep rising, never double-count."""
+    from prometheus_client import CollectorRegistry
+
+    from continual.metrics import Metrics
+
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+
+    def totals() -> tuple[float | None, float | None]:
+        return (
+            registry.get_sample_value("continual_text_inputs_total"),
+            registry.get_sample_value("continual_text_truncated_total"),
+        )
+
+    first, second = object(), object()
+    metrics.mirror_text_stats(first, 10, 2)
+    metrics.mirror_text_stats(first, 10, 2)  # nothing new: nothing added
+    metrics.mirror_text_stats(first, 15, 3)
+    assert totals() == (15.0, 3.0)
+    metrics.mirror_text_stats(second, 4, 1)  # the swapped-in model's transform counts from 0
+    assert totals() == (19.0, 4.0)
+    metrics.mirror_text_stats(first, 15, 3)  # a request still on the old model: already counted
+    assert totals() == (19.0, 4.0)
