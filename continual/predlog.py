@@ -273,24 +273,28 @@ class PredictionLog:
             log.exception("prediction log: reporting %s failed", event)
 
     def _records(self, batch: Sequence[_Entry]) -> list[PredictionRecord]:
+        # Per-prediction Python work here is time the request threads wait for the GIL:
+        # keep it to what each row needs (a tuple, a hash, its top-k).
         out = []
+        k, policy, sha256 = self.top_k, self.policy, hashlib.sha256
         for e in batch:
             for pid, answer, inp in zip(e.ids, e.answers, e.inputs, strict=True):
                 payload = inp.payload
-                top = sorted(answer.scores.items(), key=lambda kv: kv[1], reverse=True)[: self.top_k]
+                scores = answer.scores
+                top = sorted(scores, key=scores.__getitem__, reverse=True)[:k]
                 out.append(
                     PredictionRecord(
-                        id=pid,
-                        created_at=e.created_at,
-                        model_version=e.version,
-                        label=answer.label,
-                        confidence=answer.confidence,
-                        scores=dict(top),
-                        kind=inp.kind,
-                        sha256=hashlib.sha256(payload).hexdigest(),
-                        payload=payload if self._keep(payload) else None,
-                        input_policy=self.policy,
-                        distance=answer.distance,
+                        pid,
+                        e.created_at,
+                        e.version,
+                        answer.label,
+                        answer.confidence,
+                        {c: scores[c] for c in top},
+                        inp.kind,
+                        sha256(payload).hexdigest(),
+                        payload if self._keep(payload) else None,
+                        policy,
+                        answer.distance,
                     )
                 )
         return out

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from sqlalchemy import Engine, delete, func, insert, select, update
@@ -27,12 +27,16 @@ from continual.store.schema import accuracy_windows, predictions, samples
 
 # Ids per IN (...) query: well under SQLite's and PostgreSQL's parameter limits.
 _CHUNK = 500
-_RAW = frozenset({"scores"})  # insert_rows: already JSON text
+# The log's insert: one tuple per row in this order; scores already JSON text, floats already floats.
+_COLUMNS = (
+    "id", "created_at", "model_version", "label", "confidence", "distance", "scores",
+    "kind", "sha256", "payload", "input_policy", "true_label", "labeled_at", "sample_id",
+)  # fmt: skip
+_RAW = frozenset({"scores", "confidence", "distance"})
 
 
-@dataclass(frozen=True)
-class PredictionRecord:
-    """One prediction as the log writer stores it."""
+class PredictionRecord(NamedTuple):
+    """One prediction as the log writer stores it (a tuple: the writer makes one per prediction)."""
 
     id: str
     created_at: datetime
@@ -113,27 +117,27 @@ class Predictions:
         if not records:
             return 0
         rows = [
-            {
-                "id": r.id,
-                "created_at": r.created_at,
-                "model_version": r.model_version,
-                "label": r.label,
-                "confidence": float(r.confidence),
-                "distance": None if r.distance is None else float(r.distance),
+            (
+                r.id,
+                r.created_at,
+                r.model_version,
+                r.label,
+                float(r.confidence),
+                None if r.distance is None else float(r.distance),
                 # JSON text made here (orjson): the column type's json.dumps per row costs more than the insert.
-                "scores": None if r.scores is None else orjson.dumps(r.scores).decode(),
-                "kind": r.kind,
-                "sha256": r.sha256,
-                "payload": r.payload,
-                "input_policy": r.input_policy,
-                "true_label": None,
-                "labeled_at": None,
-                "sample_id": None,
-            }
+                None if r.scores is None else orjson.dumps(r.scores).decode(),
+                r.kind,
+                r.sha256,
+                r.payload,
+                r.input_policy,
+                None,  # true_label
+                None,  # labeled_at
+                None,  # sample_id
+            )
             for r in records
         ]
         with write_tx(self.engine) as conn:
-            insert_rows(conn, predictions, rows, raw=_RAW)
+            insert_rows(conn, predictions, rows, columns=_COLUMNS, raw=_RAW)
         return len(rows)
 
     def get_many(self, ids: Sequence[str]) -> dict[str, LoggedPrediction]:
