@@ -32,11 +32,15 @@ rate 1e-3 instead of 3e-3, replay ratio 0.85 instead of 0.5; see the README).
 
 Part 2, on the first shift: the champion predicts 1,000 shifted inputs (logged
 with their top-5 scores); N = 25, 50, 100 of them get labels, chosen by the label
-queue (``continual.learn.labelqueue.next_items``: margin + k-center on the
-champion's embeddings) or at random, then the same update (replay+ewc, with the
-recipe this part was first measured with: ``QUEUE_RECIPE``, lr 3e-3, replay ratio
-0.5). Five seeds (each its own split and champion): mean and spread of the accuracy on the
-shifted holdout. Target: queue beats random by >= 0.02 at N = 50 on average.
+queue (``continual.learn.labelqueue.next_items``) with each strategy — ``typical``
+(the default: one input per k-means cluster of the champion's embeddings, the
+nearest its centre) and ``uncertain`` (smallest margins, thinned by greedy
+k-center) — or at random, then the same update (replay+ewc, with the recipe this
+part was first measured with: ``QUEUE_RECIPE``, lr 3e-3, replay ratio 0.5). Ten
+seeds (each its own split and champion; the issue asks for five, but the effect is
+a few hundredths and the seed-to-seed spread ±0.05): mean and spread of the
+accuracy on the shifted holdout. Target: the queue beats random by >= 0.02 at
+N = 50 on average.
 """
 
 from __future__ import annotations
@@ -96,8 +100,8 @@ TRAINING: dict[str, Any] = {
     "cpu_threads": 2,
 }
 
-# Part 2 keeps the recipe it was first measured with: with part 1's (gentler) one the queue's
-# gain at N = 50 fell from +0.05 to +0.003 (+0.105 at N = 25); the README gives both.
+# Part 2 keeps the recipe it was first measured with (part 1's gentler one moves the model less
+# per label: over five seeds the uncertain queue's gain was +0.105 at N = 25 and +0.003 at N = 50).
 QUEUE_RECIPE: dict[str, Any] = {"learning_rate": 3e-3, "head_learning_rate": 3e-3, "replay_ratio": 0.5}
 
 
@@ -125,7 +129,9 @@ def features(size: int) -> tuple[dict[str, np.ndarray], dict[str, list[_Png]], n
     return out, pngs, y
 
 
-def bench_settings(work: Path, training: dict[str, Any], dim: int, classes: int = 10) -> Settings:
+def bench_settings(
+    work: Path, training: dict[str, Any], dim: int, classes: int = 10, queue: dict[str, Any] | None = None
+) -> Settings:
     return settings_from_dict(
         {
             "service": {"data_dir": str(work)},
@@ -141,6 +147,7 @@ def bench_settings(work: Path, training: dict[str, Any], dim: int, classes: int 
             "training": {**TRAINING, **training},
             "adaptation": {"target": "latest", "target_samples": UNLABELED, "warmup_steps": 10},
             "accuracy": {"calibrate": False},
+            "label_queue": queue or {},
         }
     )
 
@@ -454,17 +461,17 @@ def part2(root: Path, shift_for: Callable[[int], Shift], seeds: list[int]) -> li
         champion, _ = bootstrap(base, s, seed, QUEUE_RECIPE)
         pool = s.unlabeled
         for n in QUEUE_N:
-            for how in ("queue", "random"):
+            for how in ("typical", "uncertain", "random"):
                 work = root / "work"
                 shutil.rmtree(work, ignore_errors=True)
                 shutil.copytree(base, work)
                 recipe = {"strategy": "replay+ewc", "seed": seed, **QUEUE_RECIPE}
-                settings = bench_settings(work, recipe, s.dim, s.classes)
+                settings = bench_settings(work, recipe, s.dim, s.classes, queue={"strategy": how})
                 store = Store.from_settings(settings)
                 registry = Registry(settings.models_dir, store)
                 model = registry.load_model(champion, settings)
                 ids = log_inputs(store, s.tgt_x[pool], model, champion, seed)
-                if how == "queue":
+                if how != "random":
                     items = next_items(store, settings, model, settings.model.input, k=n, device=torch.device("cpu"))
                     chosen = [ids.index(i.candidate.id) for i in items]
                 else:
@@ -480,22 +487,29 @@ def part2(root: Path, shift_for: Callable[[int], Shift], seeds: list[int]) -> li
                 acc.setdefault((how, n), []).append(accuracy(cand, s.tgt_x[s.new_test], s.tgt_y[s.new_test]))
                 store.dispose()
                 print(f"    [{phase} seed {seed} {how} N={n}]", file=sys.stderr, flush=True)
-    lines = [f"label queue vs random on {phase}, {len(seeds)} seeds (accuracy on the shifted holdout, mean ± sd)"]
+    lines = [
+        f"label queue vs random on {phase}, {len(seeds)} seeds (accuracy on the shifted holdout, mean ± sd; "
+        "gain over random)"
+    ]
     for n in QUEUE_N:
-        q, r = np.array(acc["queue", n]), np.array(acc["random", n])
-        lines.append(
-            f"  N={n:<3}  queue {q.mean():.3f} ± {q.std():.3f}   random {r.mean():.3f} ± {r.std():.3f}   "
-            f"gain {q.mean() - r.mean():+.3f}"
-        )
-    gain = np.mean(acc["queue", 50]) - np.mean(acc["random", 50])
-    lines.append(f"  target (queue - random >= 0.02 at N=50): {'MET' if gain >= 0.02 else 'NOT MET'} ({gain:+.3f})")
+        r = np.array(acc["random", n])
+        cells = []
+        for how in ("typical", "uncertain"):
+            q = np.array(acc[how, n])
+            cells.append(f"{how} {q.mean():.3f} ± {q.std():.3f} ({q.mean() - r.mean():+.3f})")
+        lines.append(f"  N={n:<3}  " + "   ".join(cells) + f"   random {r.mean():.3f} ± {r.std():.3f}")
+    gain = np.mean(acc["typical", 50]) - np.mean(acc["random", 50])
+    lines.append(
+        f"  target (the queue, strategy typical, - random >= 0.02 at N=50): "
+        f"{'MET' if gain >= 0.02 else 'NOT MET'} ({gain:+.3f})"
+    )
     return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shifts", default="inverted,transposed")
-    ap.add_argument("--seeds", default="0,1,2,3,4", help="part 2's seeds (part 1's table runs the first)")
+    ap.add_argument("--seeds", default="0,1,2,3,4,5,6,7,8,9", help="part 2's seeds (part 1's table runs the first)")
     ap.add_argument("--target-seeds", default="3,4,5", help="part 1's target: mean over these seeds")
     ap.add_argument("--size", type=int, default=48, help="EfficientNet-Lite0 input size in px")
     ap.add_argument("--no-images", action="store_true", help="skip AdaBN on the images (the slowest part)")

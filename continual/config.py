@@ -387,9 +387,14 @@ class LabelQueueSettings(_Section):
     # A handed-out item is not handed out again for this long (unless labeled, it then comes back).
     lease_seconds: float = Field(600.0, gt=0)
     max_k: int = Field(500, ge=1)
-    # The newest this many unlabeled predictions with a kept input are ranked (uncertainty, then k-center).
+    # The newest this many unlabeled predictions with a kept input are considered.
     candidates: int = Field(5_000, ge=1)
-    # k-center picks among the top (diversity_pool x k) most uncertain candidates.
+    # How k items are picked: "typical" (the newest typical_pool candidates in k clusters of the
+    # champion's embeddings, the one nearest each centre) or "uncertain" (the diversity_pool x k
+    # smallest margins, thinned by greedy k-center). Either way handed out most uncertain first.
+    strategy: Literal["typical", "uncertain"] = "typical"
+    # Embedded by the champion on every request: this bounds a request's cost.
+    typical_pool: int = Field(1_000, ge=1)
     diversity_pool: int = Field(4, ge=1)
 
 

@@ -1,4 +1,4 @@
-"""The label queue: ranking by margin, k-center diversity, leases (disjoint, expiring), the CLI export."""
+"""The label queue: ranking by margin, typical picks per cluster, k-center diversity, leases, the CLI export."""
 
 from __future__ import annotations
 
@@ -16,7 +16,18 @@ import torch
 from learnutil import make_settings
 
 from continual.cli import main
-from continual.learn.labelqueue import BadQueueRequest, QueueItem, item_json, k_center, margin, next_items, rank
+from continual.learn.labelqueue import (
+    BadQueueRequest,
+    QueueItem,
+    item_json,
+    k_center,
+    k_means,
+    margin,
+    next_items,
+    rank,
+    typical,
+)
+from continual.models import Classifier
 from continual.predlog import new_prediction_id
 from continual.store import NewSample, PredictionRecord, Store
 from continual.store.labelqueue import QueueCandidate
@@ -48,6 +59,61 @@ def test_rank_takes_the_uncertain_and_spreads_them_out() -> None:
     assert rank(margins, None, 5, pool=2) == [0, 1, 2, 3, 4]  # uncertainty alone: five copies of one input
     # The pool is the 2 x 5 most uncertain (the two confident ones stay out); k-center spreads the picks.
     assert rank(margins, emb, 5, pool=2) == [0, 6, 7, 8, 9]
+
+
+def _blobs(rng: np.random.Generator, centres: list[list[float]], per: int, spread: float = 0.1) -> np.ndarray:
+    return np.concatenate([np.asarray(c) + spread * rng.normal(size=(per, len(c))) for c in centres])
+
+
+def test_k_means_finds_separated_clusters_the_same_way_every_time() -> None:
+    x = _blobs(np.random.default_rng(0), [[0, 0], [10, 0], [0, 10]], per=30)
+    assign, centres = k_means(x, 3)
+    assert sorted(np.bincount(assign).tolist()) == [30, 30, 30]
+    assert all(len(set(assign[i : i + 30].tolist())) == 1 for i in (0, 30, 60))  # each blob is one cluster
+    assert np.allclose(sorted(centres.round().tolist()), [[0, 0], [0, 10], [10, 0]])
+    again, _ = k_means(x, 3)
+    assert (again == assign).all()
+    with pytest.raises(ValueError, match="k must be between 1 and the 90 rows"):
+        k_means(x, 91)
+
+
+def test_typical_takes_the_central_input_of_each_cluster_most_uncertain_first() -> None:
+    # Three kinds of input, each a centre with eight inputs on a ring around it, and one odd input.
+    ring = [[np.cos(a), np.sin(a)] for a in np.arange(8) * np.pi / 4]
+    x = np.array([p for c in ([0, 0], [10, 0], [0, 10]) for p in [c, *(np.add(c, r) for r in ring)]] + [[3, 3]])
+    margins = np.linspace(0.2, 0.9, len(x))
+    margins[27] = 0.01  # the odd input is the most uncertain of all, and typical of nothing
+    margins[[0, 9, 18]] = [0.5, 0.3, 0.4]
+    assert typical(margins, x, 3) == [9, 18, 0]  # one per cluster, its centre, in margin order
+    assert typical(margins[:2], x[:2], 3) == [1, 0]  # no more rows than k: all of them, by margin
+
+
+def test_a_queue_with_a_model_picks_by_its_strategy(store: Store, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # 3 kinds of input (blobs in the first two of 64 dims), 20 each; the champion embeds them as they are.
+    rng = np.random.default_rng(2)
+    x = np.zeros((60, 64), dtype="<f4")
+    x[:, :2] = _blobs(rng, [[0, 0], [10, 0], [0, 10]], per=20)
+    margins = rng.uniform(0.3, 0.9, size=60)
+    margins[:8] = np.linspace(0.01, 0.08, 8)  # the eight most uncertain are all of the first kind
+    records = []
+    for i in range(60):
+        payload = x[i].tobytes()
+        top = float((1 + margins[i]) / 2)  # two classes: margin = top - (1 - top)
+        records.append(
+            PredictionRecord(
+                id=new_prediction_id(1_790_000_000.0 + i / 1000), created_at=NOW, model_version="v1", label="0",
+                confidence=top, scores={"0": top, "1": 1 - top}, kind="vector",
+                sha256=hashlib.sha256(payload).hexdigest(), payload=payload, input_policy="all",
+            )
+        )  # fmt: skip
+    store.predictions.insert(records)
+    champion = Classifier(torch.nn.Identity(), torch.nn.Linear(64, 2), ["0", "1"], architecture="mlp")
+    kind = {r.id: i // 20 for i, r in enumerate(records)}
+    for strategy, kinds in (("typical", [0, 1, 2]), ("uncertain", [0, 0, 0])):
+        settings = _settings(tmp_path, store, strategy=strategy, diversity_pool=2)
+        got = next_items(store, settings, champion, settings.model.input, k=3, device=CPU, holder=strategy, now=NOW)
+        assert sorted(kind[i.candidate.id] for i in got) == kinds, strategy
+        assert [i.margin for i in got] == sorted(i.margin for i in got)  # most uncertain first
 
 
 def _log(store: Store, n: int, *, start: float = 1_790_000_000.0, seed: int = 0, keep: bool = True) -> list[str]:

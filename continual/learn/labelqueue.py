@@ -1,12 +1,22 @@
-"""What to label next: the most uncertain logged predictions, spread out over the embedding space.
+"""What to label next: unlabeled logged predictions a label would help most, spread over the embedding space.
 
-Uncertainty is the *margin* between the two highest calibrated scores the
-prediction was served with (small margin: the model hesitated between two
-classes). The ``[label_queue] diversity_pool`` x k most uncertain candidates are
-then thinned to k by greedy k-center on the champion's embeddings: the most
-uncertain first, then each time the candidate farthest from everything picked —
-twenty near-copies of one confusing input teach less than twenty different ones.
-Picked items are leased (``store.label_queue``) so two labelers get disjoint items.
+Two strategies (``[label_queue] strategy``):
+
+- ``"typical"`` (default): the newest ``typical_pool`` candidates are clustered into k
+  groups by k-means on the champion's embeddings, and from each group the candidate
+  nearest its centre is picked — k inputs that together look like the traffic, one
+  per kind of input, rather than its odd corners. With few labels this teaches a
+  model most (``bench/adapt.py``: over 20 seeds it beat random picks by +0.03 at
+  N = 50, where ``"uncertain"`` did not).
+- ``"uncertain"``: the ``diversity_pool`` x k candidates with the smallest *margin*
+  (the gap between the two highest calibrated scores they were served with: the model
+  hesitated between two classes), thinned to k by greedy k-center: the most uncertain
+  first, then each time the candidate farthest from everything picked.
+
+Either way the items come out most uncertain first, and twenty near-copies of one
+input are never handed out together. Without a model to embed with (a process
+serving none), the queue ranks by margin alone. Picked items are leased
+(``store.label_queue``) so two labelers get disjoint items.
 """
 
 from __future__ import annotations
@@ -77,6 +87,61 @@ def rank(margins: np.ndarray, emb: np.ndarray | None, k: int, pool: int) -> list
     return [int(order[i]) for i in k_center(emb[order], k, first=0)]
 
 
+def k_means(emb: np.ndarray, k: int, *, seed: int = 0, iterations: int = 25) -> tuple[np.ndarray, np.ndarray]:
+    """(cluster of each row, the k centres): k-means++ seeding from a fixed seed, then Lloyd's iterations.
+
+    Distances by ``|x|^2 - 2 x.c + |c|^2``, so memory is rows x k, not rows x k x dims.
+    """
+    x = np.asarray(emb, dtype=np.float64).reshape(len(emb), -1)
+    n = len(x)
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be between 1 and the {n} rows, got {k}")
+    rng = np.random.default_rng(seed)
+    first = int(rng.integers(n))
+    centres = [x[first]]
+    d2 = ((x - x[first]) ** 2).sum(1)
+    for _ in range(1, k):
+        total = d2.sum()
+        i = int(rng.choice(n, p=d2 / total)) if total > 0 else int(rng.integers(n))
+        centres.append(x[i])
+        d2 = np.minimum(d2, ((x - x[i]) ** 2).sum(1))
+    c = np.stack(centres)
+    sq = (x * x).sum(1)[:, None]
+    assign = np.zeros(n, dtype=np.int64)
+    for _ in range(iterations):
+        assign = (sq - 2.0 * x @ c.T + (c * c).sum(1)[None, :]).argmin(1)
+        moved = c.copy()
+        for j in range(k):
+            members = assign == j
+            if members.any():
+                moved[j] = x[members].mean(0)
+        if np.allclose(moved, c):
+            break
+        c = moved
+    return assign, c
+
+
+def typical(margins: np.ndarray, emb: np.ndarray, k: int) -> list[int]:
+    """The k picks: one per k-means cluster of ``emb``, the row nearest its centre; most uncertain first.
+
+    A cluster left empty gives its place to the most uncertain rows not picked.
+    """
+    n = len(emb)
+    if n <= k:
+        picks = list(range(n))
+    else:
+        assign, centres = k_means(emb, k)
+        x = np.asarray(emb, dtype=np.float64).reshape(n, -1)
+        picks = []
+        for j in range(k):
+            members = np.flatnonzero(assign == j)
+            if len(members):
+                picks.append(int(members[np.argmin(((x[members] - centres[j]) ** 2).sum(1))]))
+        taken = set(picks)
+        picks += [int(i) for i in np.argsort(margins, kind="stable") if int(i) not in taken][: k - len(picks)]
+    return sorted(picks, key=lambda i: (margins[i], i))
+
+
 def check_k(k: int, settings: Settings) -> None:
     top = settings.label_queue.max_k
     if not 1 <= k <= top:
@@ -96,13 +161,14 @@ def next_items(
 ) -> list[QueueItem]:
     """Up to ``k`` unlabeled logged predictions most worth a label, leased to ``holder``.
 
-    ``model`` (the champion) embeds the pool for k-center; without one the queue
-    ranks by margin alone.
+    ``model`` (the champion) embeds the pool (see the module docstring for the two
+    strategies); without one the queue ranks by margin alone.
     """
     check_k(k, settings)
     q = settings.label_queue
     now = now or datetime.now(UTC)
     until = now + timedelta(seconds=q.lease_seconds)
+    by_typicality = q.strategy == "typical" and model is not None
     items: list[QueueItem] = []
     for _ in range(ROUNDS):
         want = k - len(items)
@@ -110,14 +176,21 @@ def next_items(
         if not cands:
             break
         m = np.array([margin(c.scores, c.confidence) for c in cands])
-        pool = np.argsort(m, kind="stable")[: q.diversity_pool * want]
+        if by_typicality:
+            pool = np.arange(min(len(cands), max(q.typical_pool, want)))  # the newest: what traffic looks like now
+        else:
+            pool = np.argsort(m, kind="stable")[: q.diversity_pool * want]
         emb = None
         if model is not None and len(pool) > want:
             emb = embed_rows(
                 model, [cands[int(i)] for i in pool], spec=spec, device=device,
                 max_pixels=settings.ingest.max_image_pixels,
             )  # fmt: skip
-        picks = [int(pool[i]) for i in rank(m[pool], emb, want, q.diversity_pool)]
+        if emb is not None and by_typicality:
+            chosen = typical(m[pool], emb, want)
+        else:
+            chosen = rank(m[pool], emb, want, q.diversity_pool)
+        picks = sorted((int(pool[i]) for i in chosen), key=lambda i: (m[i], i))  # handed out most uncertain first
         got = set(
             store.label_queue.lease([cands[i].id for i in picks], now=now, seconds=q.lease_seconds, holder=holder)
         )
