@@ -466,7 +466,8 @@ def part2(root: Path, shift_for: Callable[[int], Shift], seeds: list[int]) -> li
                 shutil.rmtree(work, ignore_errors=True)
                 shutil.copytree(base, work)
                 recipe = {"strategy": "replay+ewc", "seed": seed, **QUEUE_RECIPE}
-                settings = bench_settings(work, recipe, s.dim, s.classes, queue={"strategy": how})
+                queue = {"strategy": how} if how != "random" else None
+                settings = bench_settings(work, recipe, s.dim, s.classes, queue=queue)
                 store = Store.from_settings(settings)
                 registry = Registry(settings.models_dir, store)
                 model = registry.load_model(champion, settings)
