@@ -144,3 +144,22 @@ def test_labels_arriving_concurrently_with_inputs_of_the_same_ids_are_one_sample
     result = store.insert([by_reference(pid, "3"), by_reference(pid, "3")])
     assert (result.accepted, result.duplicates, len(result.labeled)) == (1, 1, 1)
     assert np.frombuffer(store.get_samples([1])[0].payload, "<f4").shape == (64,)
+
+
+def test_tuple_rows_go_in_by_column_name_whatever_their_order(store: Store) -> None:
+    from continual.store.bulk import insert_rows
+    from continual.store.engine import write_tx
+
+    names = tuple(reversed([c.name for c in predictions.c]))  # not the table's order
+    row = dict(id=ids(1)[0], created_at=T0, model_version="v1", label="3", confidence=0.5, distance=None,
+               scores=None, kind="vector", sha256="ab" * 32, payload=None, input_policy="none",
+               true_label=None, labeled_at=None, sample_id=None)  # fmt: skip
+    with write_tx(store.engine) as conn:
+        insert_rows(conn, predictions, [tuple(row[n] for n in names)], columns=names)
+    got = store.predictions.get_many([row["id"]])[row["id"]]
+    assert (got.created_at, got.label, got.confidence, got.input_policy) == (T0, "3", 0.5, "none")
+    with (
+        pytest.raises(ValueError, match="insert into predictions: no value for column"),
+        write_tx(store.engine) as conn,
+    ):
+        insert_rows(conn, predictions, [tuple(row[n] for n in names[1:])], columns=names[1:])

@@ -40,6 +40,9 @@ def insert_rows(
     if columns is None:
         values = [[row[n] for n in names] for row in rows]  # type: ignore[call-overload]
     else:
+        missing = [n for n in names if n not in columns]
+        if missing:
+            raise ValueError(f"insert into {table.name}: no value for column(s) {', '.join(missing)}")
         index = [columns.index(n) for n in names]
         same_order = index == list(range(len(columns)))
         values = [list(row) if same_order else [row[i] for i in index] for row in rows]
