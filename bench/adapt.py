@@ -1,6 +1,7 @@
-"""Learning from unlabeled traffic, through the engine: domain adaptation and the label queue on shifted digits.
+"""Learning from unlabeled traffic, through the engine: domain adaptation and the label queue on shifted inputs.
 
-    PYTHONPATH=. .venv/bin/python bench/adapt.py [--shifts inverted,transposed] [--seeds 0,1,2,3,4] [--size 48]
+    PYTHONPATH=. .venv/bin/python bench/adapt.py [--shifts inverted,transposed] [--seeds 0,...,9]
+        [--target-seeds 3,4,5] [--size 48] [--no-images] [--no-text]
 
 Inputs: the digits (``continual.demo.digits``) as PNGs, embedded once by the frozen
 ImageNet EfficientNet-Lite0 at ``--size`` px (small, so it runs on two CPU cores),
@@ -10,7 +11,14 @@ comes from the service's own code path: samples go into a store (``Store.insert`
 unlabeled traffic into the prediction log (``store.predictions.insert``: 1,000
 shifted inputs, what serving would log), each update is a run through the worker's
 function (``execute_run``: target data from the log → AdaBN/DANN → the loop →
-registry), and the candidate is evaluated on held-out digits.
+registry), and the candidate is evaluated on held-out digits. The text shift
+(``--no-text`` skips it; it needs this machine's apt lists): Debian package
+descriptions (``continual.demo.debian``), the 8 sections as classes, application
+packages as the source domain and support packages (libraries, bindings, -dev,
+-data, -doc) as the shift, each embedded once by the frozen all-MiniLM-L6-v2
+(``bench/classes_text.py``) and fed as 384-d vectors to the same MLP; the archive
+has ~1,100 support packages in these sections, so 300 are held out, 200 to label
+and the rest (639) the unlabeled traffic.
 
 Part 1, per shift: a champion bootstrapped on 900 original digits; an update with
 N = 0, 20, 50, 200 labeled shifted samples (stored as feedback: the store's
