@@ -225,3 +225,15 @@ def test_an_item_carries_its_input_as_predict_takes_it(kind: str, payload: bytes
     assert out[field] == value
     assert {"x", "image", "text"} - {field} == {"x", "image", "text"} - set(out)
     assert "text" not in item_json(QueueItem(c, 0.2, NOW), with_input=False)
+
+
+def test_leases_are_timed_by_the_database_clock(store: Store, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    _log(store, 10)
+    settings = _settings(tmp_path, store)
+    before = store.label_queue.clock()
+    assert before.tzinfo is not None and abs(before - datetime.now(UTC)) < timedelta(minutes=1)  # same host here
+    got = next_items(store, settings, None, settings.model.input, k=3, device=CPU, holder="a")
+    after = store.label_queue.clock()
+    assert len(got) == 3 and all(before <= i.leased_until - timedelta(seconds=60) <= after for i in got)
+    assert store.label_queue.active(now=after) == 3
+    assert store.label_queue.active(now=after + timedelta(seconds=61)) == 0

@@ -24,7 +24,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import numpy as np
 import torch
@@ -162,11 +162,12 @@ def next_items(
     """Up to ``k`` unlabeled logged predictions most worth a label, leased to ``holder``.
 
     ``model`` (the champion) embeds the pool (see the module docstring for the two
-    strategies); without one the queue ranks by margin alone.
+    strategies); without one the queue ranks by margin alone. Leases are timed by the
+    database's clock (``now``, for tests, replaces it).
     """
     check_k(k, settings)
     q = settings.label_queue
-    now = now or datetime.now(UTC)
+    now = now or store.label_queue.clock()
     until = now + timedelta(seconds=q.lease_seconds)
     by_typicality = q.strategy == "typical" and model is not None
     items: list[QueueItem] = []

@@ -21,6 +21,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from continual.store.engine import read_tx, write_tx
+from continual.store.lease import db_clock
 from continual.store.schema import label_leases, predictions
 
 
@@ -79,6 +80,15 @@ class LabelQueue:
             )
             for r in rows
         ]  # fmt: skip
+
+    def clock(self) -> datetime:
+        """The database's current time (UTC). Leases are timed by it, as the trainer's lease is: API
+        processes on hosts whose clocks disagree still agree on when an item comes back."""
+        with read_tx(self.engine) as conn:
+            value = conn.execute(select(db_clock(conn))).scalar_one()
+        if isinstance(value, str):  # SQLite: text in the form its DateTime columns use
+            value = datetime.strptime(value, "%Y-%m-%d %H:%M:%S.%f")
+        return _utc(value)
 
     def lease(self, ids: Sequence[str], *, now: datetime, seconds: float, holder: str = "") -> list[str]:
         """Lease the free ones among ``ids`` until ``now + seconds``; returns those leased, in the given order."""

@@ -21,7 +21,7 @@ from continual.store.schema import leases
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def _clock(conn: Connection, seconds: float = 0.0) -> ColumnElement[datetime]:
+def db_clock(conn: Connection, seconds: float = 0.0) -> ColumnElement[datetime]:
     """The database's current time, plus ``seconds``."""
     if conn.dialect.name == "sqlite":
         # The format SQLAlchemy stores DateTime in on SQLite (UTC, fractional seconds): comparable as text.
@@ -46,8 +46,8 @@ class Leases:
             raise ValueError(f"ttl_seconds must be > 0, got {ttl_seconds}")
         try:
             with write_tx(self.engine) as conn:
-                current = _clock(conn) if now is None else literal(now)
-                expires = _clock(conn, ttl_seconds) if now is None else literal(now + timedelta(seconds=ttl_seconds))
+                current = db_clock(conn) if now is None else literal(now)
+                expires = db_clock(conn, ttl_seconds) if now is None else literal(now + timedelta(seconds=ttl_seconds))
                 taken = conn.execute(
                     update(leases)
                     .where(leases.c.name == name, or_(leases.c.holder == holder, leases.c.expires_at < current))
@@ -71,7 +71,7 @@ class Leases:
     def holder_of(self, name: str, *, now: datetime | None = None) -> str | None:
         """The current holder, or None when free or expired."""
         with read_tx(self.engine) as conn:
-            current = _clock(conn) if now is None else literal(now)
+            current = db_clock(conn) if now is None else literal(now)
             return conn.execute(
                 select(leases.c.holder).where(leases.c.name == name, leases.c.expires_at >= current)
             ).scalar_one_or_none()
