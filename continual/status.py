@@ -50,6 +50,10 @@ def collect_status(settings: Settings, store: Store, extra: dict[str, Any] | Non
         "last_decision": store.records.last_decision(),
         "training_backoff": _backoff(settings, store),
         "accuracy": accuracy_status(settings, store, champion.version if champion else None, store.count(after=cutoff)),
+        "label_queue": {
+            "strategy": settings.label_queue.strategy,
+            "leased": store.label_queue.active(now=store.label_queue.clock()),
+        },
     }
     status.update(extra or {})
     return status
@@ -220,6 +224,9 @@ def format_status(status: dict[str, Any]) -> str:
     dec = status["last_decision"]
     if dec:
         lines.append(f"last decision: {dec['outcome']} {dec['candidate']} (rule {dec['rule']}): {dec['reasons']}")
+    queue = status.get("label_queue")
+    if queue:
+        lines.append(f"label queue ({queue['strategy']}): {queue['leased']} items leased to labelers now")
     if status.get("accuracy"):
         lines.extend(format_accuracy(status["accuracy"]))
     return "\n".join(lines)

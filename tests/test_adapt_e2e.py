@@ -98,6 +98,8 @@ def test_queue_then_labels_then_a_run_that_adapts_on_logged_inputs(server: Serve
         assert item["label"] in [str(c) for c in range(10)] and item["leased_until"]
         metrics = httpx.get(server.url + "/metrics").text
         assert "continual_label_queue_items_total 20.0" in metrics
+        status = httpx.get(server.url + "/v1/status", headers=H, timeout=30).json()
+        assert status["label_queue"] == {"strategy": "typical", "leased": 20}, status.get("label_queue")
 
         # Labels come back by prediction id; those inputs become samples (some land in the holdout).
         labeled = a[:6]
