@@ -10,7 +10,7 @@ Reading order: one class per ``config.toml`` table, in the file's order ([servic
 [training] with the text recipe's defaults, [adaptation], [label_queue], [gate],
 [serving], [retention], [accuracy]); then :class:`Settings`, which joins them and
 checks rules that span tables; then loading (:func:`load_settings`, env overrides,
-error messages).
+error messages). Each part starts at a ``# --`` heading.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ class ConfigError(ValueError):
     """A configuration file or override that cannot be used."""
 
 
+# -- the tables: one class per config.toml table, in the file's order ----------------------------------------
 def _check_device(v: str) -> str:
     if v not in ("auto", "cpu") and not v.startswith("cuda"):
         raise ValueError("must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
@@ -468,6 +469,7 @@ class AccuracySettings(_Section):
     calibrate: bool = True
 
 
+# -- Settings: the tables joined, and the rules that span them -----------------------------------------------
 class Settings(_Section):
     service: ServiceSettings = ServiceSettings()
     auth: AuthSettings = AuthSettings()
@@ -515,6 +517,7 @@ class Settings(_Section):
         return frozenset(t for t in tokens if t)
 
 
+# -- loading: the file, CONTINUAL_* overrides, error messages ------------------------------------------------
 def read_secret_file(path: str) -> str:
     """Read a secret, trying ``$CREDENTIALS_DIRECTORY/<path>`` first for relative paths."""
     p = Path(path)

@@ -185,8 +185,8 @@ class TextTransform:
         return out
 
     def _count(self, ids: list[int], *, truncated: bool) -> None:
-        s = self._stats
-        with self._lock:
+        with self._lock:  # read and replace together: two request threads must not both add to one old value
+            s = self._stats
             self._stats = TokenStats(
                 s.texts + 1,
                 s.tokens + max(0, len(ids) - 2),
