@@ -228,6 +228,8 @@ def test_an_item_carries_its_input_as_predict_takes_it(kind: str, payload: bytes
 
 
 def test_leases_are_timed_by_the_database_clock(store: Store, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # The database and this process share a host here, so this shows the queue reads the database's clock
+    # (parsed on both databases) and times leases by it; skew between hosts cannot be staged without a mock.
     _log(store, 10)
     settings = _settings(tmp_path, store)
     before = store.label_queue.clock()

@@ -27,7 +27,7 @@ from continual.ingest.reference import REFERENCE_KEYS, PredictionLookup, Referen
 from continual.store import ClassLimit, NewSample
 
 _BAD_ID_CHARS = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
-SAMPLE_KEYS = frozenset({"id", "label", "x", "image", "text", "metadata"})
+SAMPLE_KEYS = frozenset({"id", "label", "metadata", *INPUT_FIELDS.values()})
 MAX_ID_LENGTH = 255
 
 
@@ -242,7 +242,7 @@ def _reference(  # Any: JSON
     """A by-reference sample's own fields, checked before any lookup."""
     errors: list[tuple[str, str]] = []
     for key in sorted(str(k) for k in set(item) - REFERENCE_KEYS):
-        hint = "a sample by prediction id carries no input" if key in ("x", "image", "text") else "unknown field"
+        hint = "a sample by prediction id carries no input" if key in INPUT_FIELDS.values() else "unknown field"
         errors.append((key, f"{hint}; a sample by reference has {sorted(REFERENCE_KEYS)}"))
     pid = item.get("prediction_id")
     problem = id_problem(pid)
