@@ -337,6 +337,9 @@ class TrainingSettings(_Section):
     distill_temperature: float = Field(2.0, gt=0)
     # Fit a scale and shift of the new classes' logits on the validation slice and fold it into the head.
     bias_correction: bool = True
+    # Every class the same share of each batch: the replayed share becomes the old classes' share of the
+    # class list (7 old of 10: 0.7) instead of replay_ratio. false: replay_ratio as in any other run.
+    class_balanced_batches: bool = True
     # The first share of the run's optimizer steps ramps every LR linearly from 0 (0: no ramp).
     lr_warmup_fraction: float = Field(0.0, ge=0, lt=1)
     # AdamW/SGD weight decay on LayerNorm/BatchNorm weights and biases too (false: matrices only).

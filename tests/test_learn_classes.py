@@ -153,6 +153,7 @@ def test_a_run_with_a_new_class_grows_the_head(store: Store, tmp_path: Path) -> 
     assert waiting["status"] == "succeeded", waiting["error"]
     assert registry.manifest(waiting["candidate_version"]).classes == ("0", "1", "2")
     assert waiting["metrics"]["classes"]["waiting"] == ["3"] and waiting["metrics"]["skipped_unknown_labels"] > 0
+    assert waiting["metrics"]["replay_ratio"] == s.training.replay_ratio  # no class added: the configured mix
 
     _digits(store, [3], "c", start=20, stop=160)
     _digits(store, [0, 1, 2], "d", start=450, stop=500)
@@ -164,6 +165,8 @@ def test_a_run_with_a_new_class_grows_the_head(store: Store, tmp_path: Path) -> 
     got = row["metrics"]["classes"]
     assert got["added"] == ["3"] and got["head_init"] == "imprint" and got["imprint_samples"]["3"] > 50
     assert got["bias_correction"]["alpha"] > 0
+    # Three old classes and one new: each class a quarter of every batch, so the replayed share is 3/4.
+    assert row["metrics"]["replay_ratio"] == 0.75
     # Every sample of the new class trains, also the 20 stored before the parent's cutoff.
     n3 = store.count(label="3", split="train")
     assert row["metrics"]["new_samples"] + row["metrics"]["validation_samples"] >= n3

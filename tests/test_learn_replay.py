@@ -7,8 +7,11 @@ from testkit import digit_arrays
 
 from continual.learn.data import NothingToTrain, plan_run_data
 from continual.learn.replay import (
+    MIN_OLD_VALIDATION,
     MixedBatchSampler,
+    balanced_replay_ratio,
     class_balance,
+    draw_old_validation,
     draw_replay,
     in_validation,
     replay_per_batch,
@@ -117,6 +120,63 @@ def test_run_data_never_contains_holdout_and_splits_old_from_new(store, tmp_path
     assert len(plan_run_data(store, naive, parent_cutoff=cutoff, data_cutoff=store.max_seq(), seed=0).replay) == 0
     with pytest.raises(NothingToTrain, match="nothing to train"):
         plan_run_data(store, naive, parent_cutoff=store.max_seq(), data_cutoff=store.max_seq(), seed=0)
+
+
+def test_a_run_that_adds_classes_validates_every_old_class_beyond_the_replay_draw(store, tmp_path) -> None:
+    # Digits 0-4 before the parent's cutoff, digits 5-6 after it; a 50-sample buffer holds ~10 per old class,
+    # so its own share of the validation slice is about one sample a class.
+    x, y = digit_arrays()
+    old, new = np.isin(y, [0, 1, 2, 3, 4]), np.isin(y, [5, 6])
+    fill(store, x[old], y[old], "old")
+    cutoff = store.max_seq()
+    fill(store, x[new], y[new], "new")
+    settings = make_settings(tmp_path, store.url, strategy="replay", replay_buffer=50, validation_fraction=0.1)
+    classes = [str(c) for c in range(7)]
+    kw = {"parent_cutoff": cutoff, "data_cutoff": store.max_seq(), "seed": 0, "classes": classes}
+    data = plan_run_data(store, settings, **kw, added=["5", "6"])
+    same_classes = plan_run_data(store, settings, **kw)  # the same rows, no class added: the replay draw's share
+    rows = {r.seq: r for r in store.get_samples(np.concatenate([data.new, data.replay, data.validation]))}
+    assert all(r.split == "train" for r in rows.values())
+    assert all(in_validation(rows[s].external_id, 0.1) for s in data.validation)
+    assert not set(data.validation.tolist()) & set(np.concatenate([data.new, data.replay]).tolist())
+    # Training is untouched: the same new samples and the same replay draw.
+    assert np.array_equal(data.new, same_classes.new) and np.array_equal(data.replay, same_classes.replay)
+    for c in range(5):
+        available = sum(
+            1 for _, i, label in store.train_index(upto=cutoff) if label == str(c) and in_validation(i, 0.1)
+        )
+        got = int(np.sum(data.validation_labels == c))
+        assert got == min(available, MIN_OLD_VALIDATION), (c, got, available)
+        assert got > int(np.sum(same_classes.validation_labels == c))
+    # The new classes' validation samples are all theirs, as before.
+    for c in (5, 6):
+        assert np.sum(data.validation_labels == c) == np.sum(same_classes.validation_labels == c) > 0
+
+
+def test_old_validation_draw_takes_only_the_slice_and_its_cap(store) -> None:
+    rows = [NewSample(f"{lab}{i}", lab, "vector", _vec(i)) for lab in "abc" for i in range(400)]
+    store.insert(rows)
+    cutoff = store.max_seq()
+    store.insert([NewSample(f"late{i}", "a", "vector", _vec(i)) for i in range(400)])
+    got = draw_old_validation(store, 15, cutoff=cutoff, labels=["a", "b"], fraction=0.1, seed=2)
+    assert [r[0] for r in got] == sorted(r[0] for r in got)
+    assert all(seq <= cutoff and in_validation(i, 0.1) for seq, i, _ in got)
+    assert {lab: sum(r[2] == lab for r in got) for lab in "abc"} == {"a": 15, "b": 15, "c": 0}
+    assert got == draw_old_validation(store, 15, cutoff=cutoff, labels=["a", "b"], fraction=0.1, seed=2)
+    assert draw_old_validation(store, 15, cutoff=cutoff, labels=["a"], fraction=0.0, seed=2) == []
+    assert draw_old_validation(store, 0, cutoff=cutoff, labels=["a"], fraction=0.1, seed=2) == []
+    assert draw_old_validation(store, 15, cutoff=0, labels=["a"], fraction=0.1, seed=2) == []
+    with pytest.raises(ValueError, match="per_class must be >= 0, got -1"):
+        draw_old_validation(store, -1, cutoff=cutoff, labels=["a"], fraction=0.1, seed=2)
+
+
+def test_balanced_replay_ratio_gives_each_class_the_same_share() -> None:
+    assert balanced_replay_ratio(5, 7) == pytest.approx(5 / 7)
+    # Seven old and three new classes in a batch of 30: 21 replayed, 3 per class old and new alike.
+    assert replay_per_batch(30, balanced_replay_ratio(7, 10), n_replay=400) == 21
+    for bad in ((0, 3), (3, 3), (4, 3)):
+        with pytest.raises(ValueError, match="need 1 <= n_old_classes < n_classes"):
+            balanced_replay_ratio(*bad)
 
 
 def test_unknown_labels_are_skipped_not_fatal(store, tmp_path) -> None:

@@ -38,7 +38,7 @@ from continual.learn.data import (
 )
 from continual.learn.dist import Dist, cpu_threads, pick_device
 from continual.learn.ewc import EwcTerm, combine_fisher, fisher_diagonal
-from continual.learn.replay import MixedBatchSampler, uses_ewc
+from continual.learn.replay import MixedBatchSampler, balanced_replay_ratio, uses_ewc
 from continual.learn.target import prepare_adaptation
 from continual.learn.train import TrainResult, accuracy_on, train
 from continual.models import Classifier, build_model
@@ -144,8 +144,13 @@ def build_candidate(
     net, train_ds, val_ds, cache_info = _datasets(store, settings, model, data, device, cache, progress)
     cache_info["data_seconds"] = round(time.perf_counter() - data_start, 3)
     cache_info["data_cpu_seconds"] = round(time.process_time() - data_cpu, 3)
+    replay_ratio = t.replay_ratio
+    if parent_model is not None and plan.added and t.class_balanced_batches:
+        # Each class the same share of a batch: new classes would otherwise pull harder on the shared
+        # features than each old one, and the old classes that resemble them lose their samples to them.
+        replay_ratio = balanced_replay_ratio(len(plan.base), len(plan.classes))
     sampler = MixedBatchSampler(
-        n_new=len(data.new), n_replay=len(data.replay), batch_size=t.batch_size, replay_ratio=t.replay_ratio,
+        n_new=len(data.new), n_replay=len(data.replay), batch_size=t.batch_size, replay_ratio=replay_ratio,
         seed=seed, rank=dist.rank, world_size=dist.world_size,
     )  # fmt: skip
     pin = device.type == "cuda"
@@ -193,6 +198,7 @@ def build_candidate(
 
     metrics = _metrics(result, data, settings, seed=seed, fisher_n=fisher_n, cache_info=cache_info)
     metrics["classes"] = {"added": list(plan.added), "waiting": list(plan.waiting), **growth}
+    metrics["replay_ratio"] = round(sampler.replay_ratio, 6)
     metrics["adaptation"] = adapt.info
     should_stop()  # a SIGTERM before the write: nothing is written (every rank asks: it is a collective)
     if not dist.is_main:

@@ -6,6 +6,7 @@ the dataset fetches a batch's payloads in one query when the DataLoader asks.
 
 from __future__ import annotations
 
+import math
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -17,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from continual.config import DEFAULT_MAX_IMAGE_PIXELS, InputSettings, Settings
-from continual.learn.replay import draw_replay, in_validation, uses_replay
+from continual.learn.replay import MIN_OLD_VALIDATION, draw_old_validation, draw_replay, in_validation, uses_replay
 from continual.models import make_transform
 from continual.models.transforms import BadSample, StoredInput, transform_stored
 from continual.store import Store
@@ -88,7 +89,9 @@ def plan_run_data(
     ``classes``: the run's class list (default ``[model] classes``); samples of
     other labels are skipped. A class in ``added`` (new to the parent) counts
     all its samples as new, also those stored before ``parent_cutoff`` (they
-    waited there until the class was ready).
+    waited there until the class was ready), and every old class gets up to as
+    many validation samples as a new class has (at least ``MIN_OLD_VALIDATION``)
+    from the old data's validation slice (:func:`draw_old_validation`).
     """
     t = settings.training
     class_index = {c: i for i, c in enumerate(settings.model.classes if classes is None else classes)}
@@ -101,6 +104,19 @@ def plan_run_data(
         drawn = draw_replay(store, t.replay_buffer, cutoff=parent_cutoff, seed=seed + parent_cutoff)
         taken = {r[0] for r in new_rows}
         replay_rows = [r for r in store.train_index(seqs=drawn.tolist()) if r[0] not in taken]
+    if added and parent_cutoff > 0:
+        # Every old class validated on about as many samples as a new class has (MIN_OLD_VALIDATION at
+        # least), taken from the old data's validation slice: the replay draw alone leaves a few per class.
+        n_added = sum(1 for _, external_id, label in new_rows if label in set(added) and in_validation(
+            external_id, t.validation_fraction))  # fmt: skip
+        per_class = max(MIN_OLD_VALIDATION, math.ceil(n_added / len(added)))
+        old_labels = [c for c in class_index if c not in set(added)]
+        have = {r[0] for r in new_rows} | {r[0] for r in replay_rows}
+        extra = draw_old_validation(
+            store, per_class, cutoff=parent_cutoff, labels=old_labels, fraction=t.validation_fraction,
+            seed=seed + parent_cutoff,
+        )  # fmt: skip
+        replay_rows = replay_rows + [r for r in extra if r[0] not in have]
     skipped = 0
     parts: dict[str, tuple[list[int], list[int]]] = {"new": ([], []), "replay": ([], []), "validation": ([], [])}
     for name, rows in (("new", new_rows), ("replay", replay_rows)):

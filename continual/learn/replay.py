@@ -6,6 +6,7 @@ Plain functions over seqs and ids; nothing here reads payloads or touches torch.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -41,6 +42,59 @@ def draw_replay(store: Store, k: int, *, cutoff: int, seed: int) -> np.ndarray:
     if cutoff <= 0 or k == 0:
         return np.empty(0, dtype=np.int64)
     return store.draw(k, upto=cutoff, split="train", balanced=True, seed=seed)
+
+
+# A run that adds classes validates every old class on at least this many samples (when the store has them):
+# the gate judges old classes one by one, and with a handful each one sample moves a class's recall by 10%.
+MIN_OLD_VALIDATION = 20
+
+
+def draw_old_validation(
+    store: Store, per_class: int, *, cutoff: int, labels: Sequence[str], fraction: float, seed: int
+) -> list[tuple[int, str, str]]:
+    """Up to ``per_class`` train rows ``(seq, id, label)`` of each of ``labels`` at or before ``cutoff``, all in
+    the validation slice (:func:`in_validation`), in seq order.
+
+    For a run that adds classes: the replay draw brings only its own share of
+    the old classes' validation samples (a tenth of the buffer, a few per
+    class), too few to fit the bias correction or to pick the epoch on every
+    class's recall. The validation slice is the same in every run, so these
+    samples were never trained on, here or before. One class-balanced draw of
+    ``(seq, label)`` pairs large enough to hold the wanted share of each label,
+    then the ids of only those rows: the cost is that of the replay draw.
+    """
+    if per_class < 0:
+        raise ValueError(f"per_class must be >= 0, got {per_class}")
+    wanted = set(labels)
+    if per_class == 0 or fraction <= 0 or cutoff <= 0 or not wanted:
+        return []
+    n_labels = len(store.label_counts(upto=cutoff, split="train"))
+    # Each label's quota holds about per_class validation rows, with room for the hash's spread.
+    quota = math.ceil(per_class / fraction * 1.5) + 10
+    drawn = store.draw(quota * n_labels, upto=cutoff, split="train", balanced=True, seed=seed)
+    taken: dict[str, int] = {}
+    out: list[tuple[int, str, str]] = []
+    for seq, external_id, label in store.train_index(seqs=drawn.tolist()):
+        if label in wanted and taken.get(label, 0) < per_class and in_validation(external_id, fraction):
+            taken[label] = taken.get(label, 0) + 1
+            out.append((seq, external_id, label))
+    return out
+
+
+def balanced_replay_ratio(n_old_classes: int, n_classes: int) -> float:
+    """The replayed share of a batch that gives every class the same share: the old classes' share of the list.
+
+    For a run that adds classes (``[training] class_balanced_batches``): with the
+    configured ratio (0.5) three new digits would get half of every batch and
+    seven old ones the other half, so each new class pulled on the shared
+    features more than twice as hard as each old one.
+
+    >>> balanced_replay_ratio(7, 10)
+    0.7
+    """
+    if not 1 <= n_old_classes < n_classes:
+        raise ValueError(f"need 1 <= n_old_classes < n_classes, got {n_old_classes} of {n_classes}")
+    return n_old_classes / n_classes
 
 
 def in_validation(external_id: str, fraction: float) -> bool:
