@@ -157,6 +157,8 @@ def test_dashboard_shows_what_the_issue_asks_for() -> None:
         "continual_gate_accuracy_ratio",
         "continual_live_accuracy_ratio",
         "continual_estimated_accuracy_ratio",
+        # new classes: how close each is to joining the model
+        "continual_class_samples",
     ):
         assert metric in exprs, metric
     assert "histogram_quantile(0.5," in exprs and "histogram_quantile(0.99," in exprs
