@@ -11,12 +11,13 @@ import pytest
 import torch
 from learnutil import fill, run_here, settings_dict
 from testkit import digit_arrays, merge
+from torch import nn
 
 from continual.config import Settings, settings_from_dict
 from continual.learn.classes import ClassesChanged, new_class_counts, plan_classes
 from continual.learn.evaluate import evaluate
 from continual.learn.run import create_run
-from continual.learn.train import train
+from continual.learn.train import balanced_accuracy_on, train
 from continual.models import build_model
 from continual.models.heads import grow_classifier
 from continual.registry import Registry
@@ -117,15 +118,64 @@ def test_bias_correction_is_fitted_on_the_validation_slice_and_folded_into_the_n
     corrected = _loop(grown[0], on, teacher=parent, n_old=2)
     plain = _loop(grown[1], off, teacher=parent, n_old=2)
     assert plain.bias_correction == {"skipped": "[training] bias_correction = false"}
-    # The kept epoch is the one with the best mean recall per class (what the gate judges), not plain accuracy.
-    best = max(plain.history, key=lambda r: r["validation_balanced_accuracy"])
-    assert plain.best_epoch == best["epoch"] and plain.validation_accuracy == best["validation_balanced_accuracy"]
+    # Epochs are scored by the mean recall per class (what the gate judges), not plain accuracy, and the kept
+    # one is the latest whose score is within one standard error of the best: none after it is.
+    scores = {
+        r["epoch"]: (r["validation_balanced_accuracy"], r["validation_balanced_accuracy_se"]) for r in plain.history
+    }
+    best_epoch, (best, _) = max(scores.items(), key=lambda kv: (kv[1][0], -kv[0]))
+    kept, se = scores[plain.best_epoch]
+    assert plain.validation_accuracy == kept and plain.best_epoch >= best_epoch and kept >= best - se
+    assert all(score < best - e_se for e, (score, e_se) in scores.items() if e > plain.best_epoch)
+    assert all(0 <= e_se < 0.5 for _, e_se in scores.values())
     fit = corrected.bias_correction
     assert fit is not None and fit["alpha"] > 0 and fit["n"] == 40
     a, b = grown[0].head, grown[1].head  # same seed, same steps: they differ by the fold only
     assert torch.equal(a.weight[:2], b.weight[:2]) and torch.equal(a.bias[:2], b.bias[:2])
     torch.testing.assert_close(a.weight[2], fit["alpha"] * b.weight[2], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(a.bias[2], fit["alpha"] * b.bias[2] + fit["beta"], rtol=1e-4, atol=1e-4)
+
+
+def _noisy_run(tmp_path: Path, spread: float):  # type: ignore[no-untyped-def]
+    """A run that adds class 2, at a constant LR high enough that the validation score wanders epoch to epoch."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(3).repeat_interleave(60)
+    x = (torch.randn(3, 8, generator=g) * spread)[y] + torch.randn(len(y), 8, generator=g)
+    batches = [(x[b], y[b]) for b in torch.randperm(len(x), generator=torch.Generator().manual_seed(1)).split(24)]
+    training = {"distill_weight": 0.0, "epochs": 10, "bias_correction": False, "early_stopping_patience": 10}
+    training |= {"learning_rate": 0.2, "head_learning_rate": 0.2, "lr_schedule": "constant"}
+    s = settings(tmp_path, training=training)
+    parent = _vector_model(s, ("0", "1"))
+    torch.manual_seed(0)
+    return train(
+        grow_classifier(parent, ("0", "1", "2"), init="random"), s, lambda epoch: batches,
+        steps_per_epoch=len(batches), device=torch.device("cpu"), val_batches=lambda: [(x[::4], y[::4])],
+        teacher=parent, n_old=2,
+    )  # fmt: skip
+
+
+def test_a_run_that_adds_classes_keeps_the_latest_epoch_within_one_standard_error_of_the_best(tmp_path: Path) -> None:
+    r = _noisy_run(tmp_path, spread=0.8)
+    score = {h["epoch"]: h["validation_balanced_accuracy"] for h in r.history}
+    se = {h["epoch"]: h["validation_balanced_accuracy_se"] for h in r.history}
+    best = max(score.values())
+    first_best = min(e for e, v in score.items() if v == best)
+    # The last epoch scores below the best, by less than its standard error: it is kept, not the first best.
+    assert r.best_epoch == 10 and first_best < 10
+    assert best - se[10] <= score[10] < best and r.validation_accuracy == score[10]
+    # A slice every late epoch gets right cannot tell them apart: the latest of the tied is kept.
+    tied = _noisy_run(tmp_path, spread=1.5)
+    assert tied.history[-1]["validation_balanced_accuracy"] == 1.0 and tied.best_epoch == 10
+
+
+def test_balanced_accuracy_and_its_standard_error() -> None:
+    # Class 0: 3 of 4 right; class 1: 1 of 2 right; class 2: 2 of 2 right.
+    logits = torch.eye(3)[[0, 0, 0, 1, 1, 0, 2, 2]]
+    y = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
+    acc, se = balanced_accuracy_on(nn.Identity(), [(logits, y)], torch.device("cpu"))
+    assert acc == pytest.approx((0.75 + 0.5 + 1.0) / 3)
+    assert se == pytest.approx(np.sqrt(0.75 * 0.25 / 4 + 0.5 * 0.5 / 2 + 0.0) / 3)
+    assert balanced_accuracy_on(nn.Identity(), [], torch.device("cpu")) == (0.0, 0.0)
 
 
 # -- the worker ------------------------------------------------------------------------------------
