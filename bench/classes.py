@@ -53,14 +53,17 @@ schedule, grad clip 1, batch 32, ``replay_ratio`` 0.5, an epoch = one pass over
 the new samples, ``distill_weight`` 0.5, ``distill_temperature`` 2, centred
 imprint, bias correction), with the settings a from-scratch MLP needs (lr 5e-3
 instead of 1e-4, as in ``bench/stream.py``) and those of the groundwork below
-(20 epochs, buffer 400). Early stopping is off (patience = epochs: the best
-epoch on the validation slice is kept). In runs that add classes the service
-gives every class the same share of a batch (``class_balanced_batches``: the
-replayed share is the old classes' share of the class list, 5/7 then 7/10, not
-``replay_ratio``), and validates every old class on the old data's validation
-slice, not only the replay draw's share of it; ``(ratio 0.5)`` is the default
-recipe with ``class_balanced_batches = false``, as before both. The README
-("When a new class appears") has the 20-seed table.
+(20 epochs, buffer 400). Early stopping is off (patience = epochs). In runs
+that add classes the service gives every class the same share of a batch
+(``class_balanced_batches``: the replayed share is the old classes' share of the
+class list, 5/7 then 7/10, not ``replay_ratio``), validates every old class on
+the old data's validation slice, not only the replay draw's share of it, and
+keeps the latest epoch within one standard error of the best balanced
+validation score instead of the best one (the joint runs are bootstrap runs:
+they keep their best epoch). ``(ratio 0.5)`` is the default recipe with
+``class_balanced_batches = false``. The README ("When a new class appears") has
+the 40-seed table; the targets sit near the noise floor (joint training's own
+worst drop is 0.03-0.04 on 20-seed halves), so judge them on 20 seeds or more.
 
 Printed: per task the accuracy on all classes seen so far; average incremental
 accuracy; final all-class accuracy vs joint; per old class the recall drop from
@@ -315,7 +318,8 @@ def report(summary: dict[str, dict[str, Any]], seeds: list[int], seconds: float,
     if data.header:
         print(data.header)
     print(f"training: {TRAINING}")
-    print(f"seeds: {seeds}; every run through execute_run; mean over seeds (± std)\n")
+    span = f"{len(seeds)} ({seeds[0]}..{seeds[-1]})" if seeds == list(range(seeds[0], seeds[0] + len(seeds))) else seeds
+    print(f"seeds: {span}; every run through execute_run; mean over seeds (± std)\n")
     print("accuracy on all classes seen so far, after each task (store holdout)")
     print(
         f"{'strategy':<{width}} " + " ".join(f"{t:>13}" for t in tasks) + f" {'avg incr':>9} {'final':>7} {'s/seed':>7}"
@@ -378,7 +382,7 @@ def report(summary: dict[str, dict[str, Any]], seeds: list[int], seconds: float,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--seeds", default="0,1,2", help="e.g. $(seq -s, 0 39): the targets need 20 or more")
     parser.add_argument("--jobs", type=int, default=1, help="seeds run in this many processes at once")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a training setting")
     parser.add_argument("--strategies", default="", help="comma-separated subset (joint always runs)")
