@@ -107,10 +107,10 @@ def plan_run_data(
     if added and parent_cutoff > 0:
         # Every old class validated on about as many samples as a new class has (MIN_OLD_VALIDATION at
         # least), taken from the old data's validation slice: the replay draw alone leaves a few per class.
-        n_added = sum(1 for _, external_id, label in new_rows if label in set(added) and in_validation(
-            external_id, t.validation_fraction))  # fmt: skip
-        per_class = max(MIN_OLD_VALIDATION, math.ceil(n_added / len(added)))
-        old_labels = [c for c in class_index if c not in set(added)]
+        new_classes = set(added)
+        n_added = sum(label in new_classes and in_validation(i, t.validation_fraction) for _, i, label in new_rows)
+        per_class = max(MIN_OLD_VALIDATION, math.ceil(n_added / len(new_classes)))
+        old_labels = [c for c in class_index if c not in new_classes]
         have = {r[0] for r in new_rows} | {r[0] for r in replay_rows}
         extra = draw_old_validation(
             store, per_class, cutoff=parent_cutoff, labels=old_labels, fraction=t.validation_fraction,
