@@ -7,6 +7,7 @@ from testkit import digit_arrays
 
 from continual.learn.data import NothingToTrain, plan_run_data
 from continual.learn.replay import (
+    MAX_OLD_VALIDATION,
     MIN_OLD_VALIDATION,
     MixedBatchSampler,
     balanced_replay_ratio,
@@ -14,6 +15,7 @@ from continual.learn.replay import (
     draw_old_validation,
     draw_replay,
     in_validation,
+    old_validation_per_class,
     replay_per_batch,
     uses_ewc,
     uses_replay,
@@ -168,6 +170,16 @@ def test_old_validation_draw_takes_only_the_slice_and_its_cap(store) -> None:
     assert draw_old_validation(store, 15, cutoff=0, labels=["a"], fraction=0.1, seed=2) == []
     with pytest.raises(ValueError, match="per_class must be >= 0, got -1"):
         draw_old_validation(store, -1, cutoff=cutoff, labels=["a"], fraction=0.1, seed=2)
+
+
+def test_each_old_class_gets_a_new_class_s_share_of_validation_within_bounds() -> None:
+    assert old_validation_per_class(90, 2) == 45  # as many as a new class has on average
+    assert old_validation_per_class(91, 2) == 46
+    assert old_validation_per_class(3, 3) == old_validation_per_class(0, 1) == MIN_OLD_VALIDATION
+    assert old_validation_per_class(50_000, 1) == MAX_OLD_VALIDATION  # bounded however large the new class
+    for bad in ((10, 0), (-1, 1)):
+        with pytest.raises(ValueError, match="need n_new_classes >= 1 and n_new_validation >= 0"):
+            old_validation_per_class(*bad)
 
 
 def test_balanced_replay_ratio_gives_each_class_the_same_share() -> None:

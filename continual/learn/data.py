@@ -6,7 +6,6 @@ the dataset fetches a batch's payloads in one query when the DataLoader asks.
 
 from __future__ import annotations
 
-import math
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -18,7 +17,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from continual.config import DEFAULT_MAX_IMAGE_PIXELS, InputSettings, Settings
-from continual.learn.replay import MIN_OLD_VALIDATION, draw_old_validation, draw_replay, in_validation, uses_replay
+from continual.learn.replay import (
+    draw_old_validation,
+    draw_replay,
+    in_validation,
+    old_validation_per_class,
+    uses_replay,
+)
 from continual.models import make_transform
 from continual.models.transforms import BadSample, StoredInput, transform_stored
 from continual.store import Store
@@ -90,8 +95,9 @@ def plan_run_data(
     other labels are skipped. A class in ``added`` (new to the parent) counts
     all its samples as new, also those stored before ``parent_cutoff`` (they
     waited there until the class was ready), and every old class gets up to as
-    many validation samples as a new class has (at least ``MIN_OLD_VALIDATION``)
-    from the old data's validation slice (:func:`draw_old_validation`).
+    many validation samples as a new class has (within the bounds of
+    :func:`old_validation_per_class`) from the old data's validation slice
+    (:func:`draw_old_validation`).
     """
     t = settings.training
     class_index = {c: i for i, c in enumerate(settings.model.classes if classes is None else classes)}
@@ -105,11 +111,11 @@ def plan_run_data(
         taken = {r[0] for r in new_rows}
         replay_rows = [r for r in store.train_index(seqs=drawn.tolist()) if r[0] not in taken]
     if added and parent_cutoff > 0:
-        # Every old class validated on about as many samples as a new class has (MIN_OLD_VALIDATION at
-        # least), taken from the old data's validation slice: the replay draw alone leaves a few per class.
+        # Every old class validated on about as many samples as a new class has, taken from the old data's
+        # validation slice: the replay draw alone leaves a few per class.
         new_classes = set(added)
         n_added = sum(label in new_classes and in_validation(i, t.validation_fraction) for _, i, label in new_rows)
-        per_class = max(MIN_OLD_VALIDATION, math.ceil(n_added / len(new_classes)))
+        per_class = old_validation_per_class(n_added, len(new_classes))
         old_labels = [c for c in class_index if c not in new_classes]
         have = {r[0] for r in new_rows} | {r[0] for r in replay_rows}
         extra = draw_old_validation(

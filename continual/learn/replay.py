@@ -47,6 +47,21 @@ def draw_replay(store: Store, k: int, *, cutoff: int, seed: int) -> np.ndarray:
 # A run that adds classes validates every old class on at least this many samples (when the store has them):
 # the gate judges old classes one by one, and with a handful each one sample moves a class's recall by 10%.
 MIN_OLD_VALIDATION = 20
+# ... and at most this many: the standard error of a recall is then under 0.04, and a large new class does not
+# make every epoch's validation (and the draw) grow with the number of old classes times its size.
+MAX_OLD_VALIDATION = 200
+
+
+def old_validation_per_class(n_new_validation: int, n_new_classes: int) -> int:
+    """How many validation samples each old class gets in a run that adds classes: as many as a new class
+    has on average, within ``[MIN_OLD_VALIDATION, MAX_OLD_VALIDATION]``.
+
+    >>> old_validation_per_class(45, 3), old_validation_per_class(90, 2), old_validation_per_class(5000, 1)
+    (20, 45, 200)
+    """
+    if n_new_classes < 1 or n_new_validation < 0:
+        raise ValueError(f"need n_new_classes >= 1 and n_new_validation >= 0, got {n_new_classes}, {n_new_validation}")
+    return min(MAX_OLD_VALIDATION, max(MIN_OLD_VALIDATION, math.ceil(n_new_validation / n_new_classes)))
 
 
 def draw_old_validation(
