@@ -105,11 +105,12 @@ def plan_run_data(
     if added and parent_cutoff > 0:
         new_rows = sorted(new_rows + store.train_index(upto=parent_cutoff, labels=list(added)))
     replay_rows: list[tuple[int, str, str]] = []
+    taken = {r[0] for r in new_rows} if parent_cutoff > 0 else set()  # the seqs already in the run
     if uses_replay(t.strategy) and parent_cutoff > 0:
         # Seeded by the cutoff too, so successive runs replay different old samples.
         drawn = draw_replay(store, t.replay_buffer, cutoff=parent_cutoff, seed=seed + parent_cutoff)
-        taken = {r[0] for r in new_rows}
         replay_rows = [r for r in store.train_index(seqs=drawn.tolist()) if r[0] not in taken]
+        taken.update(r[0] for r in replay_rows)
     if added and parent_cutoff > 0:
         # Every old class validated on about as many samples as a new class has, taken from the old data's
         # validation slice: the replay draw alone leaves a few per class.
@@ -117,12 +118,11 @@ def plan_run_data(
         n_added = sum(label in new_classes and in_validation(i, t.validation_fraction) for _, i, label in new_rows)
         per_class = old_validation_per_class(n_added, len(new_classes))
         old_labels = [c for c in class_index if c not in new_classes]
-        have = {r[0] for r in new_rows} | {r[0] for r in replay_rows}
         extra = draw_old_validation(
             store, per_class, cutoff=parent_cutoff, labels=old_labels, fraction=t.validation_fraction,
             seed=seed + parent_cutoff,
         )  # fmt: skip
-        replay_rows = replay_rows + [r for r in extra if r[0] not in have]
+        replay_rows = replay_rows + [r for r in extra if r[0] not in taken]
     skipped = 0
     parts: dict[str, tuple[list[int], list[int]]] = {"new": ([], []), "replay": ([], []), "validation": ([], [])}
     for name, rows in (("new", new_rows), ("replay", replay_rows)):
